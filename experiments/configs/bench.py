@@ -1,0 +1,115 @@
+"""Benchmark grid of issue 7: compiled CG transformer forwards against CG written directly in JAX.
+
+Run (from the repository root):
+
+  python -m experiments.bench --workdir=/tmp/kcg/bench
+
+Expected runtime: about 10 min on 2 CPU cores (most of it in the compiled forwards at k = 4096).
+Prints the tables and writes `WORKDIR/bench.json`, `WORKDIR/bench.md` and `WORKDIR/time_vs_k.png`.
+The seconds-long variant that the tests run:
+
+  python -m experiments.bench --smoke --workdir=/tmp/kcg/bench_smoke
+
+(`--smoke` is `--config=experiments/configs/bench.py:smoke`). Any field is a flag, e.g.
+`--config.repeats=5`; `--points=256x1024x64x16,64x4096x128x16` replaces the sweep and the targets by
+these (B x k x p x t) points, `--sections=forward,compile` runs only some sections.
+
+Sections:
+  probe      matmul GFLOP/s, memory GB/s and the dispatch floor of this machine (the roofline).
+  forward    every method on the same prompts: the sweep over k (time vs k, linearity) and the
+             issue's target points. A method whose estimated cost exceeds its budget
+             (`compiled_flop_budget`, `kernel_memory_budget_gb`) runs on the first B' < B prompts
+             instead; its ratio is then taken against plain CG timed at the same B' on the same
+             prompts, and the reason is printed.
+  compile    build time (`kcg.compile_cg`) and first-call (trace + XLA compile) time for deep t.
+  attention  linear attention, quadratic vs associative, against T (the `auto` crossover).
+  ablation   which term of the compiled forward dominates: the same configs with parts removed.
+  train      one training step of the GPT-style config (kcg.Transformer + optax.adamw), float32
+             and bfloat16 compute.
+"""
+
+import ml_collections
+
+METHODS = ("plain_cg", "plain_cg_primal", "plain_cg_kernel", "jax_cg_vmap", "cholesky",
+           "compiled_dual_prefix", "compiled_primal_causal")
+SECTIONS = ("probe", "forward", "compile", "attention", "ablation", "train")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The default grid; `arg="smoke"` (or "runlocal") shrinks every size to a seconds-long run."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.ridge = 1e-2
+  config.num_query = 1
+  config.sections = SECTIONS
+  config.methods = METHODS
+  config.repeats = 3
+  # A method stops repeating once its timed calls add up to this many seconds (at least one).
+  config.seconds_per_method = 20.0
+  # Time vs k at fixed (B, p, t).
+  config.sweep_batch = 4
+  config.sweep_features = 64
+  config.sweep_steps = 16
+  config.sweep_supports = (64, 256, 1024, 4096)
+  # The issue's targets, as "BxKxPxT".
+  config.targets = ("256x1024x64x16", "64x4096x128x16")
+  # FLOP per timed call of a compiled forward before its batch is scaled down (~20 s here).
+  config.compiled_flop_budget = 2e12
+  # Bytes of K [B, k, k] (times 3: K, its factor, workspace) before kernel methods are scaled down.
+  config.kernel_memory_budget_gb = 6.0
+  # Compile time of the compiled forwards for deep t, at (B, k, p).
+  config.compile_steps = (16, 64, 256)
+  config.compile_point = "1x64x16"
+  # Linear attention microbenchmark: one attention-only layer, B x H heads of dk = dv.
+  config.attention_batch = 8
+  config.attention_heads = 4
+  config.attention_dims = (1, 64)
+  config.attention_tokens = (32, 64, 128, 256, 512, 1024, 2048)
+  # Ablation point (t small: every CG step has the same layers, so fractions do not depend on t).
+  config.ablation_point = "2x1024x64x4"
+  # GPT-style training step (experiments/configs/gpt_icl.py): interleaved tokens, T = 2 x points.
+  config.train = ml_collections.ConfigDict()
+  config.train.num_layers = 12
+  config.train.width = 256
+  config.train.num_heads = 8
+  config.train.head_dim = 32
+  config.train.mlp_hidden = 1024
+  config.train.input_dim = 20
+  config.train.num_points = 41
+  config.train.batch_size = 64
+  config.train.steps = 5
+  config.train.learning_rate = 1e-4
+  config.train.compute_dtypes = ("float32", "bfloat16")
+  config.probe_matmul = 2048
+  config.probe_megabytes = 256
+  if arg in ("smoke", "runlocal"):
+    config.repeats = 2
+    config.seconds_per_method = 2.0
+    config.sweep_batch = 2
+    config.sweep_features = 4
+    config.sweep_steps = 2
+    config.sweep_supports = (8, 16)
+    config.targets = ("3x8x4x2",)
+    config.compiled_flop_budget = 1e6  # small enough that the targets exercise batch scaling
+    config.kernel_memory_budget_gb = 1e-6
+    config.compile_steps = (1, 2)
+    config.compile_point = "1x4x2"
+    config.attention_batch = 2
+    config.attention_heads = 2
+    config.attention_dims = (4,)
+    config.attention_tokens = (8, 20)
+    config.ablation_point = "2x8x4x1"
+    config.train.num_layers = 2
+    config.train.width = 16
+    config.train.num_heads = 2
+    config.train.head_dim = 8
+    config.train.mlp_hidden = 32
+    config.train.input_dim = 3
+    config.train.num_points = 5
+    config.train.batch_size = 4
+    config.train.steps = 2
+    config.probe_matmul = 64
+    config.probe_megabytes = 1
+  elif arg not in (None, ""):
+    raise ValueError(f"Unknown config variant {arg!r}; use no argument or 'smoke'.")
+  return config

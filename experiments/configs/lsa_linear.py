@@ -1,0 +1,46 @@
+"""One-layer linear self-attention (no MLP, no norm) on isotropic linear regression, d = 10, k = 20.
+
+The classic setting in which a trained linear self-attention layer implements one step of gradient
+descent with a learned step size (von Oswald et al. 2023; Ahn et al. 2023). For Gaussian inputs the
+best one-step-GD predictor has step eta* = 1 / (k + d + 1) in `f(x) = eta x^T X^T y` and mean squared
+error (d + 1) / (k + d + 1) = 11/31 = 0.355 (targets have unit variance); `eval.json` reports the fitted
+GD step (`gd_fit`) and how much of the predictions it explains.
+
+Run (about 2 minutes on 2 CPU cores; measured in the report of issue 5):
+
+    python -m experiments.train --config=experiments/configs/lsa_linear.py --workdir=/tmp/lsa_linear
+
+Smoke test (seconds): `--config=experiments/configs/lsa_linear.py:runlocal`.
+"""
+
+from experiments.configs import common
+
+
+def get_config(arg: str | None = None):
+  options = common.parse_arg(arg)
+  config = common.base_config()
+  config.model.num_layers = 1
+  config.model.attention = "linear"
+  config.model.mlp_hidden = 0
+  config.model.norm = None
+  config.model.width = 32
+  config.model.num_heads = 1
+  config.model.head_dim = 32
+  config.data.family = "linear"
+  config.data.input_dim = 10
+  config.data.num_support = 20
+  config.data.num_query = 4
+  config.data.encoding = "query"
+  config.data.mask = "prefix"
+  config.num_steps = 20_000
+  config.batch_size = 128
+  config.optim.learning_rate = 1e-3
+  config.optim.warmup_steps = 500
+  config.optim.schedule = "cosine"
+  config.optim.clip_norm = 1.0
+  config.log_every = 1000
+  config.checkpoint_every = 5000
+  config.eval_batch_size = 1024
+  if "runlocal" in options:
+    common.runlocal(config)
+  return config

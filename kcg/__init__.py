@@ -1,0 +1,34 @@
+"""kcg: transformers that run kernel ridge regression by conjugate gradient, compiled and learned.
+
+Public API (implementation lives in `kcg._src`):
+
+* `kcg.compile_cg(k, p, t, ridge, ...)` -> a `CompiledCG` with `.model`, `.params`, `.predict`.
+* `kcg.Transformer`, `kcg.ModelConfig`: the one model class, compiled or trained.
+* `kcg.prompt`: prompt encoding (`make_layout`, `encode`, `query_outputs`).
+* `kcg.solvers`, `kcg.bounds`, `kcg.kernels`, `kcg.problems`: reference numerics.
+* `kcg.tasks`, `kcg.features`: in-context task ladder and feature maps.
+"""
+
+from kcg import bounds
+from kcg import features
+from kcg import kernels
+from kcg import problems
+from kcg import prompt
+from kcg import solvers
+from kcg import tasks
+from kcg._src.compiler import CompiledCG
+from kcg._src.compiler import CompiledState
+from kcg._src.compiler import Dimensions
+from kcg._src.compiler import compile_cg
+from kcg._src.compiler import dimensions
+from kcg._src.model import ForwardOutput
+from kcg._src.model import ModelConfig
+from kcg._src.model import Transformer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CompiledCG", "CompiledState", "Dimensions", "ForwardOutput", "ModelConfig", "Transformer",
+    "bounds", "compile_cg", "dimensions", "features", "kernels", "problems", "prompt", "solvers",
+    "tasks",
+]

@@ -1,0 +1,338 @@
+"""`compile_cg`: transformer weights whose forward pass runs t steps of CG for kernel ridge regression.
+
+One public entry point that validates its arguments, then runs named stages:
+
+1. `program`: CG as blocks on named residual channels (kcg._src.programs).
+2. `lower`: each block to the arrays of one layer, shaped from the model's own abstract state.
+3. `assemble`: the arrays into the NNX state of `kcg.Transformer` (nnx.eval_shape -> nnx.state ->
+   replace -> nnx.update), with a check that the tree structure, shapes and dtypes equal those of
+   a freshly initialised model of the same config.
+
+The result predicts `f_t(x) = k(x)^T alpha_t` (dual) or `phi(x)^T w_t` (primal) for a batch of
+prompts, in the dtype of its inputs.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kcg._src import craft
+from kcg._src import model as model_lib
+from kcg._src import programs
+from kcg._src import prompt as prompt_lib
+from kcg._src import reciprocal as recip
+
+MASKS = ("causal", "prefix")
+FORMS = ("dual", "primal")
+STATE_PLACEMENTS = ("auto", "support", "aggregator")
+FEATURES = ("identity",)
+
+
+class Dimensions(NamedTuple):
+  """Size of a compiled CG transformer (see `dimensions`)."""
+
+  num_layers: int
+  layers_per_step: int
+  init_layers: int
+  width: int
+  num_heads: int
+  head_dim: int
+  value_dim: int
+  mlp_hidden: int
+
+
+class CompiledState(NamedTuple):
+  """CG state read from a compiled model's residual streams, batch-first.
+
+  alpha, r, p: [B, t+1, n] (n = k for dual, p for primal); gamma, beta: [B, t].
+  """
+
+  alpha: jax.Array
+  r: jax.Array
+  p: jax.Array
+  gamma: jax.Array
+  beta: jax.Array
+
+
+def _validate(num_support, feature_dim, num_steps, ridge, mask, form, attention, features,
+              state_placement, input_dim):
+  def positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+      raise ValueError(f"{name} must be a positive int, got {value!r}.")
+
+  positive_int("num_support", num_support)
+  positive_int("feature_dim", feature_dim)
+  if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 0:
+    raise ValueError(f"num_steps must be an int >= 0 (the number of CG steps), got {num_steps!r}.")
+  try:
+    ridge = float(ridge)
+  except (TypeError, ValueError):
+    raise ValueError(f"ridge must be a positive number, got {ridge!r}.") from None
+  if not math.isfinite(ridge) or ridge <= 0:
+    raise ValueError(f"ridge must be finite and > 0 (K + ridge I must be positive definite), "
+                     f"got {ridge!r}.")
+  if mask not in MASKS:
+    raise ValueError(f"mask={mask!r} is not one of {MASKS}.")
+  if form not in FORMS:
+    raise ValueError(f"form={form!r} is not one of {FORMS}.")
+  if attention != "linear":
+    raise ValueError(f"attention={attention!r}: only attention='linear' can be compiled so far "
+                     "(the softmax routes are not built yet); use attention='linear'.")
+  if features not in FEATURES:
+    raise ValueError(f"features={features!r} is not one of {FEATURES}.")
+  if state_placement not in STATE_PLACEMENTS:
+    raise ValueError(f"state_placement={state_placement!r} is not one of {STATE_PLACEMENTS}.")
+  if state_placement == "support" and (form != "dual" or mask != "prefix"):
+    raise ValueError(
+        "state_placement='support' (alpha_i, r_i, p_i in support token i) needs form='dual' and "
+        "mask='prefix': under a causal mask support i cannot read supports j > i, so it can form "
+        "neither (Kp)_i nor the reductions r.r and p.Ap. Use mask='prefix', or "
+        "state_placement='aggregator' (the whole state in the aggregator token).")
+  if features == "identity" and input_dim is not None and input_dim != feature_dim:
+    raise ValueError(f"features='identity' needs input_dim == feature_dim, got input_dim={input_dim} "
+                     f"and feature_dim={feature_dim}.")
+  return int(num_support), int(feature_dim), int(num_steps), ridge
+
+
+def _resolve_placement(form, mask, state_placement):
+  if state_placement != "auto":
+    return state_placement
+  return "support" if (form == "dual" and mask == "prefix") else "aggregator"
+
+
+def build_program(num_support, feature_dim, num_steps, ridge, *, mask="causal", form="dual",
+                  state_placement="auto", reciprocal_spec=None) -> programs.Program:
+  """Stage 1: the construction as blocks on named channels."""
+  spec = reciprocal_spec or recip.default_spec(np.float64)
+  placement = _resolve_placement(form, mask, state_placement)
+  if form == "primal":
+    return programs.aggregator_primal(feature_dim, num_steps, ridge, spec)
+  if placement == "support":
+    return programs.support_state(feature_dim, num_steps, ridge, spec)
+  return programs.aggregator_dual(num_support, feature_dim, num_steps, ridge, spec)
+
+
+def model_config(program: programs.Program, prompt_layout: prompt_lib.PromptLayout, mask: str,
+                 param_dtype) -> model_lib.ModelConfig:
+  """The smallest `ModelConfig` that carries the program (mask as requested)."""
+  req = craft.requirements(program.layout, program.blocks)
+  return model_lib.ModelConfig(
+      token_dim=prompt_layout.token_dim, width=program.layout.width,
+      num_layers=len(program.schedule), param_layers=program.schedule, num_heads=req.num_heads, head_dim=req.head_dim,
+      value_dim=req.value_dim, mlp_hidden=req.mlp_hidden, attention="linear", activation="relu",
+      norm=None, mask=mask, output_dim=1, use_bias=True, precision="highest",
+      param_dtype=param_dtype)
+
+
+def lower(program: programs.Program, prompt_layout: prompt_lib.PromptLayout,
+          config: model_lib.ModelConfig) -> dict:
+  """Stage 2: float64 NumPy arrays for every parameter, shaped from the model's abstract state."""
+  shapes = jax.tree.map(lambda s: s.shape, model_lib.param_shapes(config))
+  block_shapes = dict(shapes["blocks"])
+  arrays = {"blocks": craft.lower_blocks(program.layout, program.blocks, block_shapes)}
+  embed = np.zeros(shapes["embed"]["kernel"], np.float64)
+  for feature, channel, coef in program.embedding:
+    rows = prompt_layout.feature_slice(feature)
+    cols = program.layout.slice(channel)
+    embed[rows, cols] += coef * np.eye(rows.stop - rows.start, cols.stop - cols.start)
+  readout = np.zeros(shapes["readout"]["kernel"], np.float64)
+  readout[program.layout.slice(program.readout), 0] = 1.0
+  arrays["embed"] = {"kernel": embed, "bias": np.zeros(shapes["embed"]["bias"])}
+  arrays["readout"] = {"kernel": readout, "bias": np.zeros(shapes["readout"]["bias"])}
+  return arrays
+
+
+def assemble(config: model_lib.ModelConfig, arrays: dict, dtype) -> model_lib.Transformer:
+  """Stage 3: load the arrays into the model class through NNX's state API."""
+  model = model_lib.abstract_model(config)
+  reference = nnx.state(model, nnx.Param)
+  pure = nnx.to_pure_dict(reference)
+  filled = jax.tree.map(lambda shape_dtype, a: jnp.asarray(a, dtype), pure, arrays)
+  chex.assert_trees_all_equal_shapes(pure, filled)
+  chex.assert_trees_all_equal_structs(pure, filled)
+  nnx.replace_by_pure_dict(reference, filled)
+  nnx.update(model, reference)
+  return model
+
+
+class CompiledCG:
+  """A CG transformer: `.model` (kcg.Transformer with the compiled state), `.params`, `.predict`.
+
+  Attributes:
+    model: the NNX model holding the compiled parameters (in `dtype`).
+    params: `nnx.state(model, nnx.Param)`.
+    config: its `ModelConfig`.
+    program: the construction (layout, blocks, where the CG state lives).
+    num_support, feature_dim, num_steps, ridge, mask, form: what was compiled.
+  """
+
+  def __init__(self, *, num_support, feature_dim, num_steps, ridge, mask, form, state_placement,
+               dtype):
+    self.num_support = num_support
+    self.feature_dim = feature_dim
+    self.num_steps = num_steps
+    self.ridge = ridge
+    self.mask = mask
+    self.form = form
+    self.dtype = jnp.dtype(dtype)
+    placement = _resolve_placement(form, mask, state_placement)
+    self.state_placement = placement
+    # One program for every dtype: only the reciprocal's table differs, never the architecture.
+    self.program = build_program(num_support, feature_dim, num_steps, ridge, mask=mask, form=form,
+                                 state_placement=placement)
+    self.prompt_layout = prompt_lib.make_layout(num_support, 1, feature_dim,
+                                                positional=_uses_position(self.program))
+    self.config = model_config(self.program, self.prompt_layout, mask, self.dtype)
+    self.model = self._model_for(self.dtype)
+    self.params = nnx.state(self.model, nnx.Param)
+
+  @functools.lru_cache(maxsize=4)
+  def _model_for(self, dtype) -> model_lib.Transformer:
+    dtype = jnp.dtype(dtype)
+    spec = recip.default_spec(dtype)
+    program = build_program(self.num_support, self.feature_dim, self.num_steps, self.ridge,
+                            mask=self.mask, form=self.form, state_placement=self.state_placement,
+                            reciprocal_spec=spec)
+    arrays = lower(program, self.prompt_layout, self.config)
+    return assemble(self.config, arrays, dtype)
+
+  @property
+  def dimensions(self) -> Dimensions:
+    return dimensions(self.num_support, self.feature_dim, self.num_steps, mask=self.mask,
+                      form=self.form, state_placement=self.state_placement)
+
+  def encode(self, x_support, y_support, x_query) -> tuple[jax.Array, prompt_lib.PromptLayout]:
+    x_query = jnp.asarray(x_query)
+    num_query = x_query.shape[1] if x_query.ndim == 3 else 0
+    if num_query < 1:
+      raise ValueError(f"x_query must have shape [batch, num_query >= 1, {self.feature_dim}], "
+                       f"got {x_query.shape}.")
+    layout = self.prompt_layout._replace(num_query=num_query)
+    return prompt_lib.encode(layout, x_support, y_support, x_query), layout
+
+  def forward(self, x_support, y_support, x_query, *, return_residuals=False, head_mask=None,
+              layer_mask=None) -> model_lib.ForwardOutput:
+    """Runs the model on encoded prompts; see `kcg.Transformer.__call__`."""
+    tokens, layout = self.encode(x_support, y_support, x_query)
+    graphdef, state = self._split_for(tokens.dtype)
+    return _apply(graphdef, state, tokens, layout.num_prefix, return_residuals, head_mask,
+                  layer_mask)
+
+  @functools.lru_cache(maxsize=4)
+  def _split_for(self, dtype):
+    return nnx.split(self._model_for(dtype))
+
+  def predict(self, x_support, y_support, x_query) -> jax.Array:
+    """f_t(x_query) [B, q] for x_support [B,k,d], y_support [B,k], x_query [B,q,d]."""
+    tokens, layout = self.encode(x_support, y_support, x_query)
+    graphdef, state = self._split_for(tokens.dtype)
+    outputs = _apply(graphdef, state, tokens, layout.num_prefix, False, None, None).outputs
+    return prompt_lib.query_outputs(layout, outputs)
+
+  def predict_steps(self, x_support, y_support, x_query) -> jax.Array:
+    """f_t(x_query) for every t = 0..num_steps from one forward pass: [B, t+1, q].
+
+    Read from the prediction channel of the query tokens after the layers of each step.
+    """
+    out = self.forward(x_support, y_support, x_query, return_residuals=True)
+    at_step_ends = out.residuals[jnp.asarray(self.program.step_ends)]  # [t+1, B, T, D]
+    column = self.program.layout.slice(self.program.readout).start
+    first_query = self.prompt_layout.num_prefix
+    return jnp.moveaxis(at_step_ends[:, :, first_query:, column], 0, 1)
+
+  def read_state(self, residuals_LxBxTxD: jax.Array) -> CompiledState:
+    """The CG state after each step, read from the named channels of the residual streams."""
+    ends = jnp.asarray(self.program.step_ends)
+    at_step_ends = residuals_LxBxTxD[ends]  # [t+1, B, T, D]
+    agg = self.prompt_layout.aggregator_index
+    k = self.num_support
+
+    def read(name):
+      location = self.program.state[name]
+      cols = self.program.layout.slice(location.channel)
+      if location.tokens == "support":
+        values = at_step_ends[:, :, :k, cols.start]  # [t+1, B, k]
+      else:
+        values = at_step_ends[:, :, agg, cols]  # [t+1, B, n]
+      return jnp.moveaxis(values, 0, 1)
+
+    gamma = read("gamma")[:, 1:, 0]
+    beta = read("beta")[:, 1:, 0]
+    return CompiledState(read("alpha"), read("r"), read("p"), gamma, beta)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _apply(graphdef, state, tokens, num_prefix, return_residuals, head_mask, layer_mask):
+  model = nnx.merge(graphdef, state)
+  return model(tokens, num_prefix=num_prefix, return_residuals=return_residuals,
+               head_mask=head_mask, layer_mask=layer_mask)
+
+
+def _uses_position(program) -> bool:
+  return any(name == "position" for name, _ in program.layout.channels)
+
+
+def dimensions(num_support: int, feature_dim: int, num_steps: int, *, mask: str = "causal",
+               form: str = "dual", state_placement: str = "auto") -> Dimensions:
+  """Depth and width of `compile_cg(...)` as explicit functions of k, p and t.
+
+  num_layers(t) = init_layers + t * layers_per_step; width(k, p) is the layout's size.
+  """
+  _validate(num_support, feature_dim, num_steps, 1.0, mask, form, "linear", "identity",
+            state_placement, None)
+  placement = _resolve_placement(form, mask, state_placement)
+  full = build_program(num_support, feature_dim, num_steps, 1.0, mask=mask, form=form,
+                       state_placement=placement)
+  one = build_program(num_support, feature_dim, 1, 1.0, mask=mask, form=form,
+                      state_placement=placement)
+  zero = build_program(num_support, feature_dim, 0, 1.0, mask=mask, form=form,
+                       state_placement=placement)
+  req = craft.requirements(full.layout, full.blocks)
+  init_layers = len(zero.schedule)
+  per_step = len(one.schedule) - init_layers
+  return Dimensions(num_layers=init_layers + num_steps * per_step, layers_per_step=per_step,
+                    init_layers=init_layers, width=full.layout.width, num_heads=req.num_heads,
+                    head_dim=req.head_dim, value_dim=req.value_dim, mlp_hidden=req.mlp_hidden)
+
+
+def compile_cg(num_support: int, feature_dim: int, num_steps: int, ridge: float, *,
+               mask: str = "causal", form: str = "dual", attention: str = "linear",
+               features: str = "identity", state_placement: str = "auto",
+               input_dim: int | None = None, dtype=None) -> CompiledCG:
+  """Compiles t-step CG for kernel ridge regression into a `kcg.Transformer`.
+
+  Args:
+    num_support: k, supports per prompt.
+    feature_dim: p, size of phi(x) (= input dim for features="identity").
+    num_steps: t >= 0 CG steps.
+    ridge: lambda > 0.
+    mask: "causal" (default) or "prefix".
+    form: "dual" (default; CG on (K + ridge I) alpha = y, as in the theorem) or "primal"
+      (CG on (Phi^T Phi + ridge I) w = Phi^T y).
+    attention: "linear" (unnormalised).
+    features: "identity" (phi(x) = x).
+    state_placement: "auto" (per-support state for dual + prefix, the aggregator otherwise),
+      "support" or "aggregator".
+    input_dim: d, defaults to feature_dim.
+    dtype: parameter dtype of `.model`; default float64 when x64 is enabled, else float32.
+      `predict` computes in the dtype of its inputs whatever this is.
+
+  Returns:
+    A `CompiledCG` with `.model`, `.params`, `.predict(x_support, y_support, x_query)`.
+  """
+  num_support, feature_dim, num_steps, ridge = _validate(
+      num_support, feature_dim, num_steps, ridge, mask, form, attention, features,
+      state_placement, input_dim)
+  if dtype is None:
+    dtype = jax.dtypes.canonicalize_dtype(jnp.float64)  # float64 iff x64 is enabled
+  return CompiledCG(num_support=num_support, feature_dim=feature_dim, num_steps=num_steps,
+                    ridge=ridge, mask=mask, form=form, state_placement=state_placement,
+                    dtype=dtype)

@@ -1,0 +1,365 @@
+"""Conjugate gradient written as transformer blocks on named channels (compiler stage 1).
+
+Three constructions, all exact up to floating point, all sharing the scalar machinery that runs at
+the aggregator token (reductions arrive there, reciprocals and step sizes are computed there):
+
+* ``support_state`` (form="dual", mask="prefix"): support token i holds alpha_i, r_i, p_i. One head
+  does the mat-vec (Kp)_i = sum_j (phi_i . phi_j) p_j; the aggregator reads r.r and p.Ap with one
+  head each; step sizes come back to every token through heads whose keys live at the aggregator.
+  Width O(p), work O(k p) per layer. Needs the prefix mask: under a strict causal mask support i
+  cannot read supports j > i, so it can neither form (Kp)_i nor read a reduction computed later.
+* ``aggregator_dual`` (form="dual", any mask): alpha, r, p in R^k all live in the aggregator, in
+  channels indexed by support position. Two position-keyed heads do the mat-vec,
+  u = Phi^T p = sum_j p_j phi_j (query p, key e_j, value phi_j), then Kp = Phi u (query u, key
+  phi_j, value e_j). Width O(k + p), work O(k (k + p)) per layer.
+* ``aggregator_primal`` (form="primal", any mask): CG on (Phi^T Phi + ridge I) w = Phi^T y with
+  w, r, p in R^p in the aggregator; one head does A p = sum_j phi_j (phi_j . p). Width O(p), work
+  O(k p). Its iterates differ from dual CG's (it minimises the error in another norm) but its
+  Krylov space is the image of the dual one under Phi^T, and it reaches the same KRR prediction.
+
+Queries never hold solver state: each query token accumulates its prediction f_t(x) = k(x)^T alpha_t
+(primal: phi(x) . w_t) with the same step sizes, f_{t+1} = f_t + gamma_t k(x)^T p_t.
+
+Every block's docstring-level meaning is its `name`; `blocks_per_step` and `step_ends` say which
+layer finishes which CG step.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from kcg._src import reciprocal as recip
+from kcg._src.craft import Block, Head, ReluUnits, ResidualLayout, linear_units
+
+AGG = "is_aggregator"
+SCALARS = ("rr", "rr_next", "pAp", "inv_rr", "inv_rr_next", "inv_pAp", "gamma", "beta")
+FLAGS = ("is_support", AGG, "is_query")
+
+
+class StateLocation(NamedTuple):
+  """Where a CG quantity lives: a channel, held by `tokens` ("support": one entry per support
+  token; "aggregator": the whole vector or scalar in the aggregator token)."""
+
+  channel: str
+  tokens: str
+
+
+class Program(NamedTuple):
+  """A construction: residual layout, embedding and readout routes, and the blocks.
+
+  Attributes:
+    name: which construction.
+    layout: the residual channels.
+    embedding: ((token feature, channel, coefficient), ...): the embedding writes each input
+      feature into channels.
+    blocks: the distinct blocks: the init blocks, then one CG step's blocks (every step applies
+      the same weights: the step sizes are computed, not baked in).
+    schedule: schedule[l] = index into `blocks` of the block applied at layer l.
+    readout: the channel read at query tokens.
+    step_ends: step_ends[t] = number of layers after which the CG state of step t is in place
+      (t = 0 .. num_steps).
+    state: where alpha, r, p, gamma, beta live.
+    reciprocal: the division used.
+  """
+
+  name: str
+  layout: ResidualLayout
+  embedding: tuple[tuple[str, str, float], ...]
+  blocks: tuple[Block, ...]
+  schedule: tuple[int, ...]
+  readout: str
+  step_ends: tuple[int, ...]
+  state: dict
+  reciprocal: recip.ReciprocalSpec
+
+
+# ---------------------------------------------------------------------------------------------
+# Heads that every construction uses. "At the aggregator" heads have keys that are non-zero only
+# in the aggregator token, so the sum over tokens reads that one token.
+
+
+def _at_aggregator(value: str, output, name: str) -> Head:
+  """The aggregator adds a linear function of its own channel `value` to `output`."""
+  return Head(((AGG, 1.0),), ((AGG, 1.0),), ((value, 1.0),), tuple(output), name)
+
+
+def _product(query: str, key: str, value: str, output, name: str) -> Head:
+  return Head(((query, 1.0),), ((key, 1.0),), ((value, 1.0),), tuple(output), name)
+
+
+def _reduce_over_supports(key: str, value: str, output, name: str) -> Head:
+  """The aggregator reads sum_j key_j value_j over the support tokens."""
+  return Head(((AGG, 1.0),), ((key, 1.0),), ((value, 1.0),), tuple(output), name)
+
+
+def _guess_units(source: str, target: str, spec: recip.ReciprocalSpec) -> ReluUnits:
+  """Initial guess of 1/source into target (see kcg._src.reciprocal), aggregator only."""
+  on_s, on_flag, post = recip.guess_units_matrices(spec)
+  return ReluUnits(((source, on_s[None, :]), (AGG, on_flag[None, :])), ((target, post[:, None]),),
+                   f"guess 1/{source}")
+
+
+def _newton_heads(x: str, s: str) -> tuple[Head, ...]:
+  """x <- 2x - s x^2: one head adds x, one subtracts s x^2 (query x, key s, value x)."""
+  return (_at_aggregator(x, [(x, 1.0)], f"newton {x}: +x"),
+          _product(x, s, x, [(x, -1.0)], f"newton {x}: -{s} x^2"))
+
+
+def _scalar_blocks(spec, prefix: str):
+  """Newton refinement of 1/pAp and 1/rr, then gamma = rr / pAp (clearing what is consumed)."""
+  blocks = [Block(f"{prefix} newton {i + 1}/{spec.newton_steps}",
+                  heads=_newton_heads("inv_pAp", "pAp") + _newton_heads("inv_rr", "rr"))
+            for i in range(spec.newton_steps)]
+  blocks.append(Block(f"{prefix} gamma = rr / pAp", heads=(
+      _product("rr", AGG, "inv_pAp", [("gamma", 1.0)], "gamma = rr * inv_pAp"),
+      _at_aggregator("pAp", [("pAp", -1.0)], "clear pAp"),
+      _at_aggregator("inv_pAp", [("inv_pAp", -1.0)], "clear inv_pAp"),
+  )))
+  return blocks
+
+
+# Overwriting a channel as x + (new - x) in one layer loses `new` entirely when |new| is below
+# the rounding of |x| (r.r can fall by 1e-17 in one step). So every channel is cleared exactly
+# (x + (-x) = 0) in an earlier layer and written into zero later; the write then rounds exactly as
+# the textbook recurrence does.
+
+
+def _step_start_heads() -> tuple[Head, ...]:
+  """First layer of a step: clear last step's gamma and beta, move the guess of 1/rr in place."""
+  return (
+      _at_aggregator("gamma", [("gamma", -1.0)], "clear gamma"),
+      _at_aggregator("beta", [("beta", -1.0)], "clear beta"),
+      _at_aggregator("inv_rr_next", [("inv_rr", 1.0), ("inv_rr_next", -1.0)], "inv_rr <- guess"),
+  )
+
+
+def _after_update_heads() -> tuple[Head, ...]:
+  """rr is consumed once gamma is formed."""
+  return (_at_aggregator("rr", [("rr", -1.0)], "clear rr"),)
+
+
+def _beta_block(prefix: str) -> Block:
+  """beta = rr_next / rr; rr <- rr_next; inv_rr cleared (its successor waits in inv_rr_next)."""
+  return Block(f"{prefix} beta = rr_next / rr", heads=(
+      _product("rr_next", AGG, "inv_rr", [("beta", 1.0)], "beta = rr_next * inv_rr"),
+      _at_aggregator("rr_next", [("rr", 1.0), ("rr_next", -1.0)], "rr <- rr_next"),
+      _at_aggregator("inv_rr", [("inv_rr", -1.0)], "clear inv_rr"),
+  ))
+
+
+def _aggregator_direction_blocks(prefix: str):
+  """p_prev <- p, p <- 0 (in the update block), then p = r + beta p_prev, p_prev <- 0."""
+  return Block(f"{prefix} p = r + beta p", heads=(
+      _product("beta", AGG, "p_prev", [("p", 1.0)], "p += beta p_prev"),
+      _at_aggregator("r", [("p", 1.0)], "p += r"),
+      _at_aggregator("p_prev", [("p_prev", -1.0)], "clear p_prev"),
+  ))
+
+
+def _move_p_heads() -> tuple[Head, ...]:
+  return (_at_aggregator("p", [("p_prev", 1.0), ("p", -1.0)], "p_prev <- p, p <- 0"),)
+
+
+def _scalar_channels():
+  return [(name, 1) for name in SCALARS]
+
+
+def _flag_channels():
+  return [(name, 1) for name in FLAGS]
+
+
+def _holders(pairs):
+  return tuple(pairs)
+
+
+def _finish(name, layout, embedding, init_blocks, step_blocks, num_steps, state, spec) -> Program:
+  init = list(init_blocks)
+  step = list(step_blocks()) if num_steps > 0 else []
+  schedule = list(range(len(init)))
+  step_ends = [len(schedule)]
+  for _ in range(num_steps):
+    schedule.extend(range(len(init), len(init) + len(step)))
+    step_ends.append(len(schedule))
+  return Program(name, layout, tuple(embedding), tuple(init + step), tuple(schedule), "f",
+                 tuple(step_ends), state, spec)
+
+
+def layer_names(program: Program) -> tuple[str, ...]:
+  """A name for every layer, e.g. 'cg[3] mat-vec Kp'."""
+  names, num_init = [], program.step_ends[0]
+  for layer, block in enumerate(program.schedule):
+    step = (layer - num_init) // max(len(program.blocks) - num_init, 1)
+    prefix = "" if layer < num_init else f"step[{step}] "
+    names.append(prefix + program.blocks[block].name)
+  return tuple(names)
+
+
+def _flag_embedding():
+  return [(flag, flag, 1.0) for flag in FLAGS]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def support_state(feature_dim: int, num_steps: int, ridge: float,
+                  spec: recip.ReciprocalSpec) -> Program:
+  """Dual CG with per-support state; needs the prefix mask (see module docstring)."""
+  p = feature_dim
+  layout = ResidualLayout(
+      channels=tuple([("phi_support", p), ("phi_query", p), ("y", 1), ("alpha", 1), ("r", 1),
+                      ("p", 1), ("Kp", 1), ("p_prev", 1), ("kq_p", 1), ("f", 1)]
+                     + _scalar_channels() + _flag_channels()),
+      holders=_holders([("phi_support", "supports"), ("phi_query", "queries"), ("y", "supports"),
+                        ("alpha", "supports"), ("r", "supports"), ("p", "supports"),
+                        ("Kp", "supports"), ("p_prev", "supports"), ("kq_p", "queries"),
+                        ("f", "queries")] + [(s, "aggregator") for s in SCALARS]))
+  embedding = [("x_support", "phi_support", 1.0), ("x_query", "phi_query", 1.0), ("y", "y", 1.0),
+               ("y", "r", 1.0), ("y", "p", 1.0)] + _flag_embedding()
+  init = [Block("init: rr = y.y", heads=(_reduce_over_supports("y", "y", [("rr", 1.0)], "y.y"),),
+                units=(_guess_units("rr", "inv_rr_next", spec),))]
+
+  def step():
+    s = "cg"
+    return [
+        Block(f"{s} mat-vec Kp", heads=(
+            Head((("phi_support", 1.0),), (("phi_support", 1.0),), (("p", 1.0),), (("Kp", 1.0),),
+                 "(Kp)_i = sum_j (phi_i . phi_j) p_j"),
+            Head((("phi_query", 1.0),), (("phi_support", 1.0),), (("p", 1.0),), (("kq_p", 1.0),),
+                 "k(x_q) . p"),
+        ) + _step_start_heads()),
+        Block(f"{s} pAp = p.Kp + ridge p.p", heads=(
+            _reduce_over_supports("p", "Kp", [("pAp", 1.0)], "p.Kp"),
+            _reduce_over_supports("p", "p", [("pAp", ridge)], "ridge p.p"),
+        ), units=(_guess_units("pAp", "inv_pAp", spec),)),
+        *_scalar_blocks(spec, s),
+        Block(f"{s} update alpha, r, f", heads=(
+            Head((("p", 1.0),), ((AGG, 1.0),), (("gamma", 1.0),), (("alpha", 1.0), ("r", -ridge)),
+                 "alpha += gamma p; r -= gamma ridge p"),
+            Head((("Kp", 1.0),), ((AGG, 1.0),), (("gamma", 1.0),), (("r", -1.0),), "r -= gamma Kp"),
+            Head((("kq_p", 1.0),), ((AGG, 1.0),), (("gamma", 1.0),), (("f", 1.0),),
+                 "f += gamma k(x).p"),
+        ) + _after_update_heads(), units=(
+            linear_units(layout, "Kp", [("Kp", -1.0)], "clear Kp"),
+            linear_units(layout, "kq_p", [("kq_p", -1.0)], "clear kq_p"),
+            linear_units(layout, "p", [("p_prev", 1.0), ("p", -1.0)], "p_prev <- p, p <- 0"),
+        )),
+        Block(f"{s} rr_next = r.r", heads=(
+            _reduce_over_supports("r", "r", [("rr_next", 1.0)], "r.r"),),
+            units=(_guess_units("rr_next", "inv_rr_next", spec),)),
+        _beta_block(s),
+        Block(f"{s} p = r + beta p", heads=(
+            Head((("p_prev", 1.0),), ((AGG, 1.0),), (("beta", 1.0),), (("p", 1.0),), "p += beta p_prev"),
+        ), units=(linear_units(layout, "r", [("p", 1.0)], "p += r"),
+                  linear_units(layout, "p_prev", [("p_prev", -1.0)], "clear p_prev"))),
+    ]
+
+  state = {"alpha": StateLocation("alpha", "support"), "r": StateLocation("r", "support"),
+           "p": StateLocation("p", "support"), "gamma": StateLocation("gamma", "aggregator"),
+           "beta": StateLocation("beta", "aggregator")}
+  return _finish("support_state", layout, embedding, init, step, num_steps, state, spec)
+
+
+def aggregator_dual(num_support: int, feature_dim: int, num_steps: int, ridge: float,
+                    spec: recip.ReciprocalSpec) -> Program:
+  """Dual CG with alpha, r, p in R^k held by the aggregator; works under any mask."""
+  k, p = num_support, feature_dim
+  vectors = [("alpha", k), ("r", k), ("p", k), ("p_prev", k), ("Kp", k), ("u", p)]
+  layout = ResidualLayout(
+      channels=tuple([("phi_support", p), ("phi_query", p), ("y", 1), ("position", k)] + vectors
+                     + [("f", 1)] + _scalar_channels() + _flag_channels()),
+      holders=_holders([("phi_support", "supports"), ("phi_query", "queries"), ("y", "supports"),
+                        ("position", "supports (one-hot)"), ("f", "queries")]
+                       + [(n, "aggregator") for n, _ in vectors] + [(s, "aggregator") for s in SCALARS]))
+  embedding = [("x_support", "phi_support", 1.0), ("x_query", "phi_query", 1.0), ("y", "y", 1.0),
+               ("position", "position", 1.0)] + _flag_embedding()
+  init = [Block("init: r = p = y; rr = y.y", heads=(
+      Head(((AGG, 1.0),), (("y", 1.0),), (("position", 1.0),), (("r", 1.0), ("p", 1.0)),
+           "r = p = sum_j y_j e_j"),
+      _reduce_over_supports("y", "y", [("rr", 1.0)], "y.y"),
+  ), units=(_guess_units("rr", "inv_rr_next", spec),))]
+
+  def step():
+    s = "cg"
+    return [
+        Block(f"{s} u = Phi^T p", heads=(
+            Head((("p", 1.0),), (("position", 1.0),), (("phi_support", 1.0),), (("u", 1.0),),
+                 "u = sum_j p_j phi_j"),) + _step_start_heads()),
+        Block(f"{s} Kp = Phi u", heads=(
+            Head((("u", 1.0),), (("phi_support", 1.0),), (("position", 1.0),), (("Kp", 1.0),),
+                 "Kp = sum_j (u . phi_j) e_j"),)),
+        Block(f"{s} pAp = p.Kp + ridge p.p", heads=(
+            _product("p", "Kp", AGG, [("pAp", 1.0)], "p.Kp"),
+            _product("p", "p", AGG, [("pAp", ridge)], "ridge p.p"),
+        ), units=(_guess_units("pAp", "inv_pAp", spec),)),
+        *_scalar_blocks(spec, s),
+        Block(f"{s} update alpha, r, f", heads=(
+            _product("gamma", AGG, "p", [("alpha", 1.0), ("r", -ridge)], "alpha += gamma p; r -= gamma ridge p"),
+            _product("gamma", AGG, "Kp", [("r", -1.0)], "r -= gamma Kp"),
+            Head((("phi_query", 1.0),), (("u", 1.0),), (("gamma", 1.0),), (("f", 1.0),),
+                 "f += gamma phi(x).u"),
+            _at_aggregator("Kp", [("Kp", -1.0)], "clear Kp"),
+            _at_aggregator("u", [("u", -1.0)], "clear u"),
+        ) + _after_update_heads() + _move_p_heads()),
+        Block(f"{s} rr_next = r.r", heads=(_product("r", "r", AGG, [("rr_next", 1.0)], "r.r"),),
+              units=(_guess_units("rr_next", "inv_rr_next", spec),)),
+        _beta_block(s),
+        _aggregator_direction_blocks(s),
+    ]
+
+  state = {"alpha": StateLocation("alpha", "aggregator"), "r": StateLocation("r", "aggregator"),
+           "p": StateLocation("p", "aggregator"), "gamma": StateLocation("gamma", "aggregator"),
+           "beta": StateLocation("beta", "aggregator")}
+  return _finish("aggregator_dual", layout, embedding, init, step, num_steps, state, spec)
+
+
+def aggregator_primal(feature_dim: int, num_steps: int, ridge: float,
+                      spec: recip.ReciprocalSpec) -> Program:
+  """CG on (Phi^T Phi + ridge I) w = Phi^T y with w, r, p in R^p held by the aggregator."""
+  p = feature_dim
+  vectors = [("w", p), ("r", p), ("p", p), ("p_prev", p), ("Ap", p)]
+  layout = ResidualLayout(
+      channels=tuple([("phi_support", p), ("phi_query", p), ("y", 1)] + vectors + [("f", 1)]
+                     + _scalar_channels() + _flag_channels()),
+      holders=_holders([("phi_support", "supports"), ("phi_query", "queries"), ("y", "supports"),
+                        ("f", "queries")] + [(n, "aggregator") for n, _ in vectors]
+                       + [(s, "aggregator") for s in SCALARS]))
+  embedding = [("x_support", "phi_support", 1.0), ("x_query", "phi_query", 1.0),
+               ("y", "y", 1.0)] + _flag_embedding()
+  init = [
+      Block("init: r = p = Phi^T y", heads=(
+          Head(((AGG, 1.0),), (("y", 1.0),), (("phi_support", 1.0),), (("r", 1.0), ("p", 1.0)),
+               "r = p = sum_j y_j phi_j"),)),
+      Block("init: rr = r.r", heads=(_product("r", "r", AGG, [("rr", 1.0)], "r.r"),),
+            units=(_guess_units("rr", "inv_rr_next", spec),)),
+  ]
+
+  def step():
+    s = "primal-cg"
+    return [
+        Block(f"{s} Ap = Phi^T Phi p + ridge p", heads=(
+            Head((("p", 1.0),), (("phi_support", 1.0),), (("phi_support", 1.0),), (("Ap", 1.0),),
+                 "sum_j phi_j (phi_j . p)"),
+            _at_aggregator("p", [("Ap", ridge)], "ridge p"),
+        ) + _step_start_heads()),
+        Block(f"{s} pAp = p.Ap", heads=(_product("p", "Ap", AGG, [("pAp", 1.0)], "p.Ap"),),
+              units=(_guess_units("pAp", "inv_pAp", spec),)),
+        *_scalar_blocks(spec, s),
+        Block(f"{s} update w, r, f", heads=(
+            _product("gamma", AGG, "p", [("w", 1.0)], "w += gamma p"),
+            _product("gamma", AGG, "Ap", [("r", -1.0)], "r -= gamma Ap"),
+            Head((("phi_query", 1.0),), (("p", 1.0),), (("gamma", 1.0),), (("f", 1.0),),
+                 "f += gamma phi(x).p"),
+            _at_aggregator("Ap", [("Ap", -1.0)], "clear Ap"),
+        ) + _after_update_heads() + _move_p_heads()),
+        Block(f"{s} rr_next = r.r", heads=(_product("r", "r", AGG, [("rr_next", 1.0)], "r.r"),),
+              units=(_guess_units("rr_next", "inv_rr_next", spec),)),
+        _beta_block(s),
+        _aggregator_direction_blocks(s),
+    ]
+
+  state = {"alpha": StateLocation("w", "aggregator"), "r": StateLocation("r", "aggregator"),
+           "p": StateLocation("p", "aggregator"), "gamma": StateLocation("gamma", "aggregator"),
+           "beta": StateLocation("beta", "aggregator")}
+  return _finish("aggregator_primal", layout, embedding, init, step, num_steps, state, spec)

@@ -1,0 +1,15 @@
+"""Global numerics for the test suite: float64, strict dtype promotion, rank promotion raises.
+
+Tests that exercise float32 on purpose cast explicitly; everything else runs in float64 so that
+tolerances can be stated from float64 rounding and the problem's condition number.
+"""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_default_matmul_precision", "highest")
