@@ -305,70 +305,31 @@ def _method_batch(name, point, config, compiled_cfg) -> tuple[int, str]:
   return b, ""
 
 
+# What each method's predictions are checked against (same algorithm, same t), on shared prompts.
+REFERENCE = {"plain_cg_kernel": "plain_cg", "jax_cg_vmap": "plain_cg",
+             "compiled_dual_prefix": "plain_cg", "compiled_primal_causal": "plain_cg_primal"}
+
+
 def run_point(point: Point, config, kind: str) -> list[dict]:
   """Times every method at one point; ratios against plain CG at the same batch and prompts."""
   x_support, y_support, x_query = make_prompts(point, config.num_query, config.seed)
-  methods = list(config.methods)
-  if BASELINE not in methods:
-    methods.insert(0, BASELINE)
-  compiled = {}
-  build_s = {}
+  methods = [BASELINE] + [m for m in config.methods if m != BASELINE]
+  compiled, build_s, plans = {}, {}, {}
   for name in methods:
     if name in COMPILED:
       start = time.perf_counter()
       compiled[name] = compiled_model(name, point, config.ridge)
       build_s[name] = time.perf_counter() - start
-  plans = {}
-  for name in methods:
-    cfg = compiled[name].config if name in compiled else None
-    plans[name] = _method_batch(name, point, config, cfg)
-  batches = sorted({b for b, _ in plans.values()} | {point.batch}, reverse=True)
-  baseline_at = {}
-  baseline_out = {}
-  rows = []
-
-  def record(name, batch, timing, out, reason):
-    ref_out = baseline_out.get(batch)
-    rel = None
-    if ref_out is not None and name != BASELINE:
-      scale = float(jnp.max(jnp.abs(ref_out)))
-      rel = float(jnp.max(jnp.abs(jnp.asarray(out, jnp.float32) - ref_out))) / max(scale, 1e-30)
-    row = {"kind": kind, "batch": point.batch, "num_support": point.num_support,
-           "feature_dim": point.feature_dim, "num_steps": point.num_steps, "method": name,
-           "timed_batch": batch, "scaled_reason": reason, "first_call_s": timing.first_call_s,
-           "seconds": timing.best_s, "median_s": timing.median_s, "runs": timing.runs,
-           "ms_per_prompt": 1e3 * timing.best_s / batch, "max_rel_diff_vs_plain_cg": rel}
-    if name in compiled:
-      cfg = compiled[name].config
-      flops = forward_flops(cfg, batch, point.num_support + 1 + config.num_query,
-                            point.num_support + 1)
-      row.update(build_s=build_s[name], layers=cfg.num_layers, width=cfg.width,
-                 heads=cfg.num_heads, head_dim=cfg.head_dim, value_dim=cfg.resolved_value_dim,
-                 mlp_hidden=cfg.mlp_hidden, flops=sum(flops.values()),
-                 flops_by_term=flops,
-                 flop_ratio_to_plain=sum(flops.values()) / plain_cg_flops(point, batch),
-                 min_bytes_ratio_to_plain=(minimum_bytes(cfg, point, batch, config.num_query)
-                                           / plain_cg_bytes(point, batch)))
-    rows.append(row)
-    return row
-
-  def run_baseline(batch):
-    if batch in baseline_at:
-      return
-    fn = jax.jit(functools.partial(plain_cg, ridge=config.ridge, num_steps=point.num_steps))
-    args = (x_support[:batch], y_support[:batch], x_query[:batch])
-    timing, out = time_call(fn, args, config.repeats, config.seconds_per_method)
-    baseline_at[batch] = timing
-    baseline_out[batch] = out
-    record(BASELINE, batch, timing, out, "" if batch == point.batch else "baseline for scaled methods")
-
-  for batch in batches:
-    run_baseline(batch)
-  for name in methods:
-    if name == BASELINE:
-      continue
-    batch, reason = plans[name]
-    if reason:
+    plans[name] = _method_batch(name, point, config,
+                                compiled[name].config if name in compiled else None)
+  # Plain CG is timed at every batch some method runs at, so that each ratio compares equal work.
+  baseline_batches = sorted({b for b, _ in plans.values()} | {point.batch}, reverse=True)
+  jobs = [(BASELINE, b, "" if b == point.batch else "baseline for the methods timed at this B")
+          for b in baseline_batches]
+  jobs += [(name, *plans[name]) for name in methods if name != BASELINE]
+  rows, outputs, baseline_s = [], {}, {}
+  for name, batch, reason in jobs:
+    if reason and name != BASELINE:
       print(f"  {point.label}: {name}: {reason}")
     args = (x_support[:batch], y_support[:batch], x_query[:batch])
     if name in compiled:
@@ -377,15 +338,41 @@ def run_point(point: Point, config, kind: str) -> list[dict]:
       fn = jax.jit(functools.partial(BASELINES[name], ridge=config.ridge,
                                      num_steps=point.num_steps))
     timing, out = time_call(fn, args, config.repeats, config.seconds_per_method)
-    record(name, batch, timing, out, reason)
-    del fn, out
+    out = np.asarray(out, np.float64)
+    if name not in outputs or out.shape[0] > outputs[name].shape[0]:
+      outputs[name] = out
+    if name == BASELINE:
+      baseline_s[batch] = timing.best_s
+    row = {"kind": kind, "batch": point.batch, "num_support": point.num_support,
+           "feature_dim": point.feature_dim, "num_steps": point.num_steps, "method": name,
+           "timed_batch": batch, "scaled_reason": reason, "first_call_s": timing.first_call_s,
+           "seconds": timing.best_s, "median_s": timing.median_s, "runs": timing.runs,
+           "ms_per_prompt": 1e3 * timing.best_s / batch,
+           "ratio_to_plain_cg": timing.best_s / baseline_s[batch]}
+    if name != BASELINE and batch != point.batch:
+      row["extrapolated_ratio_at_full_batch"] = (timing.best_s * point.batch / batch
+                                                 / baseline_s[point.batch])
+    if name in compiled:
+      cfg = compiled[name].config
+      flops = forward_flops(cfg, batch, point.num_support + 1 + config.num_query,
+                            point.num_support + 1)
+      row.update(build_s=build_s[name], layers=cfg.num_layers, width=cfg.width,
+                 heads=cfg.num_heads, head_dim=cfg.head_dim, value_dim=cfg.resolved_value_dim,
+                 mlp_hidden=cfg.mlp_hidden, flops=sum(flops.values()), flops_by_term=flops,
+                 flop_ratio_to_plain=sum(flops.values()) / plain_cg_flops(point, batch),
+                 min_bytes_ratio_to_plain=(minimum_bytes(cfg, point, batch, config.num_query)
+                                           / plain_cg_bytes(point, batch)))
+    rows.append(row)
+    del fn
   for row in rows:
-    base = baseline_at[row["timed_batch"]]
-    row["ratio_to_plain_cg"] = row["seconds"] / base.best_s
-    if row["timed_batch"] != point.batch:
-      full = baseline_at[point.batch].best_s
-      row["extrapolated_ratio_at_full_batch"] = (row["seconds"] * point.batch / row["timed_batch"]
-                                                 / full)
+    reference = REFERENCE.get(row["method"])
+    row["reference"] = reference
+    row["max_rel_diff_vs_reference"] = None
+    if reference in outputs:
+      n = min(row["timed_batch"], outputs[reference].shape[0])
+      ref = outputs[reference][:n]
+      mine = outputs[row["method"]][:n]
+      row["max_rel_diff_vs_reference"] = float(np.max(np.abs(mine - ref)) / np.max(np.abs(ref)))
   return rows
 
 
@@ -594,18 +581,19 @@ def _fmt_s(seconds: float) -> str:
 
 def format_forward(rows: list[dict]) -> str:
   lines = ["| point | method | timed B | time | per prompt | ratio to plain CG | "
-           "ratio at full B (extrap.) | first call | max rel diff vs plain CG |",
+           "ratio at full B (extrap.) | first call | max rel diff (vs) |",
            "|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     point = f"B={r['batch']} k={r['num_support']} p={r['feature_dim']} t={r['num_steps']}"
     ratio = r.get("ratio_to_plain_cg")
     extrap = r.get("extrapolated_ratio_at_full_batch")
-    diff = r["max_rel_diff_vs_plain_cg"]
+    diff = r["max_rel_diff_vs_reference"]
+    diff_text = "" if diff is None else f"{diff:.1e} ({r['reference']})"
     lines.append(
         f"| {point} | {r['method']} | {r['timed_batch']} | {_fmt_s(r['seconds'])} | "
         f"{r['ms_per_prompt']:.3g} ms | {'' if ratio is None else f'{ratio:.3g}x'} | "
         f"{'' if extrap is None else f'{extrap:.3g}x'} | {_fmt_s(r['first_call_s'])} | "
-        f"{'' if diff is None else f'{diff:.1e}'} |")
+        f"{diff_text} |")
   return "\n".join(lines)
 
 

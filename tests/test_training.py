@@ -144,7 +144,8 @@ def test_every_prefix_batch_pads_dims_and_points():
   np.testing.assert_array_equal(batch.weights[0], [1, 1, 1, 0, 0, 0])
   x_block = batch.tokens[..., layout.feature_slice("x")]
   assert np.all(x_block[..., 2:] == 0)  # curriculum dims beyond d_s = 2 are zero.
-  assert np.all(batch.tokens[:, 6:] == 0)  # points beyond k_s + 1 = 3 are zero tokens.
+  # Points beyond k_s + 1 = 3 carry no data (only their x/y flags) and no loss weight.
+  assert np.all(batch.tokens[:, 6:, :layout.feature_slice("y").stop] == 0)
   np.testing.assert_array_equal(x_block[:, 0:6:2, :2],
                                 np.concatenate([prompts.x_support, prompts.x_query], axis=1))
 
@@ -192,70 +193,86 @@ def test_decision_tree_targets_match_a_loop_reference():
 
 
 def _small_model(data, **model_overrides):
+  """A 2-layer softmax + MLP + LayerNorm model in float64, initialised by the (cached) jitted init."""
   spec = dict(num_layers=2, width=16, num_heads=2, head_dim=8, mlp_hidden=16, attention="softmax",
               norm="layernorm")
   spec.update(model_overrides)
   config = training.TrainConfig(model=training.ModelSpec(**spec), data=data, dtype="float64",
                                 batch_size=2, final_eval=False)
-  return config, training_lib.init_model(config)
+  graphdef, state = training.init_state(config, training.make_mesh(jax.devices()[:1]))
+  model, _ = nnx.merge(graphdef, state)
+  return config, model
 
 
-def test_every_prefix_prediction_reads_only_earlier_pairs():
+@pytest.fixture(scope="module")
+def every_prefix_model():
+  config, model = _small_model(every_prefix_data())
+  return config, model, training.training_batch(config, step=0)
+
+
+@pytest.fixture(scope="module")
+def query_model():
+  return _small_model(training.DataSpec(input_dim=4, num_support=6, num_query=3))
+
+
+def test_every_prefix_prediction_reads_only_earlier_pairs(every_prefix_model):
   """d prediction_i / d tokens is zero from y-token i on: causality through gradients."""
-  data = every_prefix_data()
-  config, model = _small_model(data)
-  batch = training.training_batch(config, step=0)
-  n = data.num_points
+  config, model, batch = every_prefix_model
+  data, n = config.data, config.data.num_points
+  jacobian = jax.jit(jax.jacrev(lambda t: training_lib.readout(data, model(t).outputs)[0]))(
+      batch.tokens)
+  assert jacobian.shape == (n,) + batch.tokens.shape
   for i in range(n):
-    grad = jax.grad(lambda t: training_lib.readout(data, model(t).outputs)[0, i])(batch.tokens)
-    assert np.all(grad[0, 2 * i + 1:] == 0), f"prediction {i} reads y_{i} or a later token"
-    assert np.any(grad[0, 2 * i] != 0)
-    assert np.all(grad[1:] == 0)  # prompts of a batch do not mix.
+    assert np.all(jacobian[i, 0, 2 * i + 1:] == 0), f"prediction {i} reads y_{i} or a later token"
+    assert np.any(jacobian[i, 0, 2 * i] != 0)
+  assert np.all(jacobian[:, 1:] == 0)  # prompts of a batch do not mix.
 
 
-def test_query_predictions_are_independent_under_prefix_mask():
-  config, model = _small_model(training.DataSpec(input_dim=3, num_support=6, num_query=3))
+def test_query_predictions_are_independent_under_prefix_mask(query_model):
+  config, model = query_model
   prompts = training.sample_prompts(jax.random.key(3), config.data, batch_size=2)
-  base = training.predict(model, config.data, prompts.x_support, prompts.y_support, prompts.x_query)
+  predict = training.make_predict_fn(model, config.data)
+  base = predict(prompts.x_support, prompts.y_support, prompts.x_query)
   moved = prompts.x_query.at[:, 1:].multiply(-3.0)
-  changed = training.predict(model, config.data, prompts.x_support, prompts.y_support, moved)
+  changed = predict(prompts.x_support, prompts.y_support, moved)
   np.testing.assert_array_equal(base[:, 0], changed[:, 0])
   assert not np.allclose(base[:, 1:], changed[:, 1:])
 
 
-def test_every_prefix_predict_matches_the_full_sequence():
-  data = every_prefix_data()
-  config, model = _small_model(data)
-  batch = training.training_batch(config, step=0)
+def test_every_prefix_predict_matches_the_full_sequence(every_prefix_model):
+  config, model, batch = every_prefix_model
+  data = config.data
   full = training_lib.readout(data, model(batch.tokens).outputs)
   layout = training_lib.prompt_lib.make_interleaved_layout(data.num_points, data.input_dim)
   x = batch.tokens[..., layout.feature_slice("x")][:, 0::2]
   y = batch.targets
   k = 3
-  pred = training.predict(model, data, x[:, :k], y[:, :k], x[:, k:k + 2])
+  pred = training.make_predict_fn(model, data)(x[:, :k], y[:, :k], x[:, k:k + 2])
   # Query j of predict is point k of its own sequence; query 0 equals the full sequence's point k.
   # Float64 with O(1) activations over a 12-token sequence: rounding differences stay ~1e-15.
   np.testing.assert_allclose(pred[:, 0], full[:, k], rtol=1e-12, atol=1e-12)
 
 
-def test_predict_zero_pads_lower_input_dims_and_rejects_higher():
-  config, model = _small_model(training.DataSpec(input_dim=4, num_support=6, num_query=2))
+def test_predict_zero_pads_lower_input_dims_and_rejects_higher(query_model):
+  config, model = query_model
   prompts = training.sample_prompts(jax.random.key(4), config.data, batch_size=2, input_dim=2)
   padded = [training_lib.pad_inputs(a, 4) for a in (prompts.x_support, prompts.x_query)]
-  low = training.predict(model, config.data, prompts.x_support, prompts.y_support, prompts.x_query)
-  full = training.predict(model, config.data, padded[0], prompts.y_support, padded[1])
+  predict = training.make_predict_fn(model, config.data)
+  low = predict(prompts.x_support, prompts.y_support, prompts.x_query)
+  full = predict(padded[0], prompts.y_support, padded[1])
   np.testing.assert_array_equal(low, full)
   with pytest.raises(ValueError, match="input_dim=4"):
-    wide = jnp.zeros((2, 6, 5))
-    training.predict(model, config.data, wide, prompts.y_support, jnp.zeros((2, 2, 5)))
+    predict(jnp.zeros((2, 6, 5)), prompts.y_support, jnp.zeros((2, 3, 5)))
   with pytest.raises(ValueError, match="y_support"):
-    training.predict(model, config.data, padded[0], prompts.y_support[:, :3], padded[1])
+    predict(padded[0], prompts.y_support[:, :3], padded[1])
+  with pytest.raises(ValueError, match="NaN or Inf"):
+    training.predict(model, config.data, padded[0].at[0, 0, 0].set(jnp.nan), prompts.y_support,
+                     padded[1])
 
 
-def test_loss_is_weighted_mean_squared_error():
-  data = every_prefix_data()
-  config, model = _small_model(data)
-  batch = training.training_batch(config, step=0)
+def test_loss_is_weighted_mean_squared_error(every_prefix_model):
+  config, model, batch = every_prefix_model
+  data = config.data
   weights = batch.weights.at[:, 3:].set(0.0)
   pred = training_lib.readout(data, model(batch.tokens).outputs)
   expected = jnp.sum(jnp.square(pred - batch.targets)[:, :3]) / (2 * 3)
@@ -281,8 +298,8 @@ def test_schedules():
   np.testing.assert_allclose(no_warmup(0), 0.3, rtol=1e-7)
 
 
-def test_weight_decay_spares_biases_and_norms():
-  config, model = _small_model(every_prefix_data())
+def test_weight_decay_spares_biases_and_norms(every_prefix_model):
+  _, model, _ = every_prefix_model
   mask = training_lib._decay_mask(nnx.state(model, nnx.Param).to_pure_dict())
   assert mask["blocks"]["query"] and mask["blocks"]["mlp_in"] and mask["embed"]["kernel"]
   assert not mask["embed"]["bias"] and not mask["blocks"]["mlp_in_bias"]
@@ -310,14 +327,13 @@ def test_training_is_deterministic_and_learns():
   assert first.model.config == training.model_config(config)
   record = first.history[0]
   assert {"step", "loss", "grad_norm", "learning_rate", "steps_per_sec"} <= set(record)
-  other_seed = training.train(dataclasses.replace(config, seed=1, num_steps=10))
-  assert other_seed.history[0]["loss"] != first.history[0]["loss"]
 
 
 @pytest.mark.parametrize("model_spec", [
     dict(num_layers=2, attention="softmax", mlp_hidden=16, norm="layernorm"),
     dict(num_layers=3, attention="linear", mlp_hidden=16, norm="rmsnorm", tied_layers=True),
-    dict(num_layers=16, attention="linear"),
+    pytest.param(dict(num_layers=16, attention="linear", attention_scale=1 / 7, qkv_init_scale=0.5),
+                 marks=pytest.mark.slow),
 ])
 def test_model_variants_train(model_spec):
   config = tiny_config(model=training.ModelSpec(width=8, head_dim=4, num_heads=2, **model_spec),

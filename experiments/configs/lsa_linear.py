@@ -23,6 +23,10 @@ def get_config(arg: str | None = None):
   config.model.attention = "linear"
   config.model.mlp_hidden = 0
   config.model.norm = None
+  # The 1/n normalisation of linear self-attention (n = k supports + the aggregator token) and a
+  # smaller q/k/v initialisation keep the cubic attention map near the identity at the start.
+  config.model.attention_scale = 1.0 / (20 + 1)
+  config.model.qkv_init_scale = 0.5
   config.model.width = 32
   config.model.num_heads = 1
   config.model.head_dim = 32

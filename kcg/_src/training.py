@@ -103,6 +103,13 @@ class ModelSpec:
   Variants: linear attention without MLP and norm (linear self-attention, `mlp_hidden=0`,
   `norm=None`), linear or softmax attention with MLPs, pre-norm or not, any depth, `tied_layers=True`
   for a looped (weight-tied) stack. `token_dim` and `mask` follow from `DataSpec`.
+
+  Unnormalised linear attention is a cubic map of the residual stream per layer, so a deep stack
+  without norm diverges at the default initialisation (the residual norm grows like `c^(3^L)`).
+  `attention_scale = 1 / num_prefix` (the 1/n of the linear-self-attention literature) together with
+  `qkv_init_scale < 1` (multiplies the initial query, key and value weights, so the first updates are
+  `qkv_init_scale^3` smaller) keeps it near the identity at initialisation; 1/n and 0.5 train 16
+  layers stably.
   """
 
   num_layers: int = 1
@@ -117,6 +124,7 @@ class ModelSpec:
   tied_layers: bool = False
   use_bias: bool = True
   attention_scale: float | None = None
+  qkv_init_scale: float = 1.0
   precision: str = "highest"
 
   def __post_init__(self):
@@ -135,6 +143,8 @@ class ModelSpec:
     _choice("ModelSpec", "activation", self.activation, model_lib.ACTIVATIONS)
     _choice("ModelSpec", "norm", self.norm, model_lib.NORMS)
     _choice("ModelSpec", "precision", self.precision, model_lib.PRECISIONS)
+    object.__setattr__(self, "qkv_init_scale",
+                       _finite("ModelSpec", "qkv_init_scale", self.qkv_init_scale, 0.0, True))
     if self.attention_scale is not None:
       object.__setattr__(self, "attention_scale",
                          _finite("ModelSpec", "attention_scale", self.attention_scale, 0.0, True))
@@ -544,7 +554,15 @@ def training_batch(config: TrainConfig, step: int) -> Batch:
 
 
 def init_model(config: TrainConfig) -> model_lib.Transformer:
-  return model_lib.Transformer(model_config(config), rngs=nnx.Rngs(config.seed))
+  """A freshly initialised model: `kcg.Transformer(model_config(config), rngs=nnx.Rngs(seed))` with
+  the query, key and value weights multiplied by `qkv_init_scale`."""
+  model = model_lib.Transformer(model_config(config), rngs=nnx.Rngs(config.seed))
+  scale = config.model.qkv_init_scale
+  if scale != 1.0:
+    for name in ("query", "key", "value"):
+      param = getattr(model.blocks, name)
+      param[...] = param[...] * jnp.asarray(scale, param[...].dtype)
+  return model
 
 
 def readout(data: DataSpec, outputs_BxTxO: jax.Array) -> jax.Array:

@@ -1,0 +1,7 @@
+"""Compiled CG transformers against the references, step by step."""
+
+from kcg._src.analysis import StepComparison
+from kcg._src.analysis import compare_steps
+from kcg._src.analysis import format_comparison
+
+__all__ = ["StepComparison", "compare_steps", "format_comparison"]

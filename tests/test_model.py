@@ -1,0 +1,99 @@
+"""The one model class: masks, shapes, dtypes, looped layers, head and layer masks, validation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import kcg
+from kcg._src import model as model_lib
+
+
+def _config(**kw):
+  base = dict(token_dim=5, width=8, num_layers=2, num_heads=2, head_dim=3, mlp_hidden=6)
+  base.update(kw)
+  return kcg.ModelConfig(**base)
+
+
+def _tokens(batch=2, num_tokens=7, dim=5, seed=0, dtype=np.float64):
+  return jnp.asarray(np.random.default_rng(seed).normal(size=(batch, num_tokens, dim)), dtype)
+
+
+@pytest.mark.parametrize("attention", ["linear", "softmax"])
+@pytest.mark.parametrize("norm", [None, "layernorm", "rmsnorm"])
+def test_shapes_and_residuals(attention, norm):
+  model = kcg.Transformer(_config(attention=attention, norm=norm, param_dtype=jnp.float64),
+                          rngs=nnx.Rngs(0))
+  out = model(_tokens(), return_residuals=True)
+  assert out.outputs.shape == (2, 7, 1)
+  assert out.residuals.shape == (3, 2, 7, 8)
+  assert out.outputs.dtype == jnp.float64
+
+
+def test_computes_in_the_dtype_of_the_tokens():
+  model = kcg.Transformer(_config(param_dtype=jnp.float64), rngs=nnx.Rngs(0))
+  assert model(_tokens(dtype=np.float32)).outputs.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("mask", ["causal", "prefix"])
+def test_mask_semantics_through_gradients(mask):
+  """Token i's output depends on token j exactly when the mask allows it (any depth)."""
+  num_prefix = 4
+  model = kcg.Transformer(_config(mask=mask, num_layers=3, param_dtype=jnp.float64),
+                          rngs=nnx.Rngs(1))
+  tokens = _tokens(batch=1)
+  jac = jax.jacfwd(lambda t: model(t, num_prefix=num_prefix).outputs[0, :, 0])(tokens)[:, 0]
+  depends = np.abs(np.asarray(jac)).sum(-1) > 0  # [T_out, T_in]
+  allowed = np.asarray(model_lib.attention_mask(7, mask, num_prefix))
+  if mask == "causal":
+    reach = allowed  # causal masks compose to themselves
+  else:
+    reach = allowed
+  np.testing.assert_array_equal(depends, reach)
+
+
+def test_prefix_mask_needs_a_prefix_length():
+  model = kcg.Transformer(_config(mask="prefix", param_dtype=jnp.float64), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="num_prefix"):
+    model(_tokens())
+
+
+def test_head_and_layer_masks():
+  config = _config(param_dtype=jnp.float64)
+  model = kcg.Transformer(config, rngs=nnx.Rngs(0))
+  tokens = _tokens()
+  full = model(tokens, return_residuals=True)
+  off = model(tokens, layer_mask=jnp.zeros(2), return_residuals=True)
+  np.testing.assert_allclose(off.residuals[2], off.residuals[0])
+  no_heads = model(tokens, head_mask=jnp.zeros((2, 2)))
+  assert not np.allclose(no_heads.outputs, full.outputs)
+  with pytest.raises(ValueError, match="head_mask"):
+    model(tokens, head_mask=jnp.zeros((3, 2)))
+
+
+def test_tied_and_scheduled_layers():
+  tied = _config(tied_layers=True, num_layers=4)
+  assert tied.num_param_layers == 1 and tied.layer_schedule == (0, 0, 0, 0)
+  looped = _config(param_layers=(0, 1, 1, 1), num_layers=4)
+  assert looped.num_param_layers == 2
+  model = kcg.Transformer(looped, rngs=nnx.Rngs(0))
+  assert model.blocks.query[...].shape[0] == 2
+  with pytest.raises(ValueError, match="param_layers"):
+    _config(param_layers=(0, 2), num_layers=2)
+  with pytest.raises(ValueError, match="not both"):
+    _config(param_layers=(0, 0), num_layers=2, tied_layers=True)
+
+
+@pytest.mark.parametrize("field,value", [("num_layers", 0), ("width", -1), ("attention", "cosine"),
+                                         ("norm", "batchnorm"), ("mask", "full"),
+                                         ("mlp_hidden", -2), ("activation", "tanh")])
+def test_bad_configs(field, value):
+  with pytest.raises(ValueError, match=field):
+    _config(**{field: value})
+
+
+def test_bad_tokens():
+  model = kcg.Transformer(_config(), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="tokens"):
+    model(_tokens(dim=4))
