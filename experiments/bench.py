@@ -440,24 +440,24 @@ def run_attention(config) -> list[dict]:
         tokens = jnp.asarray(rng.standard_normal((config.attention_batch, num_tokens, 8)),
                              jnp.float32)
         times = {}
-        for impl in ("quadratic", "associative", "auto"):
+        for impl in ("quadratic", "associative"):
           model = _attention_model(mask, impl, config.attention_heads, dim, num_tokens)
           graphdef, state = nnx.split(model)
 
           def forward(state, tokens, graphdef=graphdef):
             return nnx.merge(graphdef, state)(tokens, num_prefix=num_tokens - 1).outputs
-          timing, _ = time_call(jax.jit(forward), (state, tokens), max(5, config.repeats), 2.0)
+          timing, _ = time_call(jax.jit(forward), (state, tokens), max(5, config.repeats),
+                                config.seconds_per_method / 4)
           times[impl] = timing.best_s
         resolved = model_lib._resolved_linear_impl("auto", mask, num_tokens)
         row = {"mask": mask, "dim": dim, "num_tokens": num_tokens, "batch": config.attention_batch,
                "heads": config.attention_heads, "quadratic_s": times["quadratic"],
-               "associative_s": times["associative"], "auto_s": times["auto"],
-               "auto_picks": resolved,
+               "associative_s": times["associative"], "auto_picks": resolved,
                "faster": "associative" if times["associative"] < times["quadratic"] else "quadratic"}
         rows.append(row)
         print(f"[attention] {mask:6s} dk=dv={dim:3d} T={num_tokens:5d}: quadratic "
               f"{times['quadratic'] * 1e3:8.2f} ms, associative {times['associative'] * 1e3:8.2f} ms,"
-              f" auto ({resolved}) {times['auto'] * 1e3:8.2f} ms")
+              f" auto picks {resolved}")
   return rows
 
 
@@ -466,7 +466,7 @@ def run_ablation(config) -> list[dict]:
   point = Point(*parse_point(config.ablation_point))
   rows = []
   rng = np.random.default_rng(config.seed)
-  for name in COMPILED:
+  for name in config.ablation_constructions:
     base = compiled_model(name, point, config.ridge).config
     p = point.feature_dim
     num_tokens = point.num_support + 1 + config.num_query
@@ -474,15 +474,22 @@ def run_ablation(config) -> list[dict]:
     r = functools.partial(dataclasses.replace, base)
     wide_heads = 2 if name == "compiled_dual_prefix" else 1
     variants = {
-        "as compiled": base,
-        "MLP only for the linear units (16)": r(mlp_hidden=16),
-        "no MLP": r(mlp_hidden=0),
-        f"{wide_heads} unpadded wide heads (dk=p) instead of {base.num_heads}": r(
-            num_heads=wide_heads),
-        f"one phi channel (width {base.width} -> {base.width - p})": r(width=base.width - p),
-        "all three": r(mlp_hidden=16, num_heads=wide_heads, width=base.width - p),
-        "quadratic attention": r(linear_attention_impl="quadratic"),
+        "compiled": ("as compiled", base),
+        "mlp16": ("MLP only for the linear units (16)", r(mlp_hidden=16)),
+        "no_mlp": ("no MLP", r(mlp_hidden=0)),
+        "wide_heads": (f"{wide_heads} unpadded wide heads (dk=p) instead of {base.num_heads}",
+                       r(num_heads=wide_heads)),
+        "one_phi": (f"one phi channel (width {base.width} -> {base.width - p})",
+                    r(width=base.width - p)),
+        "all_three": ("MLP 16 + wide heads only + one phi channel",
+                      r(mlp_hidden=16, num_heads=wide_heads, width=base.width - p)),
+        "quadratic": ("quadratic attention", r(linear_attention_impl="quadratic")),
     }
+    unknown = set(config.ablation_variants) - set(variants)
+    if unknown:
+      raise ValueError(f"Unknown ablation variants {sorted(unknown)}; known: {sorted(variants)}.")
+    variants = {variants[key][0]: variants[key][1]
+                for key in ["compiled"] + [v for v in config.ablation_variants if v != "compiled"]}
     tokens = jnp.asarray(rng.standard_normal((point.batch, num_tokens, base.token_dim)),
                          jnp.float32)
     reference = None
@@ -529,27 +536,32 @@ def run_train(config) -> list[dict]:
         precision="default", param_dtype=jnp.float32)
     model = model_lib.Transformer(model_config, rngs=nnx.Rngs(config.seed))
     optimizer = nnx.Optimizer(model, optax.adamw(tc.learning_rate), wrt=nnx.Param)
+    params = sum(a.size for a in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    graphdef, state = nnx.split((model, optimizer))
     tokens = tokens32.astype(compute_dtype)
 
-    @nnx.jit
-    def train_step(model, optimizer, tokens, targets):
+    @functools.partial(jax.jit, donate_argnums=0)
+    def train_step(state, tokens, targets, graphdef=graphdef):
+      model, optimizer = nnx.merge(graphdef, state)
+
       def loss_fn(model):
         outputs = model(tokens).outputs  # computed in the tokens' dtype; float32 master params
         predictions = outputs[:, 0::2, 0].astype(jnp.float32)
         return jnp.mean(jnp.square(predictions - targets))
       loss, grads = nnx.value_and_grad(loss_fn)(model)
       optimizer.update(model, grads)
-      return loss
+      return nnx.state((model, optimizer)), loss
 
     start = time.perf_counter()
-    losses = [float(train_step(model, optimizer, tokens, targets))]
+    state, loss = train_step(state, tokens, targets)
+    losses = [float(loss)]
     first = time.perf_counter() - start
     times = []
     for _ in range(tc.steps):
       start = time.perf_counter()
-      losses.append(float(jax.block_until_ready(train_step(model, optimizer, tokens, targets))))
+      state, loss = jax.block_until_ready(train_step(state, tokens, targets))
       times.append(time.perf_counter() - start)
-    params = sum(a.size for a in jax.tree.leaves(nnx.state(model, nnx.Param)))
+      losses.append(float(loss))
     row = {"compute_dtype": compute, "param_dtype": "float32", "layers": tc.num_layers,
            "width": tc.width, "heads": tc.num_heads, "mlp_hidden": tc.mlp_hidden,
            "tokens": 2 * tc.num_points, "batch": tc.batch_size, "params": int(params),
@@ -614,12 +626,25 @@ def format_compiled_costs(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def _sweep_per_prompt(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
+  """method -> [(k, seconds per prompt)] over the sweep, one entry per k (largest timed batch)."""
+  best = {}
+  for r in rows:
+    if r["kind"] != "sweep":
+      continue
+    key = (r["method"], r["num_support"])
+    if key not in best or r["timed_batch"] > best[key]["timed_batch"]:
+      best[key] = r
+  curves = {}
+  for (method, k), r in best.items():
+    curves.setdefault(method, []).append((k, r["seconds"] / r["timed_batch"]))
+  return {m: sorted(v) for m, v in curves.items()}
+
+
 def linearity(rows: list[dict]) -> dict[str, float]:
-  """Slope of log(time) against log(k) over the sweep's two largest k, per method."""
+  """Slope of log(time per prompt) against log(k) over the sweep's two largest k, per method."""
   slopes = {}
-  sweep = [r for r in rows if r["kind"] == "sweep" and r["timed_batch"] == r["batch"]]
-  for method in sorted({r["method"] for r in sweep}):
-    pts = sorted((r["num_support"], r["seconds"]) for r in sweep if r["method"] == method)
+  for method, pts in _sweep_per_prompt(rows).items():
     if len(pts) >= 2:
       (k0, t0), (k1, t1) = pts[-2], pts[-1]
       slopes[method] = math.log(t1 / t0) / math.log(k1 / k0)
@@ -630,23 +655,23 @@ def plot_time_vs_k(path: str, rows: list[dict]) -> None:
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
 
-  sweep = [r for r in rows if r["kind"] == "sweep" and r["timed_batch"] == r["batch"]]
+  curves = _sweep_per_prompt(rows)
   figure = Figure(figsize=(6.4, 4.6))
   FigureCanvasAgg(figure)
   axes = figure.add_subplot()
-  for method in dict.fromkeys(r["method"] for r in sweep):
-    pts = sorted((r["num_support"], r["seconds"]) for r in sweep if r["method"] == method)
+  for method, pts in curves.items():
     ks, ts = zip(*pts)
-    axes.loglog(ks, ts, marker="o", label=method)
+    axes.loglog(ks, np.asarray(ts) * 1e3, marker="o", label=method)
+  sweep = [r for r in rows if r["kind"] == "sweep"]
   if sweep:
     ks = np.asarray(sorted({r["num_support"] for r in sweep}), np.float64)
-    t_ref = max(r["seconds"] for r in sweep if r["num_support"] == ks[0])
+    t_ref = max(pts[0][1] for pts in curves.values()) * 1e3
     axes.loglog(ks, t_ref * ks / ks[0], "k--", alpha=0.4, label="slope 1 (linear in k)")
     first = sweep[0]
-    axes.set_title(f"time vs k at B={first['batch']}, p={first['feature_dim']}, "
-                   f"t={first['num_steps']} ({jax.default_backend()})", fontsize=9)
+    axes.set_title(f"time per prompt vs k (p={first['feature_dim']}, t={first['num_steps']}, "
+                   f"B={first['batch']} or less; {jax.default_backend()})", fontsize=9)
   axes.set_xlabel("supports k")
-  axes.set_ylabel("seconds per call")
+  axes.set_ylabel("ms per prompt")
   axes.grid(True, which="both", alpha=0.3)
   axes.legend(fontsize=7)
   figure.tight_layout()

@@ -2,7 +2,8 @@
 
 Public API (implementation lives in `kcg._src`):
 
-* `kcg.compile_cg(k, p, t, ridge, ...)` -> a `CompiledCG` with `.model`, `.params`, `.predict`.
+* `kcg.compile_cg(k, p, t, ridge, ...)` -> a `CompiledCG` with `.model`, `.params`, `.predict`;
+  `kcg.compile_chebyshev(k, p, t, ridge, eig_bounds=(lo, hi))` the division-free solver.
 * `kcg.Transformer`, `kcg.ModelConfig`: the one model class, compiled or trained.
 * `kcg.prompt`: prompt encoding (`make_layout`, `encode`, `query_outputs`).
 * `kcg.solvers`, `kcg.bounds`, `kcg.kernels`, `kcg.problems`: reference numerics.
@@ -20,6 +21,7 @@ from kcg._src.compiler import CompiledCG
 from kcg._src.compiler import CompiledState
 from kcg._src.compiler import Dimensions
 from kcg._src.compiler import compile_cg
+from kcg._src.compiler import compile_chebyshev
 from kcg._src.compiler import dimensions
 from kcg._src.model import ForwardOutput
 from kcg._src.model import ModelConfig
@@ -29,6 +31,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CompiledCG", "CompiledState", "Dimensions", "ForwardOutput", "ModelConfig", "Transformer",
-    "bounds", "compile_cg", "dimensions", "features", "kernels", "problems", "prompt", "solvers",
+    "bounds", "compile_cg", "compile_chebyshev", "dimensions", "features", "kernels", "problems", "prompt", "solvers",
     "tasks",
 ]

@@ -53,8 +53,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.sweep_supports = (64, 256, 1024, 4096)
   # The targets, as "BxKxPxT".
   config.targets = ("256x1024x64x16", "64x4096x128x16")
-  # FLOP per timed call of a compiled forward before its batch is scaled down (~20 s here).
-  config.compiled_flop_budget = 2e12
+  # FLOP per timed call of a compiled forward before its batch is scaled down (~10 s here).
+  config.compiled_flop_budget = 1e12
   # Bytes of K [B, k, k] (times 3: K, its factor, workspace) before kernel methods are scaled down.
   config.kernel_memory_budget_gb = 6.0
   # Compile time of the compiled forwards for deep t, at (B, k, p).
@@ -67,6 +67,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.attention_tokens = (32, 64, 128, 256, 512, 1024, 2048)
   # Ablation point (t small: every CG step has the same layers, so fractions do not depend on t).
   config.ablation_point = "2x1024x64x4"
+  config.ablation_constructions = ("compiled_dual_prefix", "compiled_primal_causal")
+  config.ablation_variants = ("compiled", "mlp16", "no_mlp", "wide_heads", "one_phi", "all_three",
+                              "quadratic")
   # GPT-style training step (experiments/configs/gpt_icl.py): interleaved tokens, T = 2 x points.
   config.train = ml_collections.ConfigDict()
   config.train.num_layers = 12
@@ -89,16 +92,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.sweep_features = 4
     config.sweep_steps = 2
     config.sweep_supports = (8, 16)
-    config.targets = ("3x8x4x2",)
-    config.compiled_flop_budget = 1e6  # small enough that the targets exercise batch scaling
-    config.kernel_memory_budget_gb = 1e-6
-    config.compile_steps = (1, 2)
+    config.targets = ()
+    config.compile_steps = (2,)
     config.compile_point = "1x4x2"
     config.attention_batch = 2
     config.attention_heads = 2
     config.attention_dims = (4,)
-    config.attention_tokens = (8, 20)
+    config.attention_tokens = (20,)
     config.ablation_point = "2x8x4x1"
+    config.ablation_constructions = ("compiled_dual_prefix",)
+    config.ablation_variants = ("compiled", "all_three")
     config.train.num_layers = 2
     config.train.width = 16
     config.train.num_heads = 2
@@ -108,6 +111,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.num_points = 5
     config.train.batch_size = 4
     config.train.steps = 2
+    config.train.compute_dtypes = ("float32",)
     config.probe_matmul = 64
     config.probe_megabytes = 1
   elif arg not in (None, ""):

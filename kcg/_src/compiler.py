@@ -175,32 +175,39 @@ class CompiledCG:
   """
 
   def __init__(self, *, num_support, feature_dim, num_steps, ridge, mask, form, state_placement,
-               dtype):
+               dtype, algorithm="cg", eig_bounds=None):
     self.num_support = num_support
     self.feature_dim = feature_dim
     self.num_steps = num_steps
     self.ridge = ridge
     self.mask = mask
     self.form = form
+    self.algorithm = algorithm
+    self.eig_bounds = eig_bounds
     self.dtype = jnp.dtype(dtype)
     placement = _resolve_placement(form, mask, state_placement)
     self.state_placement = placement
     # One program for every dtype: only the reciprocal's table differs, never the architecture.
-    self.program = build_program(num_support, feature_dim, num_steps, ridge, mask=mask, form=form,
-                                 state_placement=placement)
+    self.program = self._build(None)
     self.prompt_layout = prompt_lib.make_layout(num_support, 1, feature_dim,
                                                 positional=_uses_position(self.program))
     self.config = model_config(self.program, self.prompt_layout, mask, self.dtype)
     self.model = self._model_for(self.dtype)
     self.params = nnx.state(self.model, nnx.Param)
 
+  def _build(self, spec) -> programs.Program:
+    if self.algorithm == "chebyshev":
+      return build_chebyshev_program(self.num_support, self.feature_dim, self.num_steps,
+                                     self.ridge, self.eig_bounds, mask=self.mask, form=self.form,
+                                     state_placement=self.state_placement)
+    return build_program(self.num_support, self.feature_dim, self.num_steps, self.ridge,
+                         mask=self.mask, form=self.form, state_placement=self.state_placement,
+                         reciprocal_spec=spec)
+
   @functools.lru_cache(maxsize=4)
   def _model_for(self, dtype) -> model_lib.Transformer:
     dtype = jnp.dtype(dtype)
-    spec = recip.default_spec(dtype)
-    program = build_program(self.num_support, self.feature_dim, self.num_steps, self.ridge,
-                            mask=self.mask, form=self.form, state_placement=self.state_placement,
-                            reciprocal_spec=spec)
+    program = self._build(recip.default_spec(dtype))
     arrays = lower(program, self.prompt_layout, self.config)
     return assemble(self.config, arrays, dtype)
 
@@ -264,9 +271,15 @@ class CompiledCG:
         values = at_step_ends[:, :, agg, cols]  # [t+1, B, n]
       return jnp.moveaxis(values, 0, 1)
 
-    gamma = read("gamma")[:, 1:, 0]
-    beta = read("beta")[:, 1:, 0]
-    return CompiledState(read("alpha"), read("r"), read("p"), gamma, beta)
+    alpha = read("alpha")
+    scalars = []
+    for name in ("gamma", "beta"):
+      if isinstance(self.program.state[name], tuple):  # baked into the weights (Chebyshev)
+        constants = jnp.asarray(self.program.state[name], alpha.dtype)
+        scalars.append(jnp.broadcast_to(constants[None, :], (alpha.shape[0], len(constants))))
+      else:
+        scalars.append(read(name)[:, 1:, 0])
+    return CompiledState(alpha, read("r"), read("p"), *scalars)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 4))
@@ -278,6 +291,47 @@ def _apply(graphdef, state, tokens, num_prefix, return_residuals, head_mask, lay
 
 def _uses_position(program) -> bool:
   return any(name == "position" for name, _ in program.layout.channels)
+
+
+def build_chebyshev_program(num_support, feature_dim, num_steps, ridge, eig_bounds, *,
+                            mask="causal", form="dual", state_placement="auto") -> programs.Program:
+  """Stage 1 for Chebyshev semi-iteration: coefficients baked into per-layer weights."""
+  low, high = (float(b) for b in eig_bounds)
+  placement = _resolve_placement(form, mask, state_placement)
+  if form == "primal":
+    return programs.chebyshev_aggregator_primal(feature_dim, num_steps, ridge, low, high)
+  if placement == "support":
+    return programs.chebyshev_support_state(feature_dim, num_steps, ridge, low, high)
+  return programs.chebyshev_aggregator_dual(num_support, feature_dim, num_steps, ridge, low, high)
+
+
+def compile_chebyshev(num_support: int, feature_dim: int, num_steps: int, ridge: float, *,
+                      eig_bounds, mask: str = "causal", form: str = "dual",
+                      features: str = "identity", state_placement: str = "auto",
+                      input_dim: int | None = None, dtype=None) -> CompiledCG:
+  """Compiles t steps of Chebyshev semi-iteration for KRR, given eig(A) in eig_bounds = (lo, hi).
+
+  A = K + ridge I (dual) or Phi^T Phi + ridge I (primal). The step sizes depend only on (lo, hi),
+  so they are weights of each layer: no reductions, no division, one layer per step (two for the
+  dual form under the causal mask). Worst-case rate 2 ((sqrt(kappa)-1)/(sqrt(kappa)+1))^t with
+  kappa = hi/lo, CG's bound; unlike CG it needs the bounds and does not adapt to the spectrum.
+  Arguments and result as in `compile_cg`.
+  """
+  num_support, feature_dim, num_steps, ridge = _validate(
+      num_support, feature_dim, num_steps, ridge, mask, form, "linear", features, state_placement,
+      input_dim)
+  try:
+    low, high = (float(b) for b in eig_bounds)
+  except (TypeError, ValueError):
+    raise ValueError(f"eig_bounds must be a pair (low, high), got {eig_bounds!r}.") from None
+  if not (0 < low <= high and math.isfinite(high)):
+    raise ValueError(f"eig_bounds must satisfy 0 < low <= high < inf, got {eig_bounds!r}; the "
+                     "spectrum of K + ridge I lies in [ridge, ridge + ||Phi||_2^2].")
+  if dtype is None:
+    dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
+  return CompiledCG(num_support=num_support, feature_dim=feature_dim, num_steps=num_steps,
+                    ridge=ridge, mask=mask, form=form, state_placement=state_placement,
+                    dtype=dtype, algorithm="chebyshev", eig_bounds=(low, high))
 
 
 def dimensions(num_support: int, feature_dim: int, num_steps: int, *, mask: str = "causal",

@@ -363,3 +363,138 @@ def aggregator_primal(feature_dim: int, num_steps: int, ridge: float,
            "p": StateLocation("p", "aggregator"), "gamma": StateLocation("gamma", "aggregator"),
            "beta": StateLocation("beta", "aggregator")}
   return _finish("aggregator_primal", layout, embedding, init, step, num_steps, state, spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chebyshev semi-iteration: the same CG-form recurrence, alpha += gamma_s p; r -= gamma_s A p;
+# p = r + beta_s p, but gamma_s and beta_s depend only on the spectral bounds (lo, hi). They are
+# baked into each layer's weights, so a step needs no reduction and no division: one mat-vec and
+# one layer of exact linear ReLU units (x = relu(x) - relu(-x)).
+
+
+def chebyshev_coefficients(low: float, high: float, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
+  """(gamma_s, beta_s), s = 0..t-1, of Chebyshev semi-iteration for eig(A) in [low, high].
+
+  theta = (hi + lo)/2, delta = (hi - lo)/2, gamma_0 = 1/theta, beta_0 = (delta/theta)^2/2,
+  beta_s = (delta gamma_s / 2)^2, gamma_{s+1} = 1/(theta - beta_s/gamma_s) (Saad 2003, Alg. 12.1
+  in CG form; the residual polynomial is T_t((theta - lam)/delta) / T_t(theta/delta)).
+  """
+  if not (0 < low <= high) or not np.isfinite(high):
+    raise ValueError(f"eig_bounds must satisfy 0 < low <= high < inf, got ({low}, {high}).")
+  theta, delta = (high + low) / 2, (high - low) / 2
+  gammas, betas = [], []
+  gamma, first = 1.0 / theta, 2.0
+  for _ in range(num_steps):
+    beta = first * (delta * gamma / 2) ** 2
+    gammas.append(gamma)
+    betas.append(beta)
+    gamma, first = 1.0 / (theta - beta / gamma), 1.0
+  return np.asarray(gammas), np.asarray(betas)
+
+
+def _chebyshev_updates(layout, gamma, beta, ridge, matvec: str, query_matvec: str | None):
+  """Linear units: alpha += g p; r -= g (Av); p <- r_new + b p (Av = matvec + ridge p)."""
+  units = [
+      linear_units(layout, "p", [("alpha", gamma), ("r", -gamma * ridge),
+                                 ("p", beta - gamma * ridge - 1.0)], "from p"),
+      linear_units(layout, matvec, [("r", -gamma), ("p", -gamma), (matvec, -1.0)], f"from {matvec}"),
+      linear_units(layout, "r", [("p", 1.0)], "from r"),
+  ]
+  if query_matvec is not None:
+    units.append(linear_units(layout, query_matvec, [("f", gamma), (query_matvec, -1.0)],
+                              f"f += gamma {query_matvec}"))
+  return tuple(units)
+
+
+def chebyshev_support_state(feature_dim: int, num_steps: int, ridge: float, low: float,
+                            high: float) -> Program:
+  """Chebyshev with alpha_i, r_i, p_i in support token i (prefix mask): one layer per step."""
+  p = feature_dim
+  layout = ResidualLayout(
+      channels=tuple([("phi_support", p), ("phi_query", p), ("y", 1), ("alpha", 1), ("r", 1),
+                      ("p", 1), ("Kp", 1), ("kq_p", 1), ("f", 1)] + _flag_channels()),
+      holders=_holders([("phi_support", "supports"), ("phi_query", "queries"), ("y", "supports"),
+                        ("alpha", "supports"), ("r", "supports"), ("p", "supports"),
+                        ("Kp", "supports"), ("kq_p", "queries"), ("f", "queries")]))
+  embedding = [("x_support", "phi_support", 1.0), ("x_query", "phi_query", 1.0), ("y", "y", 1.0),
+               ("y", "r", 1.0), ("y", "p", 1.0)] + _flag_embedding()
+  gammas, betas = chebyshev_coefficients(low, high, num_steps)
+  blocks = []
+  for s, (g, b) in enumerate(zip(gammas, betas)):
+    blocks.append(Block(f"chebyshev[{s}] mat-vec and update", heads=(
+        Head((("phi_support", 1.0),), (("phi_support", 1.0),), (("p", 1.0),), (("Kp", 1.0),),
+             "(Kp)_i = sum_j (phi_i . phi_j) p_j"),
+        Head((("phi_query", 1.0),), (("phi_support", 1.0),), (("p", 1.0),), (("kq_p", 1.0),),
+             "k(x_q) . p"),
+    ), units=_chebyshev_updates(layout, g, b, ridge, "Kp", "kq_p")))
+  return _per_step_program("chebyshev_support_state", layout, embedding, [], blocks, 1,
+                           gammas, betas)
+
+
+def chebyshev_aggregator_primal(feature_dim: int, num_steps: int, ridge: float, low: float,
+                                high: float) -> Program:
+  """Chebyshev on (Phi^T Phi + ridge I) w = Phi^T y in the aggregator (any mask): one layer/step."""
+  p = feature_dim
+  layout = ResidualLayout(
+      channels=tuple([("phi_support", p), ("phi_query", p), ("y", 1), ("alpha", p), ("r", p),
+                      ("p", p), ("Ap", p), ("f", 1)] + _flag_channels()),
+      holders=_holders([("phi_support", "supports"), ("phi_query", "queries"), ("y", "supports"),
+                        ("f", "queries")] + [(n, "aggregator") for n in ("alpha", "r", "p", "Ap")]))
+  embedding = [("x_support", "phi_support", 1.0), ("x_query", "phi_query", 1.0),
+               ("y", "y", 1.0)] + _flag_embedding()
+  init = [Block("init: r = p = Phi^T y", heads=(
+      Head(((AGG, 1.0),), (("y", 1.0),), (("phi_support", 1.0),), (("r", 1.0), ("p", 1.0)),
+           "r = p = sum_j y_j phi_j"),))]
+  gammas, betas = chebyshev_coefficients(low, high, num_steps)
+  blocks = []
+  for s, (g, b) in enumerate(zip(gammas, betas)):
+    blocks.append(Block(f"primal-chebyshev[{s}] mat-vec and update", heads=(
+        Head((("p", 1.0),), (("phi_support", 1.0),), (("phi_support", 1.0),), (("Ap", 1.0),),
+             "sum_j phi_j (phi_j . p)"),
+        Head((("phi_query", 1.0),), (("p", 1.0),), ((AGG, 1.0),), (("f", g),), "f += gamma phi(x).p"),
+    ), units=_chebyshev_updates(layout, g, b, ridge, "Ap", None)))
+  return _per_step_program("chebyshev_aggregator_primal", layout, embedding, init, blocks, 1,
+                           gammas, betas)
+
+
+def chebyshev_aggregator_dual(num_support: int, feature_dim: int, num_steps: int, ridge: float,
+                              low: float, high: float) -> Program:
+  """Chebyshev on (K + ridge I) alpha = y in the aggregator (any mask): two layers per step."""
+  k, p = num_support, feature_dim
+  layout = ResidualLayout(
+      channels=tuple([("phi_support", p), ("phi_query", p), ("y", 1), ("position", k),
+                      ("alpha", k), ("r", k), ("p", k), ("Kp", k), ("u", p), ("f", 1)]
+                     + _flag_channels()),
+      holders=_holders([("phi_support", "supports"), ("phi_query", "queries"), ("y", "supports"),
+                        ("position", "supports (one-hot)"), ("f", "queries")]
+                       + [(n, "aggregator") for n in ("alpha", "r", "p", "Kp", "u")]))
+  embedding = [("x_support", "phi_support", 1.0), ("x_query", "phi_query", 1.0), ("y", "y", 1.0),
+               ("position", "position", 1.0)] + _flag_embedding()
+  init = [Block("init: r = p = y", heads=(
+      Head(((AGG, 1.0),), (("y", 1.0),), (("position", 1.0),), (("r", 1.0), ("p", 1.0)),
+           "r = p = sum_j y_j e_j"),))]
+  gammas, betas = chebyshev_coefficients(low, high, num_steps)
+  blocks = []
+  for s, (g, b) in enumerate(zip(gammas, betas)):
+    blocks.append(Block(f"chebyshev[{s}] u = Phi^T p", heads=(
+        Head((("p", 1.0),), (("position", 1.0),), (("phi_support", 1.0),), (("u", 1.0),),
+             "u = sum_j p_j phi_j"),)))
+    blocks.append(Block(f"chebyshev[{s}] Kp = Phi u and update", heads=(
+        Head((("u", 1.0),), (("phi_support", 1.0),), (("position", 1.0),), (("Kp", 1.0),),
+             "Kp = sum_j (u . phi_j) e_j"),
+        Head((("phi_query", 1.0),), (("u", 1.0),), ((AGG, 1.0),), (("f", g),), "f += gamma phi(x).u"),
+        _at_aggregator("u", [("u", -1.0)], "clear u"),
+    ), units=_chebyshev_updates(layout, g, b, ridge, "Kp", None)))
+  return _per_step_program("chebyshev_aggregator_dual", layout, embedding, init, blocks, 2,
+                           gammas, betas)
+
+
+def _per_step_program(name, layout, embedding, init, step_blocks, per_step, gammas, betas):
+  blocks = list(init) + list(step_blocks)
+  step_ends = tuple(len(init) + per_step * t for t in range(len(gammas) + 1))
+  state = {"alpha": StateLocation("alpha", "support" if name.endswith("support_state") else "aggregator"),
+           "r": StateLocation("r", "support" if name.endswith("support_state") else "aggregator"),
+           "p": StateLocation("p", "support" if name.endswith("support_state") else "aggregator"),
+           "gamma": tuple(float(g) for g in gammas), "beta": tuple(float(b) for b in betas)}
+  return Program(name, layout, tuple(embedding), tuple(blocks), tuple(range(len(blocks))), "f",
+                 step_ends, state, None)

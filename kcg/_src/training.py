@@ -272,8 +272,8 @@ class TrainConfig:
     eval_supports: support counts of the error-vs-supports curve (empty: a default grid up to k).
     eval_baselines: names from `kcg.baselines.default_suite` to compare with (empty: all but kNN
       in the curve, all in the tables).
-    final_eval: with a workdir, evaluate against the baselines at the end and write eval.json and
-      the PNG curves.
+    final_eval: evaluate on held-out prompts at the end; with a workdir also against the baselines,
+      writing eval.json and the PNG curves.
   """
 
   model: ModelSpec = dataclasses.field(default_factory=ModelSpec)
@@ -699,7 +699,7 @@ def train_step_fn(config: TrainConfig, mesh: Mesh) -> Callable:
     # the caller runs jax_numpy_dtype_promotion="strict" (as kcg's tests do).
     with jax.numpy_dtype_promotion("standard"):
       optimizer.update(model, grads)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
     return nnx.state((model, optimizer)), metrics
 
   return jax.jit(step, in_shardings=(replicated(mesh), batch_sharding(mesh)),
@@ -992,9 +992,9 @@ def train(config: TrainConfig, workdir: str | None = None, *, stop_at_step: int 
         interval_start = time.perf_counter()
     final_step = max(end_step, start_step)
     model, optimizer = nnx.merge(graphdef, state)
-    if final_step == config.num_steps and start_step < config.num_steps:
+    if final_step == config.num_steps and start_step < config.num_steps and config.final_eval:
       record(_eval_record(model, config, final_step, evaluate_fn))
-      if workdir is not None and config.final_eval:
+      if workdir is not None:
         metrics_file.close()
         write_final_evaluation(workdir, model, config)
   finally:

@@ -1,0 +1,114 @@
+"""The experiment binary and every config's `runlocal` variant, end to end."""
+
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import kcg
+from kcg import training
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _run_binary(config_arg, workdir, *extra, timeout=300):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  return subprocess.run(
+      [sys.executable, "-m", "experiments.train", f"--config={config_arg}", f"--workdir={workdir}",
+       *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _check_outputs(workdir, config):
+  records = training.load_history(workdir)
+  train_records = [r for r in records if "loss" in r]
+  assert train_records[-1]["step"] == config.num_steps
+  assert all(r["steps_per_sec"] > 0 and np.isfinite(r["loss"]) for r in train_records)
+  for name in ("loss.png", "error_vs_supports.png"):
+    with open(os.path.join(workdir, name), "rb") as f:
+      assert f.read(8) == PNG_MAGIC
+  evaluation = json.load(open(os.path.join(workdir, "eval.json")))
+  assert set(evaluation) >= {"in_distribution", "gd_fit", "error_vs_supports", "ood"}
+  assert set(evaluation["ood"]) == set(config.ood_shifts)
+  return evaluation
+
+
+def test_lsa_linear_runlocal_binary(tmp_path):
+  workdir = str(tmp_path / "lsa")
+  proc = _run_binary("experiments/configs/lsa_linear.py:runlocal", workdir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "steps/s" in proc.stderr and "final: model mse" in proc.stderr
+  config = training.read_config(workdir)
+  assert config.num_steps == 20 and config.model.num_layers == 1
+  _check_outputs(workdir, config)
+  loaded = kcg.training.load_trained(workdir)
+  prompts = training.sample_prompts(jax.random.key(0), config.data, batch_size=2)
+  assert loaded.predict(prompts.x_support, prompts.y_support, prompts.x_query).shape == (2, 4)
+  # Rerunning a finished run resumes at its last step and trains nothing more.
+  again = _run_binary("experiments/configs/lsa_linear.py:runlocal", workdir)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "Resumed from step 20" in again.stderr
+  assert len(training.load_history(workdir)) == len(training.load_history(workdir))
+
+
+def test_binary_rejects_bad_configs(tmp_path):
+  proc = _run_binary("experiments/configs/lsa_linear.py:runlocal", str(tmp_path / "bad"),
+                     "--config.model.num_layers=0")
+  assert proc.returncode != 0 and "depth" in proc.stderr
+  proc = _run_binary("experiments/configs/lsa_linear.py:runlocal", str(tmp_path / "bad2"),
+                     "--config.data.family=quadratic")
+  assert proc.returncode != 0 and "Unknown task family 'quadratic'" in proc.stderr
+
+
+@pytest.mark.parametrize("name,arg", [("linear_deep", "runlocal"),
+                                      ("gpt_icl", "linear,runlocal")])
+def test_config_runlocal_trains_and_evaluates(name, arg, tmp_path):
+  module = importlib.import_module(f"experiments.configs.{name}")
+  config = training.config_from_dict(module.get_config(arg))
+  workdir = str(tmp_path / name)
+  training.train(config, workdir)
+  evaluation = _check_outputs(workdir, config)
+  assert np.isfinite(evaluation["in_distribution"]["mse"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sparse_linear", "relu_network", "decision_tree"])
+def test_gpt_icl_families_runlocal(family, tmp_path):
+  module = importlib.import_module("experiments.configs.gpt_icl")
+  config = training.config_from_dict(module.get_config(f"{family},runlocal"))
+  training.train(config, str(tmp_path / family))
+  _check_outputs(str(tmp_path / family), config)
+
+
+@pytest.mark.slow
+def test_killed_binary_resumes_exactly(tmp_path):
+  """SIGKILL mid-run, rerun, and compare with an uninterrupted run of the same seed: bitwise equal."""
+  args = ["--config.num_steps=400", "--config.checkpoint_every=40", "--config.log_every=40",
+          "--config.final_eval=False"]
+  reference = str(tmp_path / "reference")
+  assert _run_binary("experiments/configs/lsa_linear.py:runlocal", reference, *args).returncode == 0
+  killed = str(tmp_path / "killed")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "experiments.train", "--config=experiments/configs/lsa_linear.py:runlocal",
+       f"--workdir={killed}", *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL)
+  manifests = os.path.join(killed, "checkpoint_manifests")
+  deadline = time.time() + 240
+  while time.time() < deadline and not (os.path.isdir(manifests) and os.listdir(manifests)):
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert _run_binary("experiments/configs/lsa_linear.py:runlocal", killed, *args).returncode == 0
+  a, b = kcg.training.load_trained(reference), kcg.training.load_trained(killed)
+  assert a.step == b.step == 400
+  for x, y in zip(jax.tree.leaves(nnx.state(a.model)), jax.tree.leaves(nnx.state(b.model))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
