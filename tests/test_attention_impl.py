@@ -11,6 +11,7 @@ the worst case of n, and in practice (errors of random sign grow like sqrt(n)) 1
 import dataclasses
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -164,7 +165,7 @@ def _float_intermediate_shapes(fn, *args):
         aval = var.aval
         if hasattr(aval, "shape") and jnp.issubdtype(aval.dtype, jnp.floating):
           shapes.append(aval.shape)
-      for sub in jax.core.jaxprs_in_params(eqn.params):
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
         visit(sub)
 
   visit(jaxpr.jaxpr)

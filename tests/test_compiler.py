@@ -302,3 +302,33 @@ class TestBadInput:
     bad[0, 1] = np.nan
     with pytest.raises(ValueError, match="NaN"):
       compiled.predict(rng.normal(size=(1, 4, 2)), bad, rng.normal(size=(1, 1, 2)))
+
+
+@pytest.mark.parametrize("form,mask", CONSTRUCTIONS)
+def test_random_relu_features_computed_by_the_first_layer(form, mask):
+  """features='random_relu': one ReLU layer computes phi; the rest is CG on phi."""
+  k, m, d, num_steps, ridge = 10, 12, 3, 8, 0.1
+  feature_map = kcg.features.random_relu(m, bias_scale=0.5)
+  params = feature_map.init(jax.random.key(0), d)
+  rng = np.random.default_rng(0)
+  xs, ys, xq = rng.normal(size=(k, d)), rng.normal(size=k), rng.normal(size=(3, d))
+  compiled = kcg.compile_cg(k, m, num_steps, ridge, mask=mask, form=form, features="random_relu",
+                            feature_params=params)
+  got = np.asarray(compiled.predict_steps(xs[None], ys[None], xq[None])[0])
+  phi, phi_q = np.asarray(feature_map.apply(params, xs)), np.asarray(feature_map.apply(params, xq))
+  ref, spread = _rounding_spread(form, phi, ys, phi_q, ridge, num_steps)
+  scale = np.abs(ref).max()
+  assert np.all(np.abs(got - ref).max(-1) <= 1e-10 * scale + 30 * spread)
+  assert compiled.config.num_layers == kcg.dimensions(k, m, num_steps, mask=mask, form=form).num_layers + 1
+
+
+def test_random_relu_features_bad_params():
+  params = kcg.features.random_relu(6).init(jax.random.key(0), 3)
+  with pytest.raises(ValueError, match="feature_params"):
+    kcg.compile_cg(4, 6, 2, 0.1, features="random_relu")
+  with pytest.raises(ValueError, match="feature_dim=5"):
+    kcg.compile_cg(4, 5, 2, 0.1, features="random_relu", feature_params=params)
+  with pytest.raises(ValueError, match="input_dim=4"):
+    kcg.compile_cg(4, 6, 2, 0.1, features="random_relu", feature_params=params, input_dim=4)
+  with pytest.raises(ValueError, match="only used"):
+    kcg.compile_cg(4, 6, 2, 0.1, feature_params=params)

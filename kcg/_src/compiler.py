@@ -33,7 +33,7 @@ from kcg._src import reciprocal as recip
 MASKS = ("causal", "prefix")
 FORMS = ("dual", "primal")
 STATE_PLACEMENTS = ("auto", "support", "aggregator")
-FEATURES = ("identity",)
+FEATURES = ("identity", "random_relu")
 
 
 class Dimensions(NamedTuple):
@@ -63,7 +63,7 @@ class CompiledState(NamedTuple):
 
 
 def _validate(num_support, feature_dim, num_steps, ridge, mask, form, attention, features,
-              state_placement, input_dim):
+              state_placement, input_dim, feature_params=None):
   def positive_int(name, value):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
       raise ValueError(f"{name} must be a positive int, got {value!r}.")
@@ -99,6 +99,19 @@ def _validate(num_support, feature_dim, num_steps, ridge, mask, form, attention,
   if features == "identity" and input_dim is not None and input_dim != feature_dim:
     raise ValueError(f"features='identity' needs input_dim == feature_dim, got input_dim={input_dim} "
                      f"and feature_dim={feature_dim}.")
+  if features == "identity" and feature_params is not None:
+    raise ValueError("feature_params is only used with features='random_relu'.")
+  if features == "random_relu":
+    if feature_params is None:
+      raise ValueError("features='random_relu' needs feature_params=kcg.features.random_relu(m)"
+                       ".init(key, input_dim) (the weights the first layer uses).")
+    weights = np.asarray(feature_params[0])
+    if weights.ndim != 2 or weights.shape[0] != feature_dim:
+      raise ValueError(f"feature_params weights must have shape [feature_dim={feature_dim}, "
+                       f"input_dim], got {weights.shape}.")
+    if input_dim is not None and weights.shape[1] != input_dim:
+      raise ValueError(f"feature_params weights have input dim {weights.shape[1]}, but "
+                       f"input_dim={input_dim}.")
   return int(num_support), int(feature_dim), int(num_steps), ridge
 
 
@@ -175,7 +188,8 @@ class CompiledCG:
   """
 
   def __init__(self, *, num_support, feature_dim, num_steps, ridge, mask, form, state_placement,
-               dtype, algorithm="cg", eig_bounds=None):
+               dtype, algorithm="cg", eig_bounds=None, features="identity",
+               feature_params=None):
     self.num_support = num_support
     self.feature_dim = feature_dim
     self.num_steps = num_steps
@@ -184,12 +198,17 @@ class CompiledCG:
     self.form = form
     self.algorithm = algorithm
     self.eig_bounds = eig_bounds
+    self.features = features
+    self.feature_params = (None if feature_params is None else
+                           tuple(np.asarray(a, np.float64) for a in feature_params))
+    self.input_dim = (feature_dim if self.feature_params is None
+                      else self.feature_params[0].shape[1])
     self.dtype = jnp.dtype(dtype)
     placement = _resolve_placement(form, mask, state_placement)
     self.state_placement = placement
     # One program for every dtype: only the reciprocal's table differs, never the architecture.
     self.program = self._build(None)
-    self.prompt_layout = prompt_lib.make_layout(num_support, 1, feature_dim,
+    self.prompt_layout = prompt_lib.make_layout(num_support, 1, self.input_dim,
                                                 positional=_uses_position(self.program))
     self.config = model_config(self.program, self.prompt_layout, mask, self.dtype)
     self.model = self._model_for(self.dtype)
@@ -197,12 +216,16 @@ class CompiledCG:
 
   def _build(self, spec) -> programs.Program:
     if self.algorithm == "chebyshev":
-      return build_chebyshev_program(self.num_support, self.feature_dim, self.num_steps,
-                                     self.ridge, self.eig_bounds, mask=self.mask, form=self.form,
-                                     state_placement=self.state_placement)
-    return build_program(self.num_support, self.feature_dim, self.num_steps, self.ridge,
-                         mask=self.mask, form=self.form, state_placement=self.state_placement,
-                         reciprocal_spec=spec)
+      program = build_chebyshev_program(self.num_support, self.feature_dim, self.num_steps,
+                                        self.ridge, self.eig_bounds, mask=self.mask,
+                                        form=self.form, state_placement=self.state_placement)
+    else:
+      program = build_program(self.num_support, self.feature_dim, self.num_steps, self.ridge,
+                              mask=self.mask, form=self.form,
+                              state_placement=self.state_placement, reciprocal_spec=spec)
+    if self.features == "random_relu":
+      program = programs.with_random_relu_features(program, *self.feature_params)
+    return program
 
   @functools.lru_cache(maxsize=4)
   def _model_for(self, dtype) -> model_lib.Transformer:
@@ -220,7 +243,7 @@ class CompiledCG:
     x_query = jnp.asarray(x_query)
     num_query = x_query.shape[1] if x_query.ndim == 3 else 0
     if num_query < 1:
-      raise ValueError(f"x_query must have shape [batch, num_query >= 1, {self.feature_dim}], "
+      raise ValueError(f"x_query must have shape [batch, num_query >= 1, {self.input_dim}], "
                        f"got {x_query.shape}.")
     layout = self.prompt_layout._replace(num_query=num_query)
     return prompt_lib.encode(layout, x_support, y_support, x_query), layout
@@ -308,7 +331,7 @@ def build_chebyshev_program(num_support, feature_dim, num_steps, ridge, eig_boun
 def compile_chebyshev(num_support: int, feature_dim: int, num_steps: int, ridge: float, *,
                       eig_bounds, mask: str = "causal", form: str = "dual",
                       features: str = "identity", state_placement: str = "auto",
-                      input_dim: int | None = None, dtype=None) -> CompiledCG:
+                      input_dim: int | None = None, feature_params=None, dtype=None) -> CompiledCG:
   """Compiles t steps of Chebyshev semi-iteration for KRR, given eig(A) in eig_bounds = (lo, hi).
 
   A = K + ridge I (dual) or Phi^T Phi + ridge I (primal). The step sizes depend only on (lo, hi),
@@ -319,7 +342,7 @@ def compile_chebyshev(num_support: int, feature_dim: int, num_steps: int, ridge:
   """
   num_support, feature_dim, num_steps, ridge = _validate(
       num_support, feature_dim, num_steps, ridge, mask, form, "linear", features, state_placement,
-      input_dim)
+      input_dim, feature_params)
   try:
     low, high = (float(b) for b in eig_bounds)
   except (TypeError, ValueError):
@@ -331,7 +354,8 @@ def compile_chebyshev(num_support: int, feature_dim: int, num_steps: int, ridge:
     dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
   return CompiledCG(num_support=num_support, feature_dim=feature_dim, num_steps=num_steps,
                     ridge=ridge, mask=mask, form=form, state_placement=state_placement,
-                    dtype=dtype, algorithm="chebyshev", eig_bounds=(low, high))
+                    dtype=dtype, algorithm="chebyshev", eig_bounds=(low, high), features=features,
+                    feature_params=feature_params)
 
 
 def dimensions(num_support: int, feature_dim: int, num_steps: int, *, mask: str = "causal",
@@ -360,7 +384,7 @@ def dimensions(num_support: int, feature_dim: int, num_steps: int, *, mask: str 
 def compile_cg(num_support: int, feature_dim: int, num_steps: int, ridge: float, *,
                mask: str = "causal", form: str = "dual", attention: str = "linear",
                features: str = "identity", state_placement: str = "auto",
-               input_dim: int | None = None, dtype=None) -> CompiledCG:
+               input_dim: int | None = None, feature_params=None, dtype=None) -> CompiledCG:
   """Compiles t-step CG for kernel ridge regression into a `kcg.Transformer`.
 
   Args:
@@ -372,10 +396,12 @@ def compile_cg(num_support: int, feature_dim: int, num_steps: int, ridge: float,
     form: "dual" (default; CG on (K + ridge I) alpha = y, as in the theorem) or "primal"
       (CG on (Phi^T Phi + ridge I) w = Phi^T y).
     attention: "linear" (unnormalised).
-    features: "identity" (phi(x) = x).
+    features: "identity" (phi(x) = x) or "random_relu" (a first ReLU layer computes
+      phi(x) = relu(W x + b) / sqrt(m), m = feature_dim, from `feature_params`).
     state_placement: "auto" (per-support state for dual + prefix, the aggregator otherwise),
       "support" or "aggregator".
-    input_dim: d, defaults to feature_dim.
+    input_dim: d, defaults to feature_dim (identity) or the feature weights' input size.
+    feature_params: for features="random_relu": `kcg.features.random_relu(m).init(key, d)`.
     dtype: parameter dtype of `.model`; default float64 when x64 is enabled, else float32.
       `predict` computes in the dtype of its inputs whatever this is.
 
@@ -384,9 +410,9 @@ def compile_cg(num_support: int, feature_dim: int, num_steps: int, ridge: float,
   """
   num_support, feature_dim, num_steps, ridge = _validate(
       num_support, feature_dim, num_steps, ridge, mask, form, attention, features,
-      state_placement, input_dim)
+      state_placement, input_dim, feature_params)
   if dtype is None:
     dtype = jax.dtypes.canonicalize_dtype(jnp.float64)  # float64 iff x64 is enabled
   return CompiledCG(num_support=num_support, feature_dim=feature_dim, num_steps=num_steps,
                     ridge=ridge, mask=mask, form=form, state_placement=state_placement,
-                    dtype=dtype)
+                    dtype=dtype, features=features, feature_params=feature_params)

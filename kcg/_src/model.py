@@ -25,7 +25,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 ATTENTION_KINDS = ("linear", "softmax")
-ACTIVATIONS = ("relu", "gelu", "silu")
+ACTIVATIONS = ("relu", "gelu", "silu", "reglu", "geglu", "swiglu")
+GATED_ACTIVATIONS = ("reglu", "geglu", "swiglu")
 NORMS = (None, "layernorm", "rmsnorm")
 MASKS = ("causal", "prefix")
 LINEAR_ATTENTION_IMPLS = ("auto", "quadratic", "associative")
@@ -45,7 +46,8 @@ class ModelConfig:
     value_dim: value dimension per head (defaults to head_dim).
     mlp_hidden: hidden units of the token-wise MLP; 0 means attention-only blocks.
     attention: "linear" (unnormalised) or "softmax".
-    activation: MLP activation.
+    activation: MLP activation; "reglu", "geglu", "swiglu" are gated linear units,
+      act(h W_in + b) * (h W_gate_value), which multiply two linear functions of the token exactly.
     norm: None, "layernorm" or "rmsnorm" (pre-norm, plus a final norm before the readout).
     norm_eps: epsilon of the norm.
     mask: "causal" (token i sees j <= i) or "prefix" (tokens in the prefix see the whole prefix;
@@ -180,7 +182,8 @@ def _normalize(x, scale, bias, kind, eps):
 
 
 def _activation(name):
-  return {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "silu": jax.nn.silu}[name]
+  return {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "silu": jax.nn.silu, "reglu": jax.nn.relu,
+          "geglu": jax.nn.gelu, "swiglu": jax.nn.silu}[name]
 
 
 # Causal chunks: each token costs 2 dk dv (read and update the running state) plus C (dk + dv)
@@ -307,6 +310,8 @@ class Blocks(nnx.Module):
     self.attn_out = nnx.Param(normal(rngs.params(), (lp, h, dv, d), out_std / math.sqrt(h * dv)))
     if m > 0:
       self.mlp_in = nnx.Param(normal(rngs.params(), (lp, d, m), 1 / math.sqrt(d)))
+      if c.activation in GATED_ACTIVATIONS:
+        self.mlp_value = nnx.Param(normal(rngs.params(), (lp, d, m), 1 / math.sqrt(d)))
       self.mlp_out = nnx.Param(normal(rngs.params(), (lp, m, d), out_std / math.sqrt(m)))
       if c.use_bias:
         self.mlp_in_bias = nnx.Param(jnp.zeros((lp, m), dt))
@@ -398,7 +403,10 @@ class Transformer(nnx.Module):
         u = jnp.einsum("btd,dm->btm", x, p["mlp_in"], precision=precision)
         if c.use_bias:
           u = u + p["mlp_in_bias"][None, None, :]
-        u = jnp.einsum("btm,md->btd", act(u), p["mlp_out"], precision=precision)
+        u = act(u)
+        if c.activation in GATED_ACTIVATIONS:
+          u = u * jnp.einsum("btd,dm->btm", x, p["mlp_value"], precision=precision)
+        u = jnp.einsum("btm,md->btd", u, p["mlp_out"], precision=precision)
         if c.use_bias:
           u = u + p["mlp_out_bias"][None, None, :]
         h = h + layer_on * u

@@ -498,3 +498,32 @@ def _per_step_program(name, layout, embedding, init, step_blocks, per_step, gamm
            "gamma": tuple(float(g) for g in gammas), "beta": tuple(float(b) for b in betas)}
   return Program(name, layout, tuple(embedding), tuple(blocks), tuple(range(len(blocks))), "f",
                  step_ends, state, None)
+
+
+def with_random_relu_features(program: Program, weights_MxD: np.ndarray, bias_M: np.ndarray) -> Program:
+  """Prepends one ReLU layer computing phi(x) = relu(W x + b) / sqrt(m) (kcg.features.random_relu).
+
+  The embedding writes raw inputs to `x_support` / `x_query`; the layer's units read them with the
+  token's role flag standing in for the bias, so each token writes only its own phi channel.
+  """
+  weights_MxD = np.asarray(weights_MxD, np.float64)
+  bias_M = np.asarray(bias_M, np.float64)
+  m, d = weights_MxD.shape
+  layout = ResidualLayout(channels=(("x_support", d), ("x_query", d)) + program.layout.channels,
+                          holders=(("x_support", "supports"), ("x_query", "queries"))
+                          + program.layout.holders)
+  routes = {"phi_support": "x_support", "phi_query": "x_query"}
+  embedding = tuple((feature, routes.get(channel, channel) if feature in routes.values() else channel,
+                     coef) for feature, channel, coef in program.embedding)
+  scale = np.eye(m) / np.sqrt(m)
+  features = Block("features: phi(x) = relu(W x + b) / sqrt(m)", units=(
+      ReluUnits((("x_support", weights_MxD.T), ("is_support", bias_M[None, :])),
+                (("phi_support", scale),), "phi(x_support)"),
+      ReluUnits((("x_query", weights_MxD.T), ("is_query", bias_M[None, :])),
+                (("phi_query", scale),), "phi(x_query)"),
+  ))
+  return program._replace(
+      name=program.name + "+random_relu", layout=layout, embedding=embedding,
+      blocks=(features,) + program.blocks,
+      schedule=(0,) + tuple(i + 1 for i in program.schedule),
+      step_ends=tuple(e + 1 for e in program.step_ends))

@@ -61,8 +61,8 @@ class SolverTrace(NamedTuple):
     p: search directions `p_t` (zeros for `gd`, which has none), shape `[..., T + 1, k]`.
     gamma: step length used in step `s` (`alpha_{s+1} = alpha_s + gamma_s p_s`; for `gd` the step
       size, `alpha_{s+1} = alpha_s + gamma_s r_s`), shape `[..., T]`.
-    beta: direction coefficient computed in step `s` (`p_{s+1} = z_{s+1} + beta_s p_s`; zeros for
-      `gd`), shape `[..., T]`.
+    beta: direction coefficient computed in step `s` (`p_{s+1} = z_{s+1} + beta_s p_s` with
+      `z = r` for `cg` and `chebyshev`, `z = M^{-1} r` for `pcg`; zeros for `gd`), shape `[..., T]`.
   """
   alpha: Array
   r: Array
@@ -337,9 +337,8 @@ def cg(A: Any, b: Any, num_steps: int) -> SolverTrace:
   transformer's) agree to O(eps * kappa) only until CG loses orthogonality, typically once a Ritz value
   has converged; from then on they differ by as much as CG moves when `A` is perturbed by one ulp
   (measured up to 2e-2 relative on `kcg.problems.TEST_CASES`, k = 64 and kappa = 1e4, and 1e-1 on
-  other random problems), and all of them reach
-  `A^{-1} b` late (by `t = 3k` on every test case) rather than at `t = k`. Compare late steps by
-  their error, not entry by entry.
+  other random problems), and all of them reach `A^{-1} b` late (by `t = 3k` on every test case)
+  rather than at `t = k`. Compare late steps by their error, not entry by entry.
 
   Args:
     A: symmetric positive definite `[..., k, k]`, or a callable mat-vec `v[k] -> A v` (then every

@@ -1,0 +1,526 @@
+"""Linear probes from a model's residual stream to the CG state, with the controls that make them mean something.
+
+A *subject* is a model seen through its residual stream, compiled or trained, behind one interface
+(`Subject`): `forward(x_support, y_support, x_query, return_residuals=, head_mask=, layer_mask=)` and the
+model's own readout applied to any residual (`readout`, the "logit lens"). Every prompt is encoded as in
+`kcg.prompt`: tokens `[support_1..support_k, aggregator, query_1..query_q]`, so a *site* names tokens:
+`"support"` (the k support tokens, one target entry each), `"aggregator"` (the one aggregator token) or
+`"query"` (the q query tokens).
+
+Probe. For features `h [B, S, D]` (S tokens of the site per prompt) and targets `Y [B, S, M]`, a ridge
+regression `Y ~ Z W + b` on standardised features `Z` is fitted on the prompts of k-1 folds and predicts the
+held-out fold (k-fold cross-validation over prompts, every prompt predicted once while held out):
+
+    W = (Z^T Z + ridge * n I)^{-1} Z^T (Y - mean Y),   n = rows in the training folds.
+
+Scores on the held-out predictions `P`: `cosine` = mean over prompts of `<P_b, Y_b> / (|P_b| |Y_b|)` (the
+`S x M` entries of prompt b as one vector; the proposal's criterion is cosine > 0.9) and `r2` =
+`1 - sum (P - Y)^2 / sum (Y - mean Y)^2` pooled over all held-out entries.
+
+Controls. A high cosine can be trivial: a target with a large common mean or only one or two dimensions
+has high cosine with a constant. So every probe is repeated (a) with targets shuffled across prompts
+(the prompt-specific information is destroyed; what remains is the marginal), and (b) on the residuals of
+a randomly initialised model of the same architecture (`random_init_like`). `ProbeResult.trivial` flags a
+probe whose shuffled control already reaches the cosine threshold.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kcg._src import checks
+from kcg._src import model as model_lib
+from kcg._src import programs
+from kcg._src import prompt as prompt_lib
+from kcg._src import solvers
+
+Array = jax.Array
+
+SITES = ("support", "aggregator", "query")
+QUANTITIES = ("alpha", "r", "p", "w")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Subjects: compiled and trained models behind one interface.
+# ----------------------------------------------------------------------------------------------------
+
+
+class Subject(NamedTuple):
+  """A model seen through its residual stream.
+
+  Attributes:
+    name: a readable name (used in reports).
+    config: its `kcg.ModelConfig`.
+    forward: `(x_support [B,k,d], y_support [B,k], x_query [B,q,d], *, return_residuals=False,
+      head_mask=None, layer_mask=None) -> kcg.ForwardOutput` (residuals `[L+1, B, T, D]`).
+    readout: the model's own final norm and readout applied to residuals `[..., D] -> [...]` (output 0):
+      applied to an intermediate layer this is the "logit lens".
+    layer_names: a name for every layer (`L` entries).
+    input_dim: the input dimension the model was built for (smaller inputs are zero-padded).
+    positional: whether its prompts carry one-hot support positions.
+    program: the compiled `Program` (None for trained models).
+  """
+
+  name: str
+  config: model_lib.ModelConfig
+  forward: Callable[..., model_lib.ForwardOutput]
+  readout: Callable[[Array], Array]
+  layer_names: tuple[str, ...]
+  input_dim: int
+  positional: bool = False
+  program: Any = None
+
+  @property
+  def num_layers(self) -> int:
+    return self.config.num_layers
+
+
+def _readout_fn(model: model_lib.Transformer) -> Callable[[Array], Array]:
+  """Final norm (if any) and readout column 0 of `model`, as a pure function of residuals [..., D]."""
+  c = model.config
+  kernel = model.readout.kernel[...][:, 0]
+  bias = model.readout.bias[...][0] if c.use_bias else None
+  scale = model.final_norm_scale[...] if c.norm is not None else None
+  shift = model.final_norm_bias[...] if c.norm == "layernorm" else None
+
+  def readout(h):
+    dtype = h.dtype
+    cast = lambda a: jnp.asarray(a, dtype)
+    flat = h.reshape((1, -1, h.shape[-1]))
+    if c.norm is not None:
+      flat = model_lib._normalize(flat, cast(scale), None if shift is None else cast(shift), c.norm,
+                                  c.norm_eps)  # pylint: disable=protected-access
+    out = jnp.einsum("btd,d->bt", flat, cast(kernel), precision=checks.HIGHEST)
+    if bias is not None:
+      out = out + cast(bias)
+    return out.reshape(h.shape[:-1])
+
+  return readout
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _apply(graphdef, state, tokens, num_prefix, return_residuals, head_mask, layer_mask):
+  model = nnx.merge(graphdef, state)
+  return model(tokens, num_prefix=num_prefix, return_residuals=return_residuals, head_mask=head_mask,
+               layer_mask=layer_mask)
+
+
+def _pad_inputs(x: Array, input_dim: int, name: str) -> Array:
+  extra = input_dim - x.shape[-1]
+  if extra < 0:
+    raise ValueError(f"{name} has {x.shape[-1]} input dimensions but the model reads input_dim="
+                     f"{input_dim}; pass at most {input_dim}.")
+  return jnp.pad(x, ((0, 0),) * (x.ndim - 1) + ((0, extra),))
+
+
+def subject_from_model(model: model_lib.Transformer, *, input_dim: int, positional: bool = False,
+                       name: str = "model", layer_names: Sequence[str] | None = None) -> Subject:
+  """A `Subject` for any `kcg.Transformer` reading `kcg.prompt` tokens (inputs zero-padded to input_dim)."""
+  if not isinstance(model, model_lib.Transformer):
+    raise ValueError(f"model must be a kcg.Transformer, got {type(model).__name__}.")
+  input_dim = checks.check_positive_int("input_dim", input_dim)
+  graphdef, state = nnx.split(model)
+  config = model.config
+
+  def forward(x_support, y_support, x_query, *, return_residuals=False, head_mask=None,
+              layer_mask=None):
+    dtype = checks.float_dtype(x_support, y_support, x_query)
+    x_support = _pad_inputs(jnp.asarray(x_support, dtype), input_dim, "x_support")
+    x_query = _pad_inputs(jnp.asarray(x_query, dtype), input_dim, "x_query")
+    if x_support.ndim != 3 or x_query.ndim != 3:
+      raise ValueError(f"x_support and x_query must be [B, k, d] and [B, q, d], got "
+                       f"{x_support.shape} and {x_query.shape}.")
+    layout = prompt_lib.make_layout(x_support.shape[1], x_query.shape[1], input_dim,
+                                    positional=positional)
+    tokens = prompt_lib.encode(layout, x_support, jnp.asarray(y_support, dtype), x_query)
+    if tokens.shape[-1] != config.token_dim:
+      raise ValueError(f"the prompt encodes to {tokens.shape[-1]} features per token but the model "
+                       f"reads {config.token_dim}; check input_dim and positional (and, for a "
+                       "positional encoding, the number of supports).")
+    return _apply(graphdef, state, tokens, layout.num_prefix, bool(return_residuals),
+                  _mask_or_none(head_mask, dtype), _mask_or_none(layer_mask, dtype))
+
+  names = tuple(layer_names) if layer_names is not None else tuple(
+      f"layer {l}" for l in range(config.num_layers))
+  if len(names) != config.num_layers:
+    raise ValueError(f"layer_names has {len(names)} entries for {config.num_layers} layers.")
+  return Subject(name, config, forward, _readout_fn(model), names, input_dim, bool(positional))
+
+
+def _mask_or_none(mask, dtype):
+  return None if mask is None else jnp.asarray(mask, dtype)
+
+
+def subject_from_compiled(compiled: Any, name: str | None = None) -> Subject:
+  """A `Subject` for a `kcg.CompiledCG` (its forward, its readout, `programs.layer_names`)."""
+  if not hasattr(compiled, "program") or not hasattr(compiled, "forward"):
+    raise ValueError(f"compiled must be a kcg.CompiledCG, got {type(compiled).__name__}.")
+
+  def forward(x_support, y_support, x_query, *, return_residuals=False, head_mask=None,
+              layer_mask=None):
+    dtype = checks.float_dtype(x_support, y_support, x_query)
+    return compiled.forward(x_support, y_support, x_query, return_residuals=return_residuals,
+                            head_mask=_mask_or_none(head_mask, dtype),
+                            layer_mask=_mask_or_none(layer_mask, dtype))
+
+  default = f"compiled CG t={compiled.num_steps} ({compiled.form}, {compiled.mask})"
+  return Subject(name or default, compiled.config, forward, _readout_fn(compiled.model),
+                 programs.layer_names(compiled.program), compiled.feature_dim,
+                 compiled.prompt_layout.positional, compiled.program)
+
+
+def subject_from_trained(trained: Any, name: str | None = None) -> Subject:
+  """A `Subject` for a `kcg.training.TrainedModel` trained with the "query" encoding."""
+  config = getattr(trained, "config", None)
+  data = getattr(config, "data", None)
+  if data is None or not hasattr(trained, "model"):
+    raise ValueError(f"trained must be a kcg.training.TrainedModel, got {type(trained).__name__}.")
+  if data.encoding != "query":
+    raise ValueError("probes, ablations and layer matching read the 'query' encoding (one token per "
+                     "support, the aggregator, the queries); this model was trained with "
+                     f"encoding={data.encoding!r}.")
+  default = f"trained L={trained.model.config.num_layers} ({trained.model.config.attention})"
+  return subject_from_model(trained.model, input_dim=data.input_dim, name=name or default)
+
+
+def random_init_like(subject: Subject, seed: int = 0) -> Subject:
+  """The control: a freshly initialised `kcg.Transformer` of the same architecture and encoding."""
+  config = subject.config
+  model = model_lib.Transformer(config, rngs=nnx.Rngs(int(seed)))
+  return subject_from_model(model, input_dim=subject.input_dim, positional=subject.positional,
+                            name=f"random init ({subject.name})", layer_names=subject.layer_names)
+
+
+def residuals(subject: Subject, prompts: Any) -> Array:
+  """The residual streams `[L+1, B, T, D]` of `subject` on `prompts` (x_support, y_support, x_query)."""
+  return subject.forward(prompts.x_support, prompts.y_support, prompts.x_query,
+                         return_residuals=True).residuals
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sites and targets.
+# ----------------------------------------------------------------------------------------------------
+
+
+def _check_site(site: str) -> str:
+  if site not in SITES:
+    raise ValueError(f"unknown site {site!r}; choose one of {', '.join(SITES)}.")
+  return site
+
+
+def site_features(residuals_LxBxTxD: Any, site: str, num_support: int) -> Array:
+  """The residuals of a site's tokens, `[L+1, B, S, D]` (S = k supports, 1 aggregator, or q queries)."""
+  site = _check_site(site)
+  num_support = checks.check_positive_int("num_support", num_support)
+  h = jnp.asarray(residuals_LxBxTxD)
+  if h.ndim != 4 or h.shape[2] < num_support + 1:
+    raise ValueError(f"residuals must be [L+1, B, T, D] with T >= num_support + 1 = "
+                     f"{num_support + 1} tokens, got shape {h.shape}.")
+  if site == "support":
+    return h[:, :, :num_support]
+  if site == "aggregator":
+    return h[:, :, num_support:num_support + 1]
+  if h.shape[2] == num_support + 1:
+    raise ValueError("site 'query' needs query tokens; these residuals have none.")
+  return h[:, :, num_support + 1:]
+
+
+def site_targets(values: Any, site: str, num_tokens: int | None = None) -> Array:
+  """Targets laid out per site token, `[B, S, M]`.
+
+  * `"support"`: `values [B, k]` (one entry per support token, e.g. `alpha_t` in the per-support
+    construction) or `[B, k, M]`;
+  * `"aggregator"`: a vector per prompt `[B, n]` -> `[B, 1, n]`;
+  * `"query"`: a vector per prompt `[B, n]`, repeated at each of `num_tokens` query tokens, or per-query
+    values `[B, q]` / `[B, q, M]`.
+  """
+  site = _check_site(site)
+  values = jnp.asarray(values)
+  if values.ndim < 2:
+    raise ValueError(f"targets must have a batch axis and at least one more, got shape {values.shape}.")
+  if site == "support":
+    return values[..., None] if values.ndim == 2 else values
+  if site == "aggregator":
+    if values.ndim != 2:
+      raise ValueError(f"aggregator targets are one vector per prompt, [B, n]; got {values.shape}.")
+    return values[:, None, :]
+  if values.ndim == 3:
+    return values
+  if num_tokens is None:
+    raise ValueError("query targets [B, n] are repeated at every query token: pass num_tokens = q.")
+  return jnp.broadcast_to(values[:, None, :], (values.shape[0], num_tokens, values.shape[1]))
+
+
+class StateTargets(NamedTuple):
+  """The CG state after every step, for probing: each `[B, T+1, n]`.
+
+  alpha, r, p: CG on `(K + ridge I) alpha = y` (n = k; form="dual") or on
+  `(Phi^T Phi + ridge I) w = Phi^T y` (n = p; form="primal", then alpha holds w); w: the primal weights
+  `Phi^T alpha_t` (dual) or the iterate itself (primal), `[B, T+1, p]`.
+  """
+
+  alpha: Array
+  r: Array
+  p: Array
+  w: Array
+
+
+def state_targets(x_support: Any, y_support: Any, ridge: Any, num_steps: int, *, form: str = "dual",
+                  feature_map: Callable | None = None) -> StateTargets:
+  """Reference CG state (kcg.solvers) on `phi(x_support)` (identity if no feature map), every step."""
+  if form not in ("dual", "primal"):
+    raise ValueError(f"unknown form {form!r}; choose 'dual' or 'primal'.")
+  num_steps = checks.check_num_steps(num_steps)
+  checks.check_ridge(ridge)
+  dtype = checks.float_dtype(x_support, y_support)
+  x_support = checks.as_array("x_support", x_support, dtype, min_ndim=3, shape_doc="[B, k, d]")
+  y_support = checks.as_array("y_support", y_support, dtype, min_ndim=2, shape_doc="[B, k]")
+  if y_support.shape != x_support.shape[:-1]:
+    raise ValueError(f"y_support must have shape {x_support.shape[:-1]}, got {y_support.shape}.")
+  phi = x_support if feature_map is None else jnp.asarray(feature_map(x_support), dtype)
+  if form == "primal":
+    trace = solvers.primal_cg(phi, y_support, ridge, num_steps)
+    return StateTargets(trace.alpha, trace.r, trace.p, trace.alpha)
+  gram = jnp.einsum("bkp,bjp->bkj", phi, phi, precision=checks.HIGHEST)
+  a = gram + jnp.asarray(ridge, dtype) * jnp.eye(phi.shape[1], dtype=dtype)[None]
+  trace = solvers.cg(a, y_support, num_steps)
+  w = jnp.einsum("btk,bkp->btp", trace.alpha, phi, precision=checks.HIGHEST)
+  return StateTargets(trace.alpha, trace.r, trace.p, w)
+
+
+def compiled_state_site(compiled: Any, quantity: str) -> str:
+  """Where a compiled construction keeps `quantity` ("alpha", "r", "p"; "w" = alpha for primal)."""
+  if quantity not in QUANTITIES:
+    raise ValueError(f"unknown quantity {quantity!r}; choose one of {', '.join(QUANTITIES)}.")
+  if quantity == "w":
+    return "aggregator"
+  return compiled.program.state[quantity].tokens
+
+
+# ----------------------------------------------------------------------------------------------------
+# The probe.
+# ----------------------------------------------------------------------------------------------------
+
+
+class ProbeScore(NamedTuple):
+  """Held-out scores of one cross-validated probe.
+
+  Attributes:
+    cosine: mean over prompts of the cosine between the held-out prediction and the target.
+    cosine_std: standard deviation of that cosine over prompts.
+    r2: pooled held-out `1 - SSE / SST`.
+    predictions: the held-out predictions `[B, S, M]`.
+  """
+
+  cosine: Array
+  cosine_std: Array
+  r2: Array
+  predictions: Array
+
+
+class ProbeResult(NamedTuple):
+  """A probe and its controls.
+
+  Attributes:
+    score: the probe on the subject's features and the true targets.
+    shuffled: the same probe with targets shuffled across prompts (scored against the shuffled targets).
+    control: the probe on a randomly initialised model's features (None if not given).
+    trivial: the shuffled control reaches `cosine_threshold`, so a cosine above it says nothing.
+    excess_cosine: `score.cosine - max(shuffled.cosine, control.cosine)`.
+  """
+
+  score: ProbeScore
+  shuffled: ProbeScore
+  control: ProbeScore | None
+  trivial: bool
+  excess_cosine: float
+
+
+def _check_probe_arrays(features: Any, targets: Any) -> tuple[Array, Array]:
+  dtype = checks.float_dtype(features, targets)
+  features = jnp.asarray(features, dtype)
+  targets = checks.as_array("targets", targets, dtype)
+  if features.ndim == 2:
+    features = features[:, None, :]
+  if targets.ndim == 2:
+    targets = targets[:, None, :] if features.shape[1] == 1 else targets[..., None]
+  if features.ndim != 3 or targets.ndim != 3:
+    raise ValueError(f"features must be [B, S, D] and targets [B, S, M]; got {features.shape} and "
+                     f"{targets.shape}.")
+  if features.shape[:2] != targets.shape[:2]:
+    raise ValueError(f"features {features.shape} and targets {targets.shape} must agree on [B, S] "
+                     "(prompts and site tokens); lay targets out with site_targets.")
+  return features, targets
+
+
+def _fold_ids(key: Any, num_prompts: int, num_folds: int) -> Array:
+  if num_folds < 2 or num_folds > num_prompts:
+    raise ValueError(f"num_folds must be in [2, number of prompts = {num_prompts}], got {num_folds}.")
+  order = jax.random.permutation(key, num_prompts)
+  return jnp.zeros((num_prompts,), jnp.int32).at[order].set(
+      jnp.arange(num_prompts, dtype=jnp.int32) % num_folds)
+
+
+@functools.partial(jax.jit, static_argnames=("num_folds",))
+def _cross_validated_predictions(features_BxSxD, targets_BxSxM, fold_B, ridge, num_folds):
+  """Held-out predictions [B, S, M] of k-fold ridge probes on standardised features."""
+  b, s, d = features_BxSxD.shape
+  m = targets_BxSxM.shape[-1]
+  dtype = features_BxSxD.dtype
+  x = features_BxSxD.reshape(b * s, d)
+  y = targets_BxSxM.reshape(b * s, m)
+  fold_rows = jnp.repeat(fold_B, s)
+  # Columns that overflowed or are non-finite (a random deep model can blow up) carry no usable signal.
+  finite = jnp.all(jnp.isfinite(x), axis=0)
+  x = jnp.where(finite[None, :], x, jnp.zeros((), dtype))
+  peak = jnp.max(jnp.abs(x), axis=0)
+  x = x / jnp.where(peak > 0, peak, jnp.ones((), dtype))[None, :]
+  eps = jnp.finfo(dtype).eps
+
+  def one_fold(f):
+    train = (fold_rows != f).astype(dtype)
+    n = jnp.sum(train)
+    mean_x = jnp.sum(x * train[:, None], axis=0) / n
+    mean_y = jnp.sum(y * train[:, None], axis=0) / n
+    centred = x - mean_x[None, :]
+    std = jnp.sqrt(jnp.sum(jnp.square(centred) * train[:, None], axis=0) / n)
+    # Columns constant on the training folds (to rounding) are dropped rather than blown up to unit scale.
+    keep = std > 1e3 * eps * jnp.max(std)
+    z = centred * jnp.where(keep, 1 / jnp.where(keep, std, jnp.ones((), dtype)), 0)[None, :]
+    zw = z * train[:, None]
+    gram = jnp.einsum("nd,ne->de", zw, z, precision=checks.HIGHEST)
+    rhs = jnp.einsum("nd,nm->dm", zw, y - mean_y[None, :], precision=checks.HIGHEST)
+    evals, evecs = jnp.linalg.eigh(gram + ridge * n * jnp.eye(d, dtype=dtype))
+    coef = evecs @ ((evecs.T @ rhs) / evals[:, None])
+    return jnp.einsum("nd,dm->nm", z, coef, precision=checks.HIGHEST) + mean_y[None, :]
+
+  per_fold = jax.vmap(one_fold)(jnp.arange(num_folds, dtype=jnp.int32))  # [F, N, M]
+  held_out = jnp.take_along_axis(per_fold, fold_rows[None, :, None], axis=0)[0]
+  return held_out.reshape(b, s, m)
+
+
+@jax.jit
+def _scores(predictions_BxSxM, targets_BxSxM):
+  b = predictions_BxSxM.shape[0]
+  p = predictions_BxSxM.reshape(b, -1)
+  y = targets_BxSxM.reshape(b, -1)
+  dot = jnp.sum(p * y, axis=1)
+  norms = jnp.sqrt(jnp.sum(p * p, axis=1) * jnp.sum(y * y, axis=1))
+  cos = jnp.where(norms > 0, dot / jnp.where(norms > 0, norms, jnp.ones_like(norms)), 0)
+  flat_y = targets_BxSxM.reshape(-1, targets_BxSxM.shape[-1])
+  flat_p = predictions_BxSxM.reshape(-1, targets_BxSxM.shape[-1])
+  sst = jnp.sum(jnp.square(flat_y - jnp.mean(flat_y, axis=0, keepdims=True)))
+  sse = jnp.sum(jnp.square(flat_p - flat_y))
+  r2 = jnp.where(sst > 0, 1 - sse / jnp.where(sst > 0, sst, jnp.ones_like(sst)), jnp.nan)
+  return jnp.mean(cos), jnp.std(cos), r2
+
+
+def cross_validated_probe(features: Any, targets: Any, key: Any, *, num_folds: int = 5,
+                          ridge: float = 1e-6) -> ProbeScore:
+  """k-fold (over prompts) ridge probe from `features [B, S, D]` to `targets [B, S, M]`; see module doc.
+
+  Args:
+    features: residuals of a site, `[B, S, D]` (or `[B, D]` for one token per prompt).
+    targets: `[B, S, M]` (see `site_targets`).
+    key: PRNG key for the fold assignment.
+    num_folds: folds, 2 <= num_folds <= B.
+    ridge: `> 0`, relative to the standardised features (the penalty is `ridge * n |W|^2`).
+  """
+  features, targets = _check_probe_arrays(features, targets)
+  checks.check_ridge(ridge)
+  num_folds = checks.check_positive_int("num_folds", num_folds)
+  folds = _fold_ids(key, features.shape[0], num_folds)
+  predictions = _cross_validated_predictions(features, targets, folds,
+                                             jnp.asarray(ridge, features.dtype), num_folds)
+  cos, cos_std, r2 = _scores(predictions, targets)
+  return ProbeScore(cos, cos_std, r2, predictions)
+
+
+def probe(features: Any, targets: Any, key: Any, *, control_features: Any = None, num_folds: int = 5,
+          ridge: float = 1e-6, cosine_threshold: float = 0.9) -> ProbeResult:
+  """`cross_validated_probe` with its controls (shuffled targets; a random-init model's features).
+
+  The shuffled control permutes the prompts of the targets (features keep their order), so the probe can
+  learn only what all prompts share; `trivial` is True when it still reaches `cosine_threshold`.
+  """
+  features, targets = _check_probe_arrays(features, targets)
+  key_folds, key_shuffle = jax.random.split(key)
+  kwargs = dict(num_folds=num_folds, ridge=ridge)
+  score = cross_validated_probe(features, targets, key_folds, **kwargs)
+  permutation = jax.random.permutation(key_shuffle, targets.shape[0])
+  shuffled = cross_validated_probe(features, targets[permutation], key_folds, **kwargs)
+  control = None
+  if control_features is not None:
+    control_features, _ = _check_probe_arrays(control_features, targets)
+    control = cross_validated_probe(control_features, targets, key_folds, **kwargs)
+  best_control = float(shuffled.cosine) if control is None else max(float(shuffled.cosine),
+                                                                     float(control.cosine))
+  return ProbeResult(score, shuffled, control, bool(float(shuffled.cosine) >= cosine_threshold),
+                     float(score.cosine) - best_control)
+
+
+class LayerProbes(NamedTuple):
+  """A probe at every layer; arrays over layers `[L+1]` (index l = after l blocks)."""
+
+  cosine: np.ndarray
+  r2: np.ndarray
+  shuffled_cosine: np.ndarray
+  shuffled_r2: np.ndarray
+  control_cosine: np.ndarray
+  control_r2: np.ndarray
+  trivial: np.ndarray
+
+
+def probe_layers(features_LxBxSxD: Any, targets: Any, key: Any, *,
+                 control_features_LxBxSxD: Any = None, num_folds: int = 5, ridge: float = 1e-6,
+                 cosine_threshold: float = 0.9) -> LayerProbes:
+  """`probe` at every layer of `[L+1, B, S, D]` features (e.g. `site_features(residuals(...), ...)`).
+
+  The control features (if given) must have the same number of layers. Controls absent give NaN.
+  """
+  features = jnp.asarray(features_LxBxSxD)
+  if features.ndim != 4:
+    raise ValueError(f"features must be [L+1, B, S, D], got shape {features.shape}.")
+  if control_features_LxBxSxD is not None:
+    control = jnp.asarray(control_features_LxBxSxD)
+    if control.shape[0] != features.shape[0]:
+      raise ValueError(f"control features have {control.shape[0]} layers, the subject {features.shape[0]}.")
+  rows = []
+  for layer in range(features.shape[0]):
+    res = probe(features[layer], targets, key,
+                control_features=None if control_features_LxBxSxD is None else control[layer],
+                num_folds=num_folds, ridge=ridge, cosine_threshold=cosine_threshold)
+    ctrl = res.control
+    rows.append((float(res.score.cosine), float(res.score.r2), float(res.shuffled.cosine),
+                 float(res.shuffled.r2), math.nan if ctrl is None else float(ctrl.cosine),
+                 math.nan if ctrl is None else float(ctrl.r2), res.trivial))
+  cols = list(zip(*rows))
+  return LayerProbes(*(np.asarray(c, np.float64) for c in cols[:6]), np.asarray(cols[6], bool))
+
+
+def probe_subject(subject: Subject, prompts: Any, targets_BxN: Any, site: str, key: Any, *,
+                  control: Subject | None = None, num_folds: int = 5, ridge: float = 1e-6,
+                  cosine_threshold: float = 0.9) -> LayerProbes:
+  """Probes every layer of `subject` (and of `control`) at `site` for `targets_BxN` (see `site_targets`)."""
+  num_support = prompts.x_support.shape[1]
+  num_query = prompts.x_query.shape[1]
+  feats = site_features(residuals(subject, prompts), site, num_support)
+  targets = site_targets(targets_BxN, site, num_query)
+  ctrl = None if control is None else site_features(residuals(control, prompts), site, num_support)
+  return probe_layers(feats, targets, key, control_features_LxBxSxD=ctrl, num_folds=num_folds,
+                      ridge=ridge, cosine_threshold=cosine_threshold)
+
+
+__all__ = (
+    "LayerProbes", "ProbeResult", "ProbeScore", "QUANTITIES", "SITES", "StateTargets", "Subject",
+    "compiled_state_site", "cross_validated_probe", "probe", "probe_layers", "probe_subject",
+    "random_init_like", "residuals", "site_features", "site_targets", "state_targets",
+    "subject_from_compiled", "subject_from_model", "subject_from_trained",
+)
