@@ -49,7 +49,7 @@ def _assert_reordering_close(got, want, scale, rel):
 
 
 # (T, chunk) pairs: T a multiple of the chunk, T not a multiple, T smaller than one chunk, T = 1.
-CAUSAL_CASES = [(64, 16), (67, 16), (130, 32), (5, 64), (1, 8), (200, None), (300, None)]
+CAUSAL_CASES = [(64, 16), (67, 16), (5, 64), (1, 8), (300, None)]
 
 
 @pytest.mark.parametrize("num_tokens,chunk", CAUSAL_CASES)
@@ -94,10 +94,13 @@ def _config(mask, impl, **overrides):
 
 
 def _run(config, state, tokens, num_prefix, head_mask, layer_mask):
-  graphdef, _ = nnx.split(model_lib.abstract_model(config))
-  model = nnx.merge(graphdef, state)
-  return model(tokens, num_prefix=num_prefix, return_residuals=True, head_mask=head_mask,
-               layer_mask=layer_mask)
+  graphdef = nnx.graphdef(model_lib.abstract_model(config))
+
+  @jax.jit
+  def forward(state, tokens, head_mask, layer_mask):
+    return nnx.merge(graphdef, state)(tokens, num_prefix=num_prefix, return_residuals=True,
+                                      head_mask=head_mask, layer_mask=layer_mask)
+  return forward(state, tokens, head_mask, layer_mask)
 
 
 @pytest.mark.parametrize("mask,num_tokens", [("causal", 70), ("causal", 300), ("prefix", 41)])
@@ -129,16 +132,19 @@ def test_gradients_agree():
   """The associative forms are differentiable and give the quadratic form's gradients."""
   config = _config("causal", "quadratic", num_layers=2)
   model = model_lib.Transformer(config, rngs=nnx.Rngs(1))
-  graphdef, params = nnx.split(model, nnx.Param)
+  params = nnx.state(model)
   tokens = jnp.asarray(np.random.default_rng(1).standard_normal((2, 70, 6)) / 4, jnp.float64)
 
-  def loss(params, impl):
-    m = nnx.merge(nnx.graphdef(model_lib.Transformer(
-        dataclasses.replace(config, linear_attention_impl=impl), rngs=nnx.Rngs(1))), params)
-    return jnp.sum(jnp.square(m(tokens).outputs))
+  def grad(impl):
+    graphdef = nnx.graphdef(model_lib.abstract_model(
+        dataclasses.replace(config, linear_attention_impl=impl)))
 
-  want = jax.grad(loss)(params, "quadratic")
-  got = jax.grad(loss)(params, "associative")
+    def loss(params):
+      return jnp.sum(jnp.square(nnx.merge(graphdef, params)(tokens).outputs))
+    return jax.jit(jax.grad(loss))(params)
+
+  want = grad("quadratic")
+  got = grad("associative")
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-12 * float(jnp.max(jnp.abs(w))))
 

@@ -71,8 +71,8 @@ def test_load_trained_predicts_like_the_trained_model(finished_run):
   prompts = training.sample_prompts(jax.random.key(9), loaded.config.data, batch_size=3)
   pred = loaded.predict(prompts.x_support, prompts.y_support, prompts.x_query)
   assert pred.shape == (3, 2)
-  expected = training.predict(result.model, loaded.config.data, prompts.x_support,
-                              prompts.y_support, prompts.x_query)
+  expected = training.make_predict_fn(result.model, loaded.config.data)(
+      prompts.x_support, prompts.y_support, prompts.x_query)
   np.testing.assert_array_equal(pred, expected)
   tokens, num_prefix = loaded.encode(prompts.x_support, prompts.y_support, prompts.x_query)
   assert tokens.shape[1] == 6 + 1 + 2 and num_prefix == 7

@@ -266,8 +266,7 @@ def test_predict_zero_pads_lower_input_dims_and_rejects_higher(query_model):
   with pytest.raises(ValueError, match="y_support"):
     predict(padded[0], prompts.y_support[:, :3], padded[1])
   with pytest.raises(ValueError, match="NaN or Inf"):
-    training.predict(model, config.data, padded[0].at[0, 0, 0].set(jnp.nan), prompts.y_support,
-                     padded[1])
+    predict(padded[0].at[0, 0, 0].set(jnp.nan), prompts.y_support, padded[1])
 
 
 def test_loss_is_weighted_mean_squared_error(every_prefix_model):

@@ -122,10 +122,13 @@ def _resolve_placement(form, mask, state_placement):
 
 
 def build_program(num_support, feature_dim, num_steps, ridge, *, mask="causal", form="dual",
-                  state_placement="auto", reciprocal_spec=None) -> programs.Program:
+                  state_placement="auto", reciprocal_spec=None,
+                  preconditioner=None) -> programs.Program:
   """Stage 1: the construction as blocks on named channels."""
   spec = reciprocal_spec or recip.default_spec(np.float64)
   placement = _resolve_placement(form, mask, state_placement)
+  if preconditioner == "jacobi":
+    return programs.jacobi_support_state(feature_dim, num_steps, ridge, spec)
   if form == "primal":
     return programs.aggregator_primal(feature_dim, num_steps, ridge, spec)
   if placement == "support":
@@ -140,7 +143,8 @@ def model_config(program: programs.Program, prompt_layout: prompt_lib.PromptLayo
   return model_lib.ModelConfig(
       token_dim=prompt_layout.token_dim, width=program.layout.width,
       num_layers=len(program.schedule), param_layers=program.schedule, num_heads=req.num_heads, head_dim=req.head_dim,
-      value_dim=req.value_dim, mlp_hidden=req.mlp_hidden, attention="linear", activation="relu",
+      value_dim=req.value_dim, mlp_hidden=req.mlp_hidden, attention="linear",
+      activation="reglu" if req.gated else "relu",
       norm=None, mask=mask, output_dim=1, use_bias=True, precision="highest",
       param_dtype=param_dtype)
 
@@ -189,7 +193,7 @@ class CompiledCG:
 
   def __init__(self, *, num_support, feature_dim, num_steps, ridge, mask, form, state_placement,
                dtype, algorithm="cg", eig_bounds=None, features="identity",
-               feature_params=None):
+               feature_params=None, preconditioner=None):
     self.num_support = num_support
     self.feature_dim = feature_dim
     self.num_steps = num_steps
@@ -198,6 +202,7 @@ class CompiledCG:
     self.form = form
     self.algorithm = algorithm
     self.eig_bounds = eig_bounds
+    self.preconditioner = preconditioner
     self.features = features
     self.feature_params = (None if feature_params is None else
                            tuple(np.asarray(a, np.float64) for a in feature_params))
@@ -222,7 +227,8 @@ class CompiledCG:
     else:
       program = build_program(self.num_support, self.feature_dim, self.num_steps, self.ridge,
                               mask=self.mask, form=self.form,
-                              state_placement=self.state_placement, reciprocal_spec=spec)
+                              state_placement=self.state_placement, reciprocal_spec=spec,
+                              preconditioner=self.preconditioner)
     if self.features == "random_relu":
       program = programs.with_random_relu_features(program, *self.feature_params)
     return program
@@ -297,7 +303,7 @@ class CompiledCG:
     alpha = read("alpha")
     scalars = []
     for name in ("gamma", "beta"):
-      if isinstance(self.program.state[name], tuple):  # baked into the weights (Chebyshev)
+      if not isinstance(self.program.state[name], programs.StateLocation):  # baked (Chebyshev)
         constants = jnp.asarray(self.program.state[name], alpha.dtype)
         scalars.append(jnp.broadcast_to(constants[None, :], (alpha.shape[0], len(constants))))
       else:
@@ -384,7 +390,8 @@ def dimensions(num_support: int, feature_dim: int, num_steps: int, *, mask: str 
 def compile_cg(num_support: int, feature_dim: int, num_steps: int, ridge: float, *,
                mask: str = "causal", form: str = "dual", attention: str = "linear",
                features: str = "identity", state_placement: str = "auto",
-               input_dim: int | None = None, feature_params=None, dtype=None) -> CompiledCG:
+               input_dim: int | None = None, feature_params=None, preconditioner=None,
+               dtype=None) -> CompiledCG:
   """Compiles t-step CG for kernel ridge regression into a `kcg.Transformer`.
 
   Args:
@@ -402,6 +409,9 @@ def compile_cg(num_support: int, feature_dim: int, num_steps: int, ridge: float,
       "support" or "aggregator".
     input_dim: d, defaults to feature_dim (identity) or the feature weights' input size.
     feature_params: for features="random_relu": `kcg.features.random_relu(m).init(key, d)`.
+    preconditioner: None, or "jacobi" for PCG with M = diag(K) + ridge I (form="dual",
+      mask="prefix": each support scales its residual by 1/M_ii; needs a gated MLP, so the
+      model gets activation="reglu").
     dtype: parameter dtype of `.model`; default float64 when x64 is enabled, else float32.
       `predict` computes in the dtype of its inputs whatever this is.
 
@@ -411,8 +421,17 @@ def compile_cg(num_support: int, feature_dim: int, num_steps: int, ridge: float,
   num_support, feature_dim, num_steps, ridge = _validate(
       num_support, feature_dim, num_steps, ridge, mask, form, attention, features,
       state_placement, input_dim, feature_params)
+  if preconditioner not in (None, "jacobi"):
+    raise ValueError(f"preconditioner={preconditioner!r} is not one of (None, 'jacobi').")
+  if preconditioner == "jacobi" and (form != "dual" or mask != "prefix"
+                                     or state_placement == "aggregator"):
+    raise ValueError(
+        "preconditioner='jacobi' is compiled for form='dual', mask='prefix' (per-support state): "
+        "M^{-1} r is a scaling of each support token's own residual. With the state in the "
+        "aggregator it would need k elementwise products per step; use mask='prefix'.")
   if dtype is None:
     dtype = jax.dtypes.canonicalize_dtype(jnp.float64)  # float64 iff x64 is enabled
   return CompiledCG(num_support=num_support, feature_dim=feature_dim, num_steps=num_steps,
                     ridge=ridge, mask=mask, form=form, state_placement=state_placement,
-                    dtype=dtype, features=features, feature_params=feature_params)
+                    dtype=dtype, features=features, feature_params=feature_params,
+                    preconditioner=preconditioner)

@@ -78,15 +78,18 @@ class Head(NamedTuple):
 
 
 class ReluUnits(NamedTuple):
-  """A group of MLP units: adds post^T relu(pre h) to the output channels.
+  """A group of MLP units: adds post^T (relu(pre h) * value h) to the output channels.
 
   `pre` maps channels to the units ([channel size, n] matrices), `post` maps the units back
-  ([n, channel size] matrices).
+  ([n, channel size] matrices). `value` (gated MLPs only, activation="reglu") multiplies each
+  unit by another linear function of the token, so that relu(a) b - relu(-a) b = a b is an exact
+  product; without it the value is 1 (in a gated model: the sum of the token-role flags).
   """
 
   pre: Terms
   post: Terms
   name: str = ""
+  value: Terms | None = None
 
   @property
   def num_units(self) -> int:
@@ -109,6 +112,25 @@ def linear_units(layout: ResidualLayout, source: str, targets: Sequence[tuple[st
   pre = ((source, np.concatenate([eye, -eye], axis=1)),)
   post = tuple((target, coef * np.concatenate([eye, -eye], axis=0)) for target, coef in targets)
   return ReluUnits(pre, post, name or f"{source}->{[t for t, _ in targets]}")
+
+
+def product_units(layout: ResidualLayout, a: str, b: str, targets: Sequence[tuple[str, float]],
+                  name: str = "", reduce: bool = False) -> ReluUnits:
+  """Gated units adding c * (a * b) (elementwise; summed over entries if `reduce`) to targets.
+
+  relu(a) b + relu(-a) (-b) = a b exactly for either sign of a.
+  """
+  m = layout.size(a)
+  if layout.size(b) != m:
+    raise ValueError(f"product_units: {a!r} and {b!r} have different sizes.")
+  eye = np.eye(m)
+  pre = ((a, np.concatenate([eye, -eye], axis=1)),)
+  value = ((b, np.concatenate([eye, -eye], axis=1)),)
+  post = []
+  for target, coef in targets:
+    out = np.ones((2 * m, 1)) if reduce else np.concatenate([eye, eye], axis=0)
+    post.append((target, coef * out))
+  return ReluUnits(pre, tuple(post), name or f"{a}*{b}", value)
 
 
 def _as_matrix(coef: Coefficient, rows: int, cols: int | None = None) -> np.ndarray:
@@ -153,6 +175,7 @@ class Requirements(NamedTuple):
   head_dim: int
   value_dim: int
   mlp_hidden: int
+  gated: bool = False
 
 
 def requirements(layout: ResidualLayout, blocks: Sequence[Block]) -> Requirements:
@@ -167,15 +190,23 @@ def requirements(layout: ResidualLayout, blocks: Sequence[Block]) -> Requirement
       head_dim=dk,
       value_dim=dv,
       mlp_hidden=max([sum(u.num_units for u in b.units) for b in blocks] + [0]),
+      gated=any(u.value is not None for b in blocks for u in b.units),
   )
 
 
-def lower_blocks(layout: ResidualLayout, blocks: Sequence[Block], shapes: dict) -> dict:
+ONES = (("is_support", 1.0), ("is_aggregator", 1.0), ("is_query", 1.0))
+
+
+def lower_blocks(layout: ResidualLayout, blocks: Sequence[Block], shapes: dict,
+                 ones: Terms = ONES) -> dict:
   """Arrays (float64 NumPy) for the block parameters, shaped as in the model's own state.
 
-  `shapes` maps parameter names to shapes, taken from the model's abstract state.
+  `shapes` maps parameter names to shapes, taken from the model's abstract state. In a gated
+  model (`mlp_value` present) a unit without a value reads `ones`, channels summing to 1 at
+  every token.
   """
   arrays = {name: np.zeros(shape, np.float64) for name, shape in shapes.items()}
+  gated = "mlp_value" in arrays
   for l, block in enumerate(blocks):
     for h, head in enumerate(block.heads):
       dk, dv = head_dims(layout, head)
@@ -195,5 +226,13 @@ def lower_blocks(layout: ResidualLayout, blocks: Sequence[Block], shapes: dict) 
             coef, layout.size(channel), n)
       for channel, coef in group.post:
         arrays["mlp_out"][l, offset:offset + n, layout.slice(channel)] += np.asarray(coef)
+      if group.value is not None and not gated:
+        raise ValueError(f"Unit group {group.name!r} multiplies two channels; it needs a gated MLP "
+                         "(activation='reglu').")
+      if gated:
+        for channel, coef in (group.value if group.value is not None else
+                              tuple((c, np.full((1, n), w)) for c, w in ones)):
+          arrays["mlp_value"][l, layout.slice(channel), offset:offset + n] += _as_matrix(
+              coef, layout.size(channel), n)
       offset += n
   return arrays

@@ -31,10 +31,15 @@ from typing import NamedTuple
 import numpy as np
 
 from kcg._src import reciprocal as recip
-from kcg._src.craft import Block, Head, ReluUnits, ResidualLayout, linear_units
+from kcg._src.craft import Block, Head, ReluUnits, ResidualLayout, linear_units, product_units
 
 AGG = "is_aggregator"
 SCALARS = ("rr", "rr_next", "pAp", "inv_rr", "inv_rr_next", "inv_pAp", "gamma", "beta")
+
+
+def _scalar_names(rho: str) -> tuple[str, ...]:
+  """The aggregator's scalars when the reduced quantity is `rho` (r.r for CG, r.z for PCG)."""
+  return tuple(name.replace("rr", rho) for name in SCALARS)
 FLAGS = ("is_support", AGG, "is_query")
 
 
@@ -107,13 +112,13 @@ def _newton_heads(x: str, s: str) -> tuple[Head, ...]:
           _product(x, s, x, [(x, -1.0)], f"newton {x}: -{s} x^2"))
 
 
-def _scalar_blocks(spec, prefix: str):
-  """Newton refinement of 1/pAp and 1/rr, then gamma = rr / pAp (clearing what is consumed)."""
+def _scalar_blocks(spec, prefix: str, rho: str = "rr"):
+  """Newton refinement of 1/pAp and 1/rho, then gamma = rho / pAp (clearing what is consumed)."""
   blocks = [Block(f"{prefix} newton {i + 1}/{spec.newton_steps}",
-                  heads=_newton_heads("inv_pAp", "pAp") + _newton_heads("inv_rr", "rr"))
+                  heads=_newton_heads("inv_pAp", "pAp") + _newton_heads(f"inv_{rho}", rho))
             for i in range(spec.newton_steps)]
-  blocks.append(Block(f"{prefix} gamma = rr / pAp", heads=(
-      _product("rr", AGG, "inv_pAp", [("gamma", 1.0)], "gamma = rr * inv_pAp"),
+  blocks.append(Block(f"{prefix} gamma = {rho} / pAp", heads=(
+      _product(rho, AGG, "inv_pAp", [("gamma", 1.0)], f"gamma = {rho} * inv_pAp"),
       _at_aggregator("pAp", [("pAp", -1.0)], "clear pAp"),
       _at_aggregator("inv_pAp", [("inv_pAp", -1.0)], "clear inv_pAp"),
   )))
@@ -126,26 +131,27 @@ def _scalar_blocks(spec, prefix: str):
 # the textbook recurrence does.
 
 
-def _step_start_heads() -> tuple[Head, ...]:
-  """First layer of a step: clear last step's gamma and beta, move the guess of 1/rr in place."""
+def _step_start_heads(rho: str = "rr") -> tuple[Head, ...]:
+  """First layer of a step: clear last step's gamma and beta, move the guess of 1/rho in place."""
   return (
       _at_aggregator("gamma", [("gamma", -1.0)], "clear gamma"),
       _at_aggregator("beta", [("beta", -1.0)], "clear beta"),
-      _at_aggregator("inv_rr_next", [("inv_rr", 1.0), ("inv_rr_next", -1.0)], "inv_rr <- guess"),
+      _at_aggregator(f"inv_{rho}_next", [(f"inv_{rho}", 1.0), (f"inv_{rho}_next", -1.0)],
+                     f"inv_{rho} <- guess"),
   )
 
 
-def _after_update_heads() -> tuple[Head, ...]:
-  """rr is consumed once gamma is formed."""
-  return (_at_aggregator("rr", [("rr", -1.0)], "clear rr"),)
+def _after_update_heads(rho: str = "rr") -> tuple[Head, ...]:
+  """rho is consumed once gamma is formed."""
+  return (_at_aggregator(rho, [(rho, -1.0)], f"clear {rho}"),)
 
 
-def _beta_block(prefix: str) -> Block:
-  """beta = rr_next / rr; rr <- rr_next; inv_rr cleared (its successor waits in inv_rr_next)."""
-  return Block(f"{prefix} beta = rr_next / rr", heads=(
-      _product("rr_next", AGG, "inv_rr", [("beta", 1.0)], "beta = rr_next * inv_rr"),
-      _at_aggregator("rr_next", [("rr", 1.0), ("rr_next", -1.0)], "rr <- rr_next"),
-      _at_aggregator("inv_rr", [("inv_rr", -1.0)], "clear inv_rr"),
+def _beta_block(prefix: str, rho: str = "rr") -> Block:
+  """beta = rho_next / rho; rho <- rho_next; inv_rho cleared (its successor waits in _next)."""
+  return Block(f"{prefix} beta = {rho}_next / {rho}", heads=(
+      _product(f"{rho}_next", AGG, f"inv_{rho}", [("beta", 1.0)], f"beta = {rho}_next * inv_{rho}"),
+      _at_aggregator(f"{rho}_next", [(rho, 1.0), (f"{rho}_next", -1.0)], f"{rho} <- {rho}_next"),
+      _at_aggregator(f"inv_{rho}", [(f"inv_{rho}", -1.0)], f"clear inv_{rho}"),
   ))
 
 
@@ -162,8 +168,8 @@ def _move_p_heads() -> tuple[Head, ...]:
   return (_at_aggregator("p", [("p_prev", 1.0), ("p", -1.0)], "p_prev <- p, p <- 0"),)
 
 
-def _scalar_channels():
-  return [(name, 1) for name in SCALARS]
+def _scalar_channels(rho: str = "rr"):
+  return [(name, 1) for name in _scalar_names(rho)]
 
 
 def _flag_channels():
@@ -527,3 +533,123 @@ def with_random_relu_features(program: Program, weights_MxD: np.ndarray, bias_M:
       blocks=(features,) + program.blocks,
       schedule=(0,) + tuple(i + 1 for i in program.schedule),
       step_ends=tuple(e + 1 for e in program.step_ends))
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Preconditioned CG with the Jacobi preconditioner M = diag(K) + ridge I (stub S2), per-support
+# state. M^{-1} is a token-wise channel scaling: support i multiplies its residual by
+# 1/d_i, d_i = phi_i . phi_i + ridge. Gated MLP units (activation="reglu") form the products
+# exactly; 1/d_i is computed once, by the same ReLU guess and Newton steps as the aggregator's
+# scalars but in every support token (two MLP layers per Newton step: s x, then x (2 - s x)).
+
+
+def _token_reciprocal_blocks(source: str, target: str, scratch: str, flag: str,
+                             spec: recip.ReciprocalSpec, prefix: str):
+  """Blocks computing target = 1/source in every token whose `flag` is 1 (MLPs only)."""
+  on_s, on_flag, post = recip.guess_units_matrices(spec)
+  blocks = [Block(f"{prefix} guess 1/{source}", units=(
+      ReluUnits(((source, on_s[None, :]), (flag, on_flag[None, :])), ((target, post[:, None]),),
+                f"guess 1/{source}"),))]
+  for i in range(spec.newton_steps):
+    blocks.append(Block(f"{prefix} newton {i + 1}/{spec.newton_steps} (s x)", units=(
+        product_units_from(source, target, [(scratch, 1.0)]),)))
+    blocks.append(Block(f"{prefix} newton {i + 1}/{spec.newton_steps} (x <- x (2 - s x))", units=(
+        product_units_from(target, scratch, [(target, -1.0)]),
+        _linear_from(target, [(target, 1.0)]),
+        _linear_from(scratch, [(scratch, -1.0)]),
+    )))
+  return blocks
+
+
+def product_units_from(a: str, b: str, targets) -> ReluUnits:
+  """Scalar channels only: c * a * b into targets (see craft.product_units)."""
+  pre = ((a, np.array([[1.0, -1.0]])),)
+  value = ((b, np.array([[1.0, -1.0]])),)
+  return ReluUnits(pre, tuple((t, c * np.ones((2, 1))) for t, c in targets), f"{a}*{b}", value)
+
+
+def _linear_from(source: str, targets) -> ReluUnits:
+  """Scalar channel only: c * source into targets."""
+  pre = ((source, np.array([[1.0, -1.0]])),)
+  return ReluUnits(pre, tuple((t, c * np.array([[1.0], [-1.0]])) for t, c in targets),
+                   f"{source}->{[t for t, _ in targets]}")
+
+
+def jacobi_support_state(feature_dim: int, num_steps: int, ridge: float,
+                         spec: recip.ReciprocalSpec) -> Program:
+  """PCG, M = diag(K + ridge I), alpha_i, r_i, z_i, p_i in support token i (prefix mask).
+
+  gamma = (r.z)/(p.Ap); alpha += gamma p; r -= gamma Ap; z = r / d; beta = (r'.z')/(r.z);
+  p = z + beta p. Rate ((sqrt(kappa') - 1)/(sqrt(kappa') + 1))^t with kappa' = cond(M^-1 A).
+  """
+  p = feature_dim
+  rho = "rz"
+  layout = ResidualLayout(
+      channels=tuple([("phi_support", p), ("phi_query", p), ("y", 1), ("alpha", 1), ("r", 1),
+                      ("z", 1), ("p", 1), ("Kp", 1), ("p_prev", 1), ("kq_p", 1), ("f", 1),
+                      ("diag", 1), ("inv_diag", 1), ("newton_scratch", 1)]
+                     + _scalar_channels(rho) + _flag_channels()),
+      holders=_holders([("phi_support", "supports"), ("phi_query", "queries"), ("y", "supports"),
+                        ("alpha", "supports"), ("r", "supports"), ("z", "supports"),
+                        ("p", "supports"), ("Kp", "supports"), ("p_prev", "supports"),
+                        ("kq_p", "queries"), ("f", "queries"), ("diag", "supports"),
+                        ("inv_diag", "supports"), ("newton_scratch", "supports")]
+                       + [(s, "aggregator") for s in _scalar_names(rho)]))
+  embedding = [("x_support", "phi_support", 1.0), ("x_query", "phi_query", 1.0), ("y", "y", 1.0),
+               ("y", "r", 1.0)] + _flag_embedding()
+  ridge_units = ReluUnits((("is_support", np.ones((1, 1))),), (("diag", ridge * np.ones((1, 1))),),
+                          "diag += ridge")
+  init = [Block("init: diag = phi.phi + ridge", units=(
+      ReluUnits(((("phi_support", np.concatenate([np.eye(p), -np.eye(p)], axis=1))),),
+                (("diag", np.ones((2 * p, 1))),), "phi.phi",
+                (("phi_support", np.concatenate([np.eye(p), -np.eye(p)], axis=1)),)),
+      ridge_units))]
+  init += _token_reciprocal_blocks("diag", "inv_diag", "newton_scratch", "is_support", spec,
+                                   "init:")
+  init += [
+      Block("init: z = p = r / diag", units=(
+          product_units_from("inv_diag", "r", [("z", 1.0), ("p", 1.0)]),)),
+      Block("init: rz = r.z", heads=(_reduce_over_supports("r", "z", [(rho, 1.0)], "r.z"),),
+            units=(_guess_units(rho, f"inv_{rho}_next", spec),)),
+  ]
+
+  def step():
+    s = "pcg"
+    return [
+        Block(f"{s} mat-vec Kp", heads=(
+            Head((("phi_support", 1.0),), (("phi_support", 1.0),), (("p", 1.0),), (("Kp", 1.0),),
+                 "(Kp)_i = sum_j (phi_i . phi_j) p_j"),
+            Head((("phi_query", 1.0),), (("phi_support", 1.0),), (("p", 1.0),), (("kq_p", 1.0),),
+                 "k(x_q) . p"),
+        ) + _step_start_heads(rho), units=(_linear_from("z", [("z", -1.0)]),)),
+        Block(f"{s} pAp = p.Kp + ridge p.p", heads=(
+            _reduce_over_supports("p", "Kp", [("pAp", 1.0)], "p.Kp"),
+            _reduce_over_supports("p", "p", [("pAp", ridge)], "ridge p.p"),
+        ), units=(_guess_units("pAp", "inv_pAp", spec),)),
+        *_scalar_blocks(spec, s, rho),
+        Block(f"{s} update alpha, r, f; z = r / diag", heads=(
+            Head((("p", 1.0),), ((AGG, 1.0),), (("gamma", 1.0),), (("alpha", 1.0), ("r", -ridge)),
+                 "alpha += gamma p; r -= gamma ridge p"),
+            Head((("Kp", 1.0),), ((AGG, 1.0),), (("gamma", 1.0),), (("r", -1.0),), "r -= gamma Kp"),
+            Head((("kq_p", 1.0),), ((AGG, 1.0),), (("gamma", 1.0),), (("f", 1.0),),
+                 "f += gamma k(x).p"),
+        ) + _after_update_heads(rho), units=(
+            _linear_from("Kp", [("Kp", -1.0)]),
+            _linear_from("kq_p", [("kq_p", -1.0)]),
+            _linear_from("p", [("p_prev", 1.0), ("p", -1.0)]),
+            product_units_from("inv_diag", "r", [("z", 1.0)]),
+        )),
+        Block(f"{s} rz_next = r.z", heads=(
+            _reduce_over_supports("r", "z", [(f"{rho}_next", 1.0)], "r.z"),),
+            units=(_guess_units(f"{rho}_next", f"inv_{rho}_next", spec),)),
+        _beta_block(s, rho),
+        Block(f"{s} p = z + beta p", heads=(
+            Head((("p_prev", 1.0),), ((AGG, 1.0),), (("beta", 1.0),), (("p", 1.0),), "p += beta p_prev"),
+        ), units=(_linear_from("z", [("p", 1.0)]), _linear_from("p_prev", [("p_prev", -1.0)]))),
+    ]
+
+  state = {"alpha": StateLocation("alpha", "support"), "r": StateLocation("r", "support"),
+           "p": StateLocation("p", "support"), "gamma": StateLocation("gamma", "aggregator"),
+           "beta": StateLocation("beta", "aggregator"), "z": StateLocation("z", "support")}
+  return _finish("jacobi_support_state", layout, embedding, init, step, num_steps, state, spec)

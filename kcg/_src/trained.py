@@ -35,8 +35,9 @@ class TrainedModel:
     """Query predictions [B, q] from x_support [B,k,d], y_support [B,k], x_query [B,q,d].
 
     `d` may be smaller than the trained input dimension (inputs are zero-padded, as in training).
+    Jitted and cached per prompt shape.
     """
-    return training.predict(self.model, self.config.data, x_support, y_support, x_query)
+    return training.make_predict_fn(self.model, self.config.data)(x_support, y_support, x_query)
 
   def encode(self, x_support: Any, y_support: Any, x_query: Any) -> tuple[jax.Array, int | None]:
     """The tokens [B, T, F] the model reads for this prompt, and its `num_prefix` (for probing).

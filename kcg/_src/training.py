@@ -57,6 +57,7 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
+from kcg._src import checks
 from kcg._src import model as model_lib
 from kcg._src import prompt as prompt_lib
 from kcg._src import tasks as tasks_lib
@@ -784,7 +785,13 @@ def make_predict_fn(model: model_lib.Transformer, data: DataSpec) -> Callable:
   and cached per architecture, so evaluating many checkpoints compiles once per prompt shape."""
   _, state = nnx.split(model)
   fn = _predict_jit(model.config, data)
-  return lambda x_support, y_support, x_query: fn(state, x_support, y_support, x_query)
+
+  def predict_fn(x_support, y_support, x_query):
+    for name, value in (("x_support", x_support), ("y_support", y_support), ("x_query", x_query)):
+      checks.check_finite(name, value)  # Under jit only shapes can be checked.
+    return fn(state, x_support, y_support, x_query)
+
+  return predict_fn
 
 
 def baseline_ridge(data: DataSpec) -> float:
@@ -947,7 +954,10 @@ def train(config: TrainConfig, workdir: str | None = None, *, stop_at_step: int 
       state = manager.restore(latest, abstract)
       start_step = latest
       logging.info("Resumed from step %d in %s.", latest, workdir)
-    metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    if jax.process_index() == 0:
+      _truncate_history(metrics_path, start_step)
+    metrics_file = open(metrics_path, "a")
 
   batch_at = make_batch_fn(config, mesh)
   history = []
@@ -968,17 +978,24 @@ def train(config: TrainConfig, workdir: str | None = None, *, stop_at_step: int 
       pending.append(metrics)
       interval_steps += 1
       done = step + 1
+      if step == start_step:
+        # Keep compilation out of the steps/s of the first interval.
+        jax.block_until_ready(metrics)
+        logging.info("first step (compilation included) took %.2f s",
+                     time.perf_counter() - interval_start)
+        interval_start, interval_steps = time.perf_counter(), 0
       if done % config.log_every == 0 or done == end_step:
         losses = [_host_scalar(m["loss"]) for m in pending]
         grad_norm = _host_scalar(pending[-1]["grad_norm"])
         elapsed = time.perf_counter() - interval_start
         stage = curriculum_stage(config, step)
         entry = {"step": done, "loss": float(np.mean(losses)), "grad_norm": grad_norm,
-                 "learning_rate": float(schedule(step)), "steps_per_sec": interval_steps / elapsed,
+                 "learning_rate": float(schedule(step)),
+                 "steps_per_sec": interval_steps / elapsed if interval_steps else None,
                  "input_dim": stage.input_dim, "num_support": stage.num_support}
         record(entry)
         logging.info("step %d/%d  loss %.4g  %.1f steps/s  lr %.3g  d=%d k=%d", done,
-                     config.num_steps, entry["loss"], entry["steps_per_sec"],
+                     config.num_steps, entry["loss"], entry["steps_per_sec"] or float("nan"),
                      entry["learning_rate"], stage.input_dim, stage.num_support)
         pending = []
         interval_steps = 0
@@ -1031,6 +1048,20 @@ def _eval_record(model, config: TrainConfig, step: int, evaluate_fn) -> dict:
     entry.update(evaluate_fn(model, config, step))
   logging.info("eval at step %d: mse %.4g", step, entry["eval_mse"])
   return entry
+
+
+def _truncate_history(path: str, step: int) -> None:
+  """Drops records after `step` (logged by a run killed after its last checkpoint), so that a
+  resumed run's metrics.jsonl reads like an uninterrupted one."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  kept = [line for line in lines if json.loads(line)["step"] <= step]
+  if len(kept) != len(lines):
+    with open(path + ".tmp", "w") as f:
+      f.writelines(kept)
+    os.replace(path + ".tmp", path)
 
 
 def load_history(workdir: str) -> list[dict]:
