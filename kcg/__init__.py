@@ -8,11 +8,17 @@ Public API (implementation lives in `kcg._src`):
 * `kcg.prompt`: prompt encoding (`make_layout`, `encode`, `query_outputs`).
 * `kcg.solvers`, `kcg.bounds`, `kcg.kernels`, `kcg.problems`: reference numerics.
 * `kcg.tasks`, `kcg.features`: in-context task ladder and feature maps.
+* `kcg.baselines`, `kcg.evaluation`: reference in-context predictors and similarity measures.
+* `kcg.analysis`, `kcg.plotting`: compiled-vs-reference comparisons and headless plots.
 """
 
+from kcg import analysis
+from kcg import baselines
 from kcg import bounds
+from kcg import evaluation
 from kcg import features
 from kcg import kernels
+from kcg import plotting
 from kcg import problems
 from kcg import prompt
 from kcg import solvers
@@ -30,6 +36,7 @@ from kcg._src.model import Transformer
 __version__ = "0.1.0"
 
 __all__ = [
+    "analysis", "baselines", "evaluation", "plotting",
     "CompiledCG", "CompiledState", "Dimensions", "ForwardOutput", "ModelConfig", "Transformer",
     "bounds", "compile_cg", "compile_chebyshev", "dimensions", "features", "kernels", "problems", "prompt", "solvers",
     "tasks",

@@ -63,7 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Linear attention microbenchmark: one attention-only layer, B x H heads of dk = dv.
   config.attention_batch = 8
   config.attention_heads = 4
-  config.attention_dims = (1, 16, 64)
+  config.attention_dims = (1, 64)
   config.attention_tokens = (32, 64, 128, 256, 512, 1024, 2048)
   # Ablation point (t small: every CG step has the same layers, so fractions do not depend on t).
   config.ablation_point = "2x1024x64x4"

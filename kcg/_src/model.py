@@ -191,10 +191,11 @@ def _activation(name):
 # the per-chunk matmuls stay large enough to be efficient and the scan short.
 _MIN_CAUSAL_CHUNK = 32
 _MAX_CAUSAL_CHUNK = 128
-# `auto` keeps the quadratic form for causal masks up to this many tokens: there the whole
-# sequence is one or two chunks, and the T x T product is as cheap and has no scan overhead
-# (crossover measured by experiments/bench.py, section "attention"; see BENCHMARKS.md).
-_AUTO_CAUSAL_MIN_TOKENS = 2 * _MAX_CAUSAL_CHUNK
+# `auto` keeps the quadratic form for causal masks up to this many tokens: there the sequence is
+# a few chunks, and the masked T x T product costs no more and has no scan overhead. Measured
+# (experiments/bench.py, section "attention", BENCHMARKS.md): on 2 CPU cores the associative form
+# wins from T = 256 for dk = dv in {1, 16, 64} and loses at T = 128 for dk = dv >= 16.
+_AUTO_CAUSAL_MIN_TOKENS = 128
 
 
 def _resolved_linear_impl(impl: str, mask: str, num_tokens: int) -> str:

@@ -198,6 +198,16 @@ def random_init_like(subject: Subject, seed: int = 0) -> Subject:
                             name=f"random init ({subject.name})", layer_names=subject.layer_names)
 
 
+def predict_fn(subject: Subject) -> Callable[..., Array]:
+  """The subject as a predictor `(x_support, y_support, x_query) -> [B, q]` (its query outputs)."""
+
+  def predict(x_support, y_support, x_query):
+    out = subject.forward(x_support, y_support, x_query).outputs
+    return out[:, -jnp.shape(x_query)[1]:, 0]
+
+  return predict
+
+
 def residuals(subject: Subject, prompts: Any) -> Array:
   """The residual streams `[L+1, B, T, D]` of `subject` on `prompts` (x_support, y_support, x_query)."""
   return subject.forward(prompts.x_support, prompts.y_support, prompts.x_query,
@@ -505,6 +515,32 @@ def probe_layers(features_LxBxSxD: Any, targets: Any, key: Any, *,
   return LayerProbes(*(np.asarray(c, np.float64) for c in cols[:6]), np.asarray(cols[6], bool))
 
 
+class ProbeGrid(NamedTuple):
+  """Probes of every layer for the state after every step; arrays `[L+1, T+1]` (layer, step)."""
+
+  cosine: np.ndarray
+  r2: np.ndarray
+  shuffled_cosine: np.ndarray
+  control_cosine: np.ndarray
+  trivial: np.ndarray
+
+
+def probe_grid(features_LxBxSxD: Any, targets_TxBxSxM: Any, key: Any, *,
+               control_features_LxBxSxD: Any = None, num_folds: int = 5, ridge: float = 1e-6,
+               cosine_threshold: float = 0.9) -> ProbeGrid:
+  """`probe_layers` for each of `T+1` targets (e.g. `alpha_t`, t = 0..T), stacked into `[L+1, T+1]`."""
+  targets = jnp.asarray(targets_TxBxSxM)
+  if targets.ndim != 4:
+    raise ValueError(f"targets must be [T+1, B, S, M] (one target per step), got {targets.shape}.")
+  columns = [probe_layers(features_LxBxSxD, targets[t], key,
+                          control_features_LxBxSxD=control_features_LxBxSxD, num_folds=num_folds,
+                          ridge=ridge, cosine_threshold=cosine_threshold)
+             for t in range(targets.shape[0])]
+  stack = lambda field: np.stack([getattr(c, field) for c in columns], axis=1)
+  return ProbeGrid(stack("cosine"), stack("r2"), stack("shuffled_cosine"), stack("control_cosine"),
+                   stack("trivial"))
+
+
 def probe_subject(subject: Subject, prompts: Any, targets_BxN: Any, site: str, key: Any, *,
                   control: Subject | None = None, num_folds: int = 5, ridge: float = 1e-6,
                   cosine_threshold: float = 0.9) -> LayerProbes:
@@ -519,8 +555,9 @@ def probe_subject(subject: Subject, prompts: Any, targets_BxN: Any, site: str, k
 
 
 __all__ = (
-    "LayerProbes", "ProbeResult", "ProbeScore", "QUANTITIES", "SITES", "StateTargets", "Subject",
-    "compiled_state_site", "cross_validated_probe", "probe", "probe_layers", "probe_subject",
+    "LayerProbes", "ProbeGrid", "ProbeResult", "ProbeScore", "QUANTITIES", "SITES", "StateTargets", "Subject",
+    "compiled_state_site", "cross_validated_probe", "predict_fn", "probe", "probe_grid", "probe_layers",
+    "probe_subject",
     "random_init_like", "residuals", "site_features", "site_targets", "state_targets",
     "subject_from_compiled", "subject_from_model", "subject_from_trained",
 )
