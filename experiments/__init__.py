@@ -1,0 +1,1 @@
+"""Experiment binaries and their ml_collections configs (`python -m experiments.train`)."""

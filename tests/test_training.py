@@ -78,6 +78,63 @@ def test_bad_values_raise():
     training.DataSpec(family="sparse_linear", input_dim=3, sparsity=5)
 
 
+@pytest.mark.parametrize("build,message", [
+    (lambda: training.ModelSpec(width=0), "ModelSpec.width must be an integer >= 1"),
+    (lambda: training.ModelSpec(num_heads=1.5), "ModelSpec.num_heads"),
+    (lambda: training.ModelSpec(value_dim=0), "ModelSpec.value_dim"),
+    (lambda: training.ModelSpec(mlp_hidden=-1), "ModelSpec.mlp_hidden"),
+    (lambda: training.ModelSpec(attention="sparse"), "ModelSpec.attention"),
+    (lambda: training.ModelSpec(activation="tanh"), "ModelSpec.activation"),
+    (lambda: training.ModelSpec(norm="batchnorm"), "ModelSpec.norm"),
+    (lambda: training.ModelSpec(precision="low"), "ModelSpec.precision"),
+    (lambda: training.ModelSpec(attention_scale=0.0), "ModelSpec.attention_scale"),
+    (lambda: training.ModelSpec(qkv_init_scale=-1.0), "ModelSpec.qkv_init_scale"),
+    (lambda: training.DataSpec(num_query=0), "DataSpec.num_query"),
+    (lambda: training.DataSpec(encoding="pairs"), "DataSpec.encoding"),
+    (lambda: training.DataSpec(mask="full"), "DataSpec.mask"),
+    (lambda: training.DataSpec(tree_depth=0), "DataSpec.tree_depth"),
+    (lambda: training.DataSpec(noise_std=-1.0), "noise_std"),
+    (lambda: training.CurriculumSpec(interval=0), "CurriculumSpec.interval"),
+    (lambda: training.CurriculumSpec(num_support_start=0), "CurriculumSpec.num_support_start"),
+    (lambda: training.CurriculumSpec(input_dim_increment=-1), "CurriculumSpec.input_dim_increment"),
+    (lambda: training.OptimSpec(learning_rate=0.0), "OptimSpec.learning_rate"),
+    (lambda: training.OptimSpec(warmup_steps=-1), "OptimSpec.warmup_steps"),
+    (lambda: training.OptimSpec(weight_decay=float("nan")), "OptimSpec.weight_decay"),
+    (lambda: training.OptimSpec(clip_norm=0.0), "OptimSpec.clip_norm"),
+    (lambda: tiny_config(num_steps=-1), "TrainConfig.num_steps"),
+    (lambda: tiny_config(seed=-1), "TrainConfig.seed"),
+    (lambda: tiny_config(dtype="bfloat16"), "TrainConfig.dtype"),
+    (lambda: tiny_config(eval_every=-1), "TrainConfig.eval_every"),
+    (lambda: tiny_config(eval_supports=(0,)), "eval_supports entry"),
+    (lambda: tiny_config(model={"num_layers": 2}), "TrainConfig.model must be a ModelSpec"),
+    (lambda: training.train({"num_steps": 2}), "train needs a TrainConfig"),
+])
+def test_every_config_check_fires(build, message):
+  with pytest.raises(ValueError, match=message):
+    build()
+
+
+def test_interleaved_encoding_checks():
+  prompt = training_lib.prompt_lib
+  with pytest.raises(ValueError, match="num_points must be a positive int"):
+    prompt.make_interleaved_layout(0, 3)
+  layout = prompt.make_interleaved_layout(4, 3)
+  with pytest.raises(ValueError, match="x_points must have shape"):
+    prompt.encode_interleaved(layout, jnp.zeros((2, 5, 3)), jnp.zeros((2, 5)))
+  with pytest.raises(ValueError, match="y_points must have shape"):
+    prompt.encode_interleaved(layout, jnp.zeros((2, 4, 3)), jnp.zeros((2, 3)))
+  with pytest.raises(ValueError, match="NaN or Inf"):
+    prompt.encode_interleaved(layout, jnp.full((2, 4, 3), jnp.inf), jnp.zeros((2, 4)))
+  with pytest.raises(ValueError, match="outputs must have shape"):
+    prompt.interleaved_predictions(layout, jnp.zeros((2, 7, 1)))
+  with pytest.raises(ValueError, match="No token feature 'z'"):
+    layout.feature_slice("z")
+  tokens = prompt.encode_interleaved(layout, jnp.ones((1, 4, 3)), jnp.arange(4.0)[None])
+  np.testing.assert_array_equal(tokens[0, 1::2, layout.feature_slice("y")][:, 0], np.arange(4.0))
+  np.testing.assert_array_equal(tokens[0, 0::2, layout.feature_slice("is_x")][:, 0], np.ones(4))
+  assert tokens.dtype == jnp.float64  # float64 inputs stay float64
+
+
 def test_float64_needs_x64():
   config = tiny_config(dtype="float64")
   with jax.enable_x64(False):

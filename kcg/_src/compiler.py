@@ -29,6 +29,7 @@ from kcg._src import model as model_lib
 from kcg._src import programs
 from kcg._src import prompt as prompt_lib
 from kcg._src import reciprocal as recip
+from kcg._src import softmax_programs
 
 MASKS = ("causal", "prefix")
 FORMS = ("dual", "primal")
@@ -83,9 +84,8 @@ def _validate(num_support, feature_dim, num_steps, ridge, mask, form, attention,
     raise ValueError(f"mask={mask!r} is not one of {MASKS}.")
   if form not in FORMS:
     raise ValueError(f"form={form!r} is not one of {FORMS}.")
-  if attention != "linear":
-    raise ValueError(f"attention={attention!r}: only attention='linear' can be compiled so far "
-                     "(the softmax routes are not built yet); use attention='linear'.")
+  if attention not in ("linear", "softmax"):
+    raise ValueError(f"attention={attention!r} is not one of ('linear', 'softmax').")
   if features not in FEATURES:
     raise ValueError(f"features={features!r} is not one of {FEATURES}.")
   if state_placement not in STATE_PLACEMENTS:
@@ -137,14 +137,14 @@ def build_program(num_support, feature_dim, num_steps, ridge, *, mask="causal", 
 
 
 def model_config(program: programs.Program, prompt_layout: prompt_lib.PromptLayout, mask: str,
-                 param_dtype) -> model_lib.ModelConfig:
-  """The smallest `ModelConfig` that carries the program (mask as requested)."""
+                 param_dtype, attention: str = "linear") -> model_lib.ModelConfig:
+  """The smallest `ModelConfig` that carries the program (mask and attention as requested)."""
   req = craft.requirements(program.layout, program.blocks)
   return model_lib.ModelConfig(
       token_dim=prompt_layout.token_dim, width=program.layout.width,
       num_layers=len(program.schedule), param_layers=program.schedule, num_heads=req.num_heads, head_dim=req.head_dim,
-      value_dim=req.value_dim, mlp_hidden=req.mlp_hidden, attention="linear",
-      activation="reglu" if req.gated else "relu",
+      value_dim=req.value_dim, mlp_hidden=req.mlp_hidden, attention=attention,
+      attention_scale=1.0, activation="reglu" if req.gated else "relu",
       norm=None, mask=mask, output_dim=1, use_bias=True, precision="highest",
       param_dtype=param_dtype)
 
@@ -193,7 +193,8 @@ class CompiledCG:
 
   def __init__(self, *, num_support, feature_dim, num_steps, ridge, mask, form, state_placement,
                dtype, algorithm="cg", eig_bounds=None, features="identity",
-               feature_params=None, preconditioner=None):
+               feature_params=None, preconditioner=None, attention="linear",
+               kernel="linear", temperature=None, projection=None):
     self.num_support = num_support
     self.feature_dim = feature_dim
     self.num_steps = num_steps
@@ -203,6 +204,10 @@ class CompiledCG:
     self.algorithm = algorithm
     self.eig_bounds = eig_bounds
     self.preconditioner = preconditioner
+    self.attention = attention
+    self.kernel = kernel
+    self.temperature = temperature
+    self.projection = projection
     self.features = features
     self.feature_params = (None if feature_params is None else
                            tuple(np.asarray(a, np.float64) for a in feature_params))
@@ -215,12 +220,16 @@ class CompiledCG:
     self.program = self._build(None)
     self.prompt_layout = prompt_lib.make_layout(num_support, 1, self.input_dim,
                                                 positional=_uses_position(self.program))
-    self.config = model_config(self.program, self.prompt_layout, mask, self.dtype)
+    self.config = model_config(self.program, self.prompt_layout, mask, self.dtype, attention)
     self.model = self._model_for(self.dtype)
     self.params = nnx.state(self.model, nnx.Param)
 
   def _build(self, spec) -> programs.Program:
-    if self.algorithm == "chebyshev":
+    if self.attention == "softmax":
+      program = softmax_programs.exponential_support_state(
+          self.num_support, self.feature_dim, self.num_steps, self.ridge, self.temperature,
+          self.projection, spec or recip.default_spec(np.float64))
+    elif self.algorithm == "chebyshev":
       program = build_chebyshev_program(self.num_support, self.feature_dim, self.num_steps,
                                         self.ridge, self.eig_bounds, mask=self.mask,
                                         form=self.form, state_placement=self.state_placement)
@@ -391,6 +400,7 @@ def compile_cg(num_support: int, feature_dim: int, num_steps: int, ridge: float,
                mask: str = "causal", form: str = "dual", attention: str = "linear",
                features: str = "identity", state_placement: str = "auto",
                input_dim: int | None = None, feature_params=None, preconditioner=None,
+               kernel: str | None = None, temperature: float | None = None, projection=None,
                dtype=None) -> CompiledCG:
   """Compiles t-step CG for kernel ridge regression into a `kcg.Transformer`.
 
@@ -402,7 +412,12 @@ def compile_cg(num_support: int, feature_dim: int, num_steps: int, ridge: float,
     mask: "causal" (default) or "prefix".
     form: "dual" (default; CG on (K + ridge I) alpha = y, as in the theorem) or "primal"
       (CG on (Phi^T Phi + ridge I) w = Phi^T y).
-    attention: "linear" (unnormalised).
+    attention: "linear" (unnormalised) or "softmax".
+    kernel: with attention="softmax": "exponential" (Route A, exact: KRR with the kernel
+      exp(<U phi_i, U phi_j> / temperature), per-support state, mask="prefix"). Default: "linear"
+      for linear attention, "exponential" for softmax.
+    temperature: tau > 0 of the exponential kernel.
+    projection: U [p', p] of the exponential kernel (identity by default).
     features: "identity" (phi(x) = x) or "random_relu" (a first ReLU layer computes
       phi(x) = relu(W x + b) / sqrt(m), m = feature_dim, from `feature_params`).
     state_placement: "auto" (per-support state for dual + prefix, the aggregator otherwise),
@@ -421,6 +436,9 @@ def compile_cg(num_support: int, feature_dim: int, num_steps: int, ridge: float,
   num_support, feature_dim, num_steps, ridge = _validate(
       num_support, feature_dim, num_steps, ridge, mask, form, attention, features,
       state_placement, input_dim, feature_params)
+  kernel = kernel or ("exponential" if attention == "softmax" else "linear")
+  projection = _validate_kernel(attention, kernel, temperature, projection, feature_dim, mask, form,
+                                preconditioner, features)
   if preconditioner not in (None, "jacobi"):
     raise ValueError(f"preconditioner={preconditioner!r} is not one of (None, 'jacobi').")
   if preconditioner == "jacobi" and (form != "dual" or mask != "prefix"
@@ -434,4 +452,40 @@ def compile_cg(num_support: int, feature_dim: int, num_steps: int, ridge: float,
   return CompiledCG(num_support=num_support, feature_dim=feature_dim, num_steps=num_steps,
                     ridge=ridge, mask=mask, form=form, state_placement=state_placement,
                     dtype=dtype, features=features, feature_params=feature_params,
-                    preconditioner=preconditioner)
+                    preconditioner=preconditioner, attention=attention, kernel=kernel,
+                    temperature=None if temperature is None else float(temperature),
+                    projection=projection)
+
+
+def _validate_kernel(attention, kernel, temperature, projection, feature_dim, mask, form,
+                     preconditioner, features):
+  """Checks the kernel options; returns the projection U as a float64 array (or None)."""
+  if attention == "linear":
+    if kernel != "linear":
+      raise ValueError(f"kernel={kernel!r} needs attention='softmax' (linear attention computes "
+                       "the dot-product kernel).")
+    if temperature is not None or projection is not None:
+      raise ValueError("temperature and projection are options of attention='softmax'.")
+    return None
+  if kernel == "linear":
+    raise ValueError("attention='softmax', kernel='linear' (Route B, the dot-product kernel "
+                     "approximated by softmax heads) is not built yet; use kernel='exponential' "
+                     "(Route A, exact) or attention='linear'.")
+  if kernel != "exponential":
+    raise ValueError(f"kernel={kernel!r} is not one of ('exponential', 'linear').")
+  try:
+    temperature = float(temperature)
+  except (TypeError, ValueError):
+    raise ValueError(f"kernel='exponential' needs a temperature > 0, got {temperature!r}.") from None
+  if not math.isfinite(temperature) or temperature <= 0:
+    raise ValueError(f"temperature must be finite and > 0, got {temperature!r}.")
+  if mask != "prefix" or form != "dual":
+    raise ValueError("attention='softmax' (Route A) is compiled with per-support state: it needs "
+                     "mask='prefix' and form='dual' (each support forms its own row of K~ p).")
+  if preconditioner is not None or features != "identity":
+    raise ValueError("attention='softmax' supports neither a preconditioner nor feature layers yet.")
+  projection = np.eye(feature_dim) if projection is None else np.asarray(projection, np.float64)
+  if projection.ndim != 2 or projection.shape[1] != feature_dim or not np.all(np.isfinite(projection)):
+    raise ValueError(f"projection must be a finite [p', feature_dim={feature_dim}] matrix, got shape "
+                     f"{projection.shape}.")
+  return projection

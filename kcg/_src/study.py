@@ -1,0 +1,755 @@
+"""The formal-vs-learned study as library functions: each sweep returns its numbers and writes a figure.
+
+Every function takes explicit sizes, a PRNG key and an optional `path` (PNG, matplotlib's Agg canvas, no
+global state) and returns a JSON-ready dict (floats, lists, nested dicts). `experiments/study.py` runs
+them at a chosen scale and assembles `report.md` and `results.json` with `Report`.
+
+Laws tested here:
+
+* Depth (`depth_law`). CG's error after t steps satisfies `|f_t(x) - f*(x)| <= sqrt(k^T A^-1 k) 2 rho^t
+  ||alpha*||_A`, `rho = (sqrt(kappa) - 1)/(sqrt(kappa) + 1)` (`kcg.bounds.cg_error_bound`). The fitted
+  rate is `exp` of the least-squares slope of `log(error)` over the steps above the rounding floor;
+  CG is superlinear, so the fitted rate is at most `rho` (and the bound must hold at every step).
+* Ridge and condition number (`solver_sweep`): error of t-step CG, PCG, GD and Chebyshev against the
+  KRR oracle as the ridge or the condition number of the input covariance moves.
+* Failure modes (`failure_modes`): nearly collinear supports and very small ridge, where `kappa(A)`
+  explodes; compiled CG in float64 and float32 against the float64 oracle.
+* Feature perturbation, stub S4 (`feature_perturbation`, `perturbation_bound`). With `A = K + ridge I`,
+  `A^ = K^ + ridge I`, `alpha* = A^-1 y`:
+
+      f*(x) - f^*(x) = (k(x) - k^(x))^T alpha* + k^(x)^T (A^-1 - A^^-1) y
+                     = (k(x) - k^(x))^T alpha* + k^(x)^T A^^-1 (K^ - K) alpha*,
+
+  since `A^-1 - A^^-1 = A^^-1 (A^ - A) A^-1`. Cauchy-Schwarz gives the sharp form and, with
+  `||A^^-1||_2 <= 1/ridge` (K^ is PSD), the Lipschitz form in `||K - K^||_2`:
+
+      |f*(x) - f^*(x)| <= ||k(x) - k^(x)|| ||alpha*|| + ||A^^-1 k^(x)|| ||K - K^||_2 ||alpha*||
+                       <= ||k(x) - k^(x)|| ||alpha*|| + (||k^(x)|| / ridge) ||K - K^||_2 ||alpha*||,
+
+  i.e. Lipschitz constant `L(x) = ||k^(x)|| ||alpha*|| / ridge <= ||k^(x)|| ||y|| / ridge^2` in
+  `||K - K^||_2` (plus the query-kernel term). For the linear kernel and `Phi^ = Phi + E`:
+  `||K - K^||_2 <= ||E||_2 (2 ||Phi||_2 + ||E||_2)`.
+* Width (`width_sweep`): a width-m model sees at most an m-dimensional projection `P phi` of the
+  features; KRR on `P phi` is KRR with `K^ = Phi P Phi^T`, so the S4 bound applies with
+  `||K - K^||_2 = sigma_{m+1}(Phi)^2` for the best rank-m projection (the spectral tail). The compiled
+  models are width >= p today; `low_rank_predictor` is the hook for a compiler with m < p.
+* Temperature (`temperature_sweep`, Route A): CG on the exponential kernel `exp(<x, x'>/tau)` against
+  its rate `rho(kappa(tau))^t`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kcg._src import ablations
+from kcg._src import baselines as baselines_lib
+from kcg._src import bounds
+from kcg._src import checks
+from kcg._src import kernels
+from kcg._src import matching
+from kcg._src import probes
+from kcg._src import problems
+from kcg._src import solvers
+
+Array = jax.Array
+FLOOR = 1e-300
+
+
+# ----------------------------------------------------------------------------------------------------
+# Helpers.
+# ----------------------------------------------------------------------------------------------------
+
+
+def _figure(ncols: int = 1, size: tuple[float, float] | None = None):
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+
+  figure = Figure(figsize=size or (5.2 * ncols, 3.9))
+  FigureCanvasAgg(figure)
+  return figure, figure.subplots(1, ncols, squeeze=False)[0]
+
+
+def _save(figure, path: str | None) -> None:
+  figure.tight_layout()
+  if path:
+    figure.savefig(path, dpi=110)
+
+
+def _rms(x: Any, axis=None) -> np.ndarray:
+  return np.sqrt(np.mean(np.square(np.asarray(x, np.float64)), axis=axis))
+
+
+def _relative_rms(a: Any, b: Any, axis=None) -> np.ndarray:
+  """`rms(a - b) / rms(b)` over `axis` (0 where both vanish)."""
+  num = _rms(np.asarray(a, np.float64) - np.asarray(b, np.float64), axis)
+  den = _rms(b, axis)
+  return np.where(den > 0, num / np.maximum(den, FLOOR), num)
+
+
+def fitted_rate(errors: Sequence[float], floor: float = 1e-10) -> float:
+  """`exp(slope)` of a least-squares line through `log(errors[t])` for the t with error > floor.
+
+  NaN when fewer than two steps lie above the floor.
+  """
+  e = np.asarray(errors, np.float64)
+  steps = np.arange(len(e))
+  keep = np.isfinite(e) & (e > floor)
+  # Fit from t = 1: t = 0 (f_0 = 0) is the same for every method.
+  keep &= steps >= 1
+  if np.count_nonzero(keep) < 2:
+    return float("nan")
+  slope = np.polyfit(steps[keep], np.log(e[keep]), 1)[0]
+  return float(np.exp(slope))
+
+
+def jsonable(x: Any) -> Any:
+  """Nested dicts/lists of numbers with NumPy and JAX values converted (NaN and inf become None)."""
+  if isinstance(x, Mapping):
+    return {str(k): jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [jsonable(v) for v in x]
+  if isinstance(x, (jax.Array, np.ndarray)):
+    return jsonable(np.asarray(x).tolist())
+  if isinstance(x, (bool, np.bool_)):
+    return bool(x)
+  if isinstance(x, (int, np.integer)):
+    return int(x)
+  if isinstance(x, (float, np.floating)):
+    return float(x) if math.isfinite(float(x)) else None
+  return x
+
+
+def _mse(a: Any, b: Any) -> float:
+  return float(np.mean(np.square(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Depth.
+# ----------------------------------------------------------------------------------------------------
+
+
+def depth_law(key: Any, *, num_support: int = 16, feature_dim: int = 16, num_query: int = 4,
+              condition_numbers: Sequence[float] = (10.0, 100.0, 1000.0), ridge: float = 0.1,
+              max_steps: int = 12, num_prompts: int = 16, compiled: Any = None,
+              path: str | None = None) -> dict:
+  """Error of t-step CG (compiled, if given, and reference) against `rho^t` on problems of exact kappa.
+
+  Problems: `kcg.problems.batched_krr_problem` with `cond(K + ridge I) = kappa` exactly. Errors are
+  `rms_{b,q}(f_t - f*) / rms(f*)`; the bound is the same aggregate of `kcg.bounds.cg_error_bound`.
+
+  Args:
+    compiled: a `kcg.CompiledCG` for (num_support, feature_dim, >= max_steps, ridge), or None.
+  """
+  out = {"ridge": ridge, "num_support": num_support, "feature_dim": feature_dim, "kappa": {}}
+  figure, (axes,) = _figure()
+  for i, kappa in enumerate(condition_numbers):
+    prob = problems.batched_krr_problem(jax.random.fold_in(key, i), num_prompts,
+                                        num_support=num_support, feature_dim=feature_dim,
+                                        num_query=num_query, condition_number=kappa, ridge=ridge)
+    args = (prob.phi_support, prob.y_support, prob.phi_query)
+    f_star = np.asarray(solvers.krr_predict(*args, ridge))
+    ref = np.asarray(solvers.cg_predict(*args, ridge, max_steps))
+    ref_err = _relative_rms(ref, f_star[:, None], axis=(0, 2))
+    bound_t = np.stack([np.asarray(bounds.cg_error_bound(*args, ridge, t))
+                        for t in range(max_steps + 1)], axis=1)
+    bound = _rms(bound_t, axis=(0, 2)) / max(float(_rms(f_star)), FLOOR)
+    rho = float(bounds.cg_rate(kappa))
+    entry = {"predicted_rate": rho, "reference_error": ref_err, "bound": bound,
+             "reference_fitted_rate": fitted_rate(ref_err),
+             "bound_holds": bool(np.all(np.abs(ref - f_star[:, None]) <= bound_t + 1e-9))}
+    if compiled is not None:
+      comp = np.asarray(compiled.predict_steps(*args))[:, :max_steps + 1]
+      comp_err = _relative_rms(comp, f_star[:, None], axis=(0, 2))
+      entry.update(compiled_error=comp_err, compiled_fitted_rate=fitted_rate(comp_err),
+                   compiled_vs_reference=float(np.max(_relative_rms(comp, ref, axis=(0, 2)))))
+      axes.semilogy(np.maximum(comp_err, 1e-17), "o-", label=f"compiled CG, kappa={kappa:g}")
+    axes.semilogy(np.maximum(ref_err, 1e-17), ".:", label=f"reference CG, kappa={kappa:g}")
+    axes.semilogy(np.maximum(2 * rho ** np.arange(max_steps + 1), 1e-17), "--",
+                  label=f"2 rho^t, rho={rho:.3f}")
+    out["kappa"][f"{kappa:g}"] = entry
+  axes.set_xlabel("CG step t (compiled: depth = init + t x layers per step)")
+  axes.set_ylabel("relative error |f_t - f*| / |f*|")
+  axes.set_title("error vs depth against ((sqrt k - 1)/(sqrt k + 1))^t", fontsize=9)
+  axes.legend(fontsize=6)
+  _save(figure, path)
+  return out
+
+
+def depth_comparison(models: Mapping[str, Mapping[int, Callable]], prompts: Any, ridge: float, *,
+                     compiled: Any = None, path: str | None = None) -> dict:
+  """Test error vs depth L for trained models and for the solvers with t = L steps.
+
+  Args:
+    models: `{family name: {depth L: predictor}}` (e.g. "linear attention": {1: f1, 2: f2}).
+    prompts: held-out prompts with `y_query` (and `f_query`).
+    ridge: the solvers' ridge.
+    compiled: a `kcg.CompiledCG` on the prompts' sizes with `num_steps >= max L` (its `predict_steps`
+      gives CG at every t), or None to use the reference CG only.
+
+  Returns: per family and depth the model's mse (vs y and vs the noiseless f), its agreement with the
+  oracle; per depth the solvers' mse at t = L and the theorem's bound.
+  """
+  xs, ys, xq = prompts.x_support, prompts.y_support, prompts.x_query
+  y = np.asarray(prompts.y_query, np.float64)
+  f = np.asarray(getattr(prompts, "f_query", prompts.y_query), np.float64)
+  depths = sorted({int(L) for fam in models.values() for L in fam})
+  max_depth = max(depths) if depths else 1
+  oracle = np.asarray(solvers.krr_predict(xs, ys, xq, ridge))
+  out = {"depths": depths, "oracle_mse": _mse(oracle, y), "oracle_mse_noiseless": _mse(oracle, f),
+         "models": {}, "solvers": {}}
+  solver_traj = {alg: np.asarray(baselines_lib.trajectory(alg, max_depth, ridge)(xs, ys, xq))
+                 for alg in ("cg", "pcg", "gd", "chebyshev")}
+  if compiled is not None:
+    solver_traj["compiled_cg"] = np.asarray(compiled.predict_steps(xs, ys, xq))
+  for name, traj in solver_traj.items():
+    out["solvers"][name] = {"mse": [_mse(traj[:, L], y) for L in depths],
+                            "vs_oracle": [_mse(traj[:, L], oracle) for L in depths]}
+  out["bound"] = [float(np.mean(np.asarray(bounds.cg_error_bound(xs, ys, xq, ridge, L))))
+                  for L in depths]
+  figure, (axes,) = _figure()
+  for name, traj in out["solvers"].items():
+    axes.semilogy(depths, np.maximum(traj["mse"], 1e-17), "--", marker=".", label=f"{name}_t, t = L")
+  for fam, by_depth in models.items():
+    rows = {}
+    for L, fn in sorted(by_depth.items()):
+      pred = np.asarray(fn(xs, ys, xq), np.float64)
+      rows[int(L)] = {"mse": _mse(pred, y), "mse_noiseless": _mse(pred, f),
+                      "vs_oracle": _mse(pred, oracle)}
+    out["models"][fam] = rows
+    axes.semilogy(list(rows), [r["mse"] for r in rows.values()], "o-", linewidth=2,
+                  label=f"trained: {fam}")
+  axes.axhline(max(out["oracle_mse"], 1e-17), color="k", linewidth=0.8, label="KRR oracle")
+  axes.set_xlabel("depth L (trained) = steps t (solvers)")
+  axes.set_ylabel("test mse")
+  axes.set_title("trained transformers vs solvers at matched depth", fontsize=9)
+  axes.legend(fontsize=6)
+  _save(figure, path)
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ridge, condition number, temperature.
+# ----------------------------------------------------------------------------------------------------
+
+SWEEP_ALGORITHMS = ("cg", "pcg", "gd", "chebyshev")
+
+
+def solver_sweep(key: Any, knob: str, values: Sequence[float], *, task: Any, ridge: float,
+                 num_steps: int, algorithms: Sequence[str] = SWEEP_ALGORITHMS,
+                 path: str | None = None) -> dict:
+  """Error of t-step solvers against the KRR oracle as `knob` ("ridge" or "condition_number") moves.
+
+  `task` is a `kcg.tasks.TaskConfig`; for `knob="condition_number"` its input covariance's condition
+  number takes each value (the `ridge` stays), for `knob="ridge"` the solvers' ridge does. Reports the
+  mean `cond(K + ridge I)`, each solver's relative error to the oracle and its test mse, the oracle's
+  test mse, and the CG rate `rho^t` at the mean condition number.
+  """
+  from kcg._src import tasks  # pylint: disable=g-import-not-at-top
+  import dataclasses  # pylint: disable=g-import-not-at-top
+
+  if knob not in ("ridge", "condition_number"):
+    raise ValueError(f"knob must be 'ridge' or 'condition_number', got {knob!r}.")
+  out = {"knob": knob, "values": list(map(float, values)), "num_steps": num_steps, "kappa": [],
+         "oracle_mse": [], "predicted_cg_factor": [],
+         "relative_error": {a: [] for a in algorithms}, "mse": {a: [] for a in algorithms}}
+  for i, value in enumerate(values):
+    config = (dataclasses.replace(task, condition_number=float(value))
+              if knob == "condition_number" else task)
+    lam = float(value) if knob == "ridge" else ridge
+    p = tasks.sample(jax.random.fold_in(key, i), config)
+    xs, ys, xq = (jnp.asarray(a, jnp.float64) if jax.config.jax_enable_x64 else a
+                  for a in (p.x_support, p.y_support, p.x_query))
+    oracle = np.asarray(solvers.krr_predict(xs, ys, xq, lam))
+    y = np.asarray(p.y_query, np.float64)
+    kappa = float(np.mean(np.asarray(bounds.condition_number(xs, lam))))
+    out["kappa"].append(kappa)
+    out["oracle_mse"].append(_mse(oracle, y))
+    out["predicted_cg_factor"].append(float(2 * bounds.cg_rate(kappa) ** num_steps))
+    for a in algorithms:
+      f_t = np.asarray(baselines_lib.trajectory(a, num_steps, lam)(xs, ys, xq))[:, -1]
+      out["relative_error"][a].append(float(_relative_rms(f_t, oracle)))
+      out["mse"][a].append(_mse(f_t, y))
+  figure, axes = _figure(2)
+  for a in algorithms:
+    axes[0].loglog(out["values"], np.maximum(out["relative_error"][a], 1e-17), "o-", label=f"{a}_{num_steps}")
+  axes[0].loglog(out["values"], np.minimum(out["predicted_cg_factor"], 1e3), "k--",
+                 label="2 rho(kappa)^t")
+  axes[0].set_xlabel(knob)
+  axes[0].set_ylabel("relative error vs KRR oracle")
+  axes[0].legend(fontsize=6)
+  axes[1].loglog(out["values"], out["kappa"], "o-")
+  axes[1].set_xlabel(knob)
+  axes[1].set_ylabel("mean cond(K + ridge I)")
+  figure.suptitle(f"{knob} sweep, t = {num_steps}", fontsize=9)
+  _save(figure, path)
+  return out
+
+
+def temperature_sweep(key: Any, temperatures: Sequence[float], *, num_support: int = 16,
+                      input_dim: int = 4, num_query: int = 4, ridge: float = 0.1, num_steps: int = 4,
+                      num_prompts: int = 16, path: str | None = None) -> dict:
+  """CG on the exponential (softmax, Route A) kernel `exp(<x, x'>/tau)` as the temperature moves.
+
+  `x ~ N(0, I / d)`; reports `cond(K_tau + ridge I)`, the t-step CG error against that kernel's KRR
+  oracle and the rate `2 rho^t` predicted from the condition number.
+  """
+  k1, k2, k3 = jax.random.split(key, 3)
+  dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+  scale = jnp.asarray(1 / math.sqrt(input_dim), dtype)
+  xs = jax.random.normal(k1, (num_prompts, num_support, input_dim), dtype) * scale
+  xq = jax.random.normal(k2, (num_prompts, num_query, input_dim), dtype) * scale
+  ys = jax.random.normal(k3, (num_prompts, num_support), dtype)
+  out = {"temperatures": list(map(float, temperatures)), "kappa": [], "cg_relative_error": [],
+         "predicted_factor": [], "fitted_rate": [], "predicted_rate": []}
+  for tau in temperatures:
+    kernel = kernels.ExponentialKernel(jnp.asarray(tau, dtype))
+    oracle = np.asarray(solvers.krr_predict(xs, ys, xq, ridge, kernel=kernel))
+    traj = np.asarray(solvers.cg_predict(xs, ys, xq, ridge, num_steps, kernel=kernel))
+    errors = _relative_rms(traj, oracle[:, None], axis=(0, 2))
+    kappa = float(np.mean(np.asarray(bounds.condition_number(xs, ridge, kernel=kernel))))
+    out["kappa"].append(kappa)
+    out["cg_relative_error"].append(float(errors[-1]))
+    out["predicted_factor"].append(float(2 * bounds.cg_rate(kappa) ** num_steps))
+    out["fitted_rate"].append(fitted_rate(errors))
+    out["predicted_rate"].append(float(bounds.cg_rate(kappa)))
+  figure, axes = _figure(2)
+  axes[0].loglog(out["temperatures"], np.maximum(out["cg_relative_error"], 1e-17), "o-",
+                 label=f"CG_{num_steps} vs oracle")
+  axes[0].loglog(out["temperatures"], out["predicted_factor"], "k--", label="2 rho(kappa)^t")
+  axes[0].set_xlabel("temperature tau")
+  axes[0].set_ylabel("relative error")
+  axes[0].legend(fontsize=7)
+  axes[1].loglog(out["temperatures"], out["kappa"], "o-")
+  axes[1].set_xlabel("temperature tau")
+  axes[1].set_ylabel("mean cond(K_tau + ridge I)")
+  figure.suptitle("exponential kernel (softmax route A): temperature sweep", fontsize=9)
+  _save(figure, path)
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Failure modes.
+# ----------------------------------------------------------------------------------------------------
+
+
+def failure_modes(key: Any, *, num_support: int = 8, input_dim: int = 4, num_query: int = 4,
+                  num_steps: int | None = None, collinearity: Sequence[float] = (1.0, 1e-2, 1e-4, 1e-6),
+                  ridges: Sequence[float] = (1.0, 1e-2, 1e-4, 1e-6, 1e-8), base_ridge: float = 1e-3,
+                  num_prompts: int = 8, compile_fn: Callable | None = None,
+                  path: str | None = None) -> dict:
+  """Nearly collinear supports and very small ridge: where the condition number, and CG, break down.
+
+  Collinear supports: `x_j = x_0 + delta z_j` (all supports within `delta` of one point), ridge
+  `base_ridge`. Small ridge: Gaussian supports, ridge from `ridges`. For each setting: `cond(A)`, the
+  error after `num_steps` (default k) CG steps against the float64 oracle for reference CG, compiled CG
+  in float64 and in float32 (when `compile_fn(k, d, t, ridge)` returns a `kcg.CompiledCG`), and the
+  float32 oracle (Cholesky in float32) for comparison.
+  """
+  t = num_support if num_steps is None else int(num_steps)
+  f64 = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+  k1, k2, k3, k4 = jax.random.split(key, 4)
+  base = jax.random.normal(k1, (num_prompts, 1, input_dim), f64)
+  noise = jax.random.normal(k2, (num_prompts, num_support, input_dim), f64)
+  xq = jax.random.normal(k3, (num_prompts, num_query, input_dim), f64)
+  ys = jax.random.normal(k4, (num_prompts, num_support), f64)
+
+  def evaluate(xs, lam):
+    oracle = np.asarray(solvers.krr_predict(xs, ys, xq, lam))
+    row = {"kappa": float(np.mean(np.asarray(bounds.condition_number(xs, lam)))),
+           "reference_cg": float(_relative_rms(
+               np.asarray(solvers.cg_predict(xs, ys, xq, lam, t))[:, -1], oracle))}
+    oracle32 = np.asarray(solvers.krr_predict(*(jnp.asarray(a, jnp.float32) for a in (xs, ys, xq)),
+                                              lam))
+    row["oracle_float32"] = float(_relative_rms(oracle32, oracle))
+    if compile_fn is not None:
+      compiled = compile_fn(num_support, input_dim, t, lam)
+      row["compiled_float64"] = float(_relative_rms(np.asarray(compiled.predict(xs, ys, xq)), oracle))
+      comp32 = np.asarray(compiled.predict(*(jnp.asarray(a, jnp.float32) for a in (xs, ys, xq))))
+      row["compiled_float32"] = float(_relative_rms(comp32, oracle))
+    return row
+
+  out = {"num_steps": t, "base_ridge": base_ridge, "collinear": {}, "small_ridge": {}}
+  for delta in collinearity:
+    xs = base + jnp.asarray(delta, f64) * noise
+    out["collinear"][f"{delta:g}"] = evaluate(xs, base_ridge)
+  for lam in ridges:
+    out["small_ridge"][f"{lam:g}"] = evaluate(noise, float(lam))
+  figure, axes = _figure(2)
+  for ax, (title, rows, xlabel) in zip(axes, (("nearly collinear supports", out["collinear"], "delta"),
+                                               ("very small ridge", out["small_ridge"], "ridge"))):
+    xs_plot = [float(v) for v in rows]
+    for field in ("reference_cg", "compiled_float64", "compiled_float32", "oracle_float32"):
+      if field in next(iter(rows.values())):
+        ax.loglog(xs_plot, [max(r[field], 1e-17) for r in rows.values()], "o-", label=field)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"relative error vs float64 oracle (t = {t})")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=6)
+  _save(figure, path)
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Feature perturbation (S4) and width.
+# ----------------------------------------------------------------------------------------------------
+
+
+def perturbation_bound(phi_support: Any, y_support: Any, phi_query: Any, phi_support_hat: Any,
+                       phi_query_hat: Any, ridge: float) -> dict[str, Array]:
+  """The S4 bound for the linear kernel at every query (module docstring), `[B, q]` arrays.
+
+  Returns `actual = |f* - f^*|`, `sharp` (with `||A^^-1 k^||`), `lipschitz` (with `||k^|| / ridge`),
+  `kernel_distance = ||K - K^||_2` `[B]` and `lipschitz_constant = ||k^|| ||alpha*|| / ridge` `[B, q]`.
+  """
+  checks.check_ridge(ridge)
+  dtype = checks.float_dtype(phi_support, y_support, phi_query, phi_support_hat, phi_query_hat)
+  cast = lambda a: jnp.asarray(a, dtype)
+  phi, y, phi_q, phi_h, phi_qh = map(cast, (phi_support, y_support, phi_query, phi_support_hat,
+                                           phi_query_hat))
+  einsum = lambda s, *a: jnp.einsum(s, *a, precision=checks.HIGHEST)
+  k = phi.shape[-2]
+  eye = jnp.eye(k, dtype=dtype)[None]
+  lam = jnp.asarray(ridge, dtype)
+  gram, gram_h = einsum("bkp,bjp->bkj", phi, phi), einsum("bkp,bjp->bkj", phi_h, phi_h)
+  kq, kq_h = einsum("bqp,bkp->bqk", phi_q, phi), einsum("bqp,bkp->bqk", phi_qh, phi_h)
+  alpha = jnp.linalg.solve(gram + lam * eye, y[..., None])[..., 0]
+  alpha_h = jnp.linalg.solve(gram_h + lam * eye, y[..., None])[..., 0]
+  actual = jnp.abs(einsum("bqk,bk->bq", kq, alpha) - einsum("bqk,bk->bq", kq_h, alpha_h))
+  alpha_norm = jnp.linalg.norm(alpha, axis=-1)
+  kernel_distance = jnp.linalg.norm(gram - gram_h, ord=2, axis=(-2, -1))
+  query_term = jnp.linalg.norm(kq - kq_h, axis=-1) * alpha_norm[:, None]
+  solved = jnp.linalg.solve(gram_h + lam * eye, jnp.swapaxes(kq_h, -1, -2))  # [B, k, q]
+  sharp = query_term + jnp.linalg.norm(solved, axis=-2) * (kernel_distance * alpha_norm)[:, None]
+  constant = jnp.linalg.norm(kq_h, axis=-1) * alpha_norm[:, None] / lam
+  lipschitz = query_term + constant * kernel_distance[:, None]
+  return {"actual": actual, "sharp": sharp, "lipschitz": lipschitz,
+          "kernel_distance": kernel_distance, "lipschitz_constant": constant}
+
+
+def feature_perturbation(key: Any, *, num_support: int = 16, feature_dim: int = 8, num_query: int = 4,
+                         ridge: float = 0.1, scales: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0),
+                         num_prompts: int = 32, path: str | None = None) -> dict:
+  """S4: `|f* - f^*|` against `||K - K^||_2` for `Phi^ = Phi + eps E` (E Gaussian, query features too).
+
+  Reports, per eps, the mean kernel distance, the mean actual error, the largest `actual / bound` over
+  all prompts and queries for both forms of the bound (must be <= 1), and the mean Lipschitz constant.
+  """
+  dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+  keys = jax.random.split(key, 5)
+  phi = jax.random.normal(keys[0], (num_prompts, num_support, feature_dim), dtype)
+  phi_q = jax.random.normal(keys[1], (num_prompts, num_query, feature_dim), dtype)
+  y = jax.random.normal(keys[2], (num_prompts, num_support), dtype)
+  e_s = jax.random.normal(keys[3], phi.shape, dtype)
+  e_q = jax.random.normal(keys[4], phi_q.shape, dtype)
+  out = {"ridge": ridge, "scales": list(map(float, scales)), "kernel_distance": [], "actual": [],
+         "sharp_bound": [], "lipschitz_bound": [], "max_ratio_sharp": [], "max_ratio_lipschitz": [],
+         "lipschitz_constant": []}
+  for eps in scales:
+    eps_a = jnp.asarray(eps, dtype)
+    r = perturbation_bound(phi, y, phi_q, phi + eps_a * e_s, phi_q + eps_a * e_q, ridge)
+    actual, sharp, lip = (np.asarray(r[n]) for n in ("actual", "sharp", "lipschitz"))
+    out["kernel_distance"].append(float(np.mean(np.asarray(r["kernel_distance"]))))
+    out["actual"].append(float(np.mean(actual)))
+    out["sharp_bound"].append(float(np.mean(sharp)))
+    out["lipschitz_bound"].append(float(np.mean(lip)))
+    out["max_ratio_sharp"].append(float(np.max(actual / np.maximum(sharp, FLOOR))))
+    out["max_ratio_lipschitz"].append(float(np.max(actual / np.maximum(lip, FLOOR))))
+    out["lipschitz_constant"].append(float(np.mean(np.asarray(r["lipschitz_constant"]))))
+  out["bound_holds"] = bool(max(out["max_ratio_sharp"] + out["max_ratio_lipschitz"]) <= 1 + 1e-9)
+  figure, (axes,) = _figure()
+  axes.loglog(out["kernel_distance"], out["actual"], "o-", label="mean |f* - f^*|")
+  axes.loglog(out["kernel_distance"], out["sharp_bound"], "--", label="sharp bound (||A^^-1 k^||)")
+  axes.loglog(out["kernel_distance"], out["lipschitz_bound"], ":", label="Lipschitz bound (1/ridge)")
+  axes.set_xlabel("||K - K^||_2")
+  axes.set_ylabel("prediction change")
+  axes.set_title("S4: KRR under feature perturbation", fontsize=9)
+  axes.legend(fontsize=7)
+  _save(figure, path)
+  return out
+
+
+def _project(phi: Array, basis_BxPxM: Array) -> Array:
+  """phi P with P = V V^T for orthonormal columns V [B, p, m]."""
+  coords = jnp.einsum("bnp,bpm->bnm", phi, basis_BxPxM, precision=checks.HIGHEST)
+  return jnp.einsum("bnm,bpm->bnp", coords, basis_BxPxM, precision=checks.HIGHEST)
+
+
+def width_sweep(key: Any, widths: Sequence[int], *, num_support: int = 16, feature_dim: int = 16,
+                num_query: int = 4, ridge: float = 0.1, decay: float = 0.7, num_prompts: int = 16,
+                low_rank_predictor: Callable[[int], Callable] | None = None,
+                path: str | None = None) -> dict:
+  """KRR through a width-m bottleneck against the spectral-tail bound, for m < p.
+
+  Features `phi = g D` with `D = diag(decay^i)` (a decaying spectrum). A width-m model sees `P phi`; two
+  sketches: `"top"` (the best rank-m projection, top right singular vectors of each prompt's Phi, so
+  `||K - K^||_2 = sigma_{m+1}^2`) and `"random"` (a fixed random m-dimensional projection). The S4
+  bound (`perturbation_bound`) is evaluated for each. `low_rank_predictor(m)`, when given, is a predictor
+  `(x_support, y_support, x_query) -> [B, q]` of a width-m model (the hook for a compiler with m < p);
+  its error against the full KRR is reported next to the sketches.
+  """
+  dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+  k1, k2, k3, k4 = jax.random.split(key, 4)
+  spectrum = jnp.asarray(decay ** np.arange(feature_dim), dtype)
+  phi = jax.random.normal(k1, (num_prompts, num_support, feature_dim), dtype) * spectrum[None, None]
+  phi_q = jax.random.normal(k2, (num_prompts, num_query, feature_dim), dtype) * spectrum[None, None]
+  y = jax.random.normal(k3, (num_prompts, num_support), dtype)
+  full = np.asarray(solvers.krr_predict(phi, y, phi_q, ridge))
+  _, sing, vt = jnp.linalg.svd(phi, full_matrices=True)  # vt [B, p, p]: any m <= p has a basis
+  rotation, _ = jnp.linalg.qr(jax.random.normal(k4, (feature_dim, feature_dim), dtype))
+  out = {"widths": [int(m) for m in widths], "feature_dim": feature_dim, "spectral_tail": [],
+         "top": {"error": [], "bound": [], "kernel_distance": []},
+         "random": {"error": [], "bound": [], "kernel_distance": []}, "hook": None}
+  hook_errors = []
+  for m in widths:
+    m = int(m)
+    if not 1 <= m <= feature_dim:
+      raise ValueError(f"widths must lie in [1, feature_dim={feature_dim}], got {m}.")
+    tail = float(np.mean(np.asarray(sing[:, m] ** 2))) if m < min(num_support, feature_dim) else 0.0
+    out["spectral_tail"].append(tail)
+    bases = {"top": jnp.swapaxes(vt[:, :m, :], -1, -2),
+             "random": jnp.broadcast_to(rotation[:, :m], (num_prompts, feature_dim, m))}
+    for name, basis in bases.items():
+      r = perturbation_bound(phi, y, phi_q, _project(phi, basis), _project(phi_q, basis), ridge)
+      out[name]["error"].append(float(_relative_rms(np.asarray(r["actual"]), full)))
+      out[name]["bound"].append(float(_rms(np.asarray(r["sharp"])) / max(float(_rms(full)), FLOOR)))
+      out[name]["kernel_distance"].append(float(np.mean(np.asarray(r["kernel_distance"]))))
+    if low_rank_predictor is not None:
+      pred = np.asarray(low_rank_predictor(m)(phi, y, phi_q))
+      hook_errors.append(float(_relative_rms(pred, full)))
+  if low_rank_predictor is not None:
+    out["hook"] = hook_errors
+  figure, (axes,) = _figure()
+  widths_plot = out["widths"]
+  for name, style in (("top", "o-"), ("random", "s-")):
+    axes.semilogy(widths_plot, np.maximum(out[name]["error"], 1e-17), style, label=f"{name} sketch: error")
+    axes.semilogy(widths_plot, np.maximum(out[name]["bound"], 1e-17), style[0] + "--",
+                  label=f"{name} sketch: S4 bound")
+  if out["hook"] is not None:
+    axes.semilogy(widths_plot, np.maximum(out["hook"], 1e-17), "k^-", label="width-m model (hook)")
+  axes.set_xlabel("width m (feature dimension p = %d)" % feature_dim)
+  axes.set_ylabel("relative error vs full KRR")
+  axes.set_title("width bottleneck m < p vs the spectral-tail bound", fontsize=9)
+  axes.legend(fontsize=6)
+  _save(figure, path)
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Probes, ablations and matching of a subject, with their figures.
+# ----------------------------------------------------------------------------------------------------
+
+
+def probe_study(subject: probes.Subject, prompts: Any, key: Any, *, ridge: float, num_steps: int,
+                combos: Sequence[tuple[str, str]] | None = None, form: str = "dual",
+                feature_map: Callable | None = None, control_seed: int = 0, num_folds: int = 5,
+                probe_ridge: float = 1e-6, cosine_threshold: float = 0.9,
+                path: str | None = None) -> dict:
+  """Probes every layer of `subject` for the CG state at every step `t = 0..num_steps`.
+
+  `combos` are `(quantity, site)` pairs (default: alpha, r, p at the support tokens and at the
+  aggregator, w at the aggregator and the queries). Targets: `probes.state_targets` (reference CG with
+  `ridge` on `phi(x)`). The control is `random_init_like(subject, control_seed)`.
+
+  Returns per combo the `[L+1, T+1]` grids (cosine, r2, shuffled cosine, control cosine, trivial) and,
+  per step t, the best layer and its scores.
+  """
+  if combos is None:
+    combos = (("alpha", "support"), ("r", "support"), ("p", "support"), ("alpha", "aggregator"),
+              ("w", "aggregator"), ("w", "query"))
+  num_support = prompts.x_support.shape[1]
+  num_query = prompts.x_query.shape[1]
+  h = probes.residuals(subject, prompts)
+  h_control = probes.residuals(probes.random_init_like(subject, control_seed), prompts)
+  targets = probes.state_targets(prompts.x_support, prompts.y_support, ridge, num_steps, form=form,
+                                 feature_map=feature_map)
+  out = {"subject": subject.name, "layer_names": list(subject.layer_names), "combos": {}}
+  figure, axes = _figure(len(combos), size=(3.6 * len(combos), 3.4))
+  for ax, (quantity, site) in zip(axes, combos):
+    values = getattr(targets, quantity)  # [B, T+1, n]
+    per_step = jnp.stack([probes.site_targets(values[:, t], site, num_query)
+                          for t in range(num_steps + 1)])
+    grid = probes.probe_grid(probes.site_features(h, site, num_support), per_step, key,
+                             control_features_LxBxSxD=probes.site_features(h_control, site, num_support),
+                             num_folds=num_folds, ridge=probe_ridge, cosine_threshold=cosine_threshold)
+    best_layer = np.argmax(np.nan_to_num(grid.cosine, nan=-2), axis=0)
+    steps = np.arange(num_steps + 1)
+    out["combos"][f"{quantity}@{site}"] = {
+        "cosine": grid.cosine, "r2": grid.r2, "shuffled_cosine": grid.shuffled_cosine,
+        "control_cosine": grid.control_cosine, "trivial": grid.trivial,
+        "best_layer": best_layer, "best_cosine": grid.cosine[best_layer, steps],
+        "best_r2": grid.r2[best_layer, steps],
+        "best_control_cosine": np.nanmax(grid.control_cosine, axis=0),
+        "best_shuffled_cosine": np.nanmax(grid.shuffled_cosine, axis=0)}
+    layers = np.arange(grid.cosine.shape[0])
+    for t in range(1, num_steps + 1):
+      line, = ax.plot(layers, grid.cosine[:, t], "-", label=f"t={t}")
+      ax.plot(layers, grid.control_cosine[:, t], ":", color=line.get_color())
+    ax.axhline(cosine_threshold, color="k", linewidth=0.6)
+    ax.set_ylim(-0.2, 1.05)
+    ax.set_xlabel("layer")
+    ax.set_title(f"{quantity}_t @ {site}", fontsize=8)
+  axes[0].set_ylabel("held-out cosine (dotted: random init)")
+  axes[0].legend(fontsize=6)
+  figure.suptitle(f"probes: {subject.name}", fontsize=9)
+  _save(figure, path)
+  return out
+
+
+def compiled_ablation_table(compiled: Any, prompts: Any, *, operations: Sequence[str] | None = None,
+                            steps: Sequence[int] | None = None, path: str | None = None) -> dict:
+  """`ablations.ablate_compiled` for every operation the construction has; a bar chart of match/damage."""
+  ops = []
+  for op in operations or ablations.OPERATIONS:
+    try:
+      ablations.operation_ablation(compiled.program, op, steps=steps)
+    except ValueError:
+      continue
+    ops.append(op)
+  rows = {}
+  for op in ops:
+    rep = ablations.ablate_compiled(compiled, op, prompts, steps=steps)
+    rows[op] = {"removed": rep.ablation.description, "match": rep.match,
+                "damage_size": rep.damage_size, "mse_vs_oracle_healthy": rep.mse_healthy,
+                "mse_vs_oracle_damaged": rep.mse_damaged}
+  figure, (axes,) = _figure(size=(6.4, 3.9))
+  pos = np.arange(len(ops))
+  axes.bar(pos - 0.2, [max(rows[o]["match"], 1e-17) for o in ops], 0.4,
+           label="|damaged model - damaged CG| / |damaged CG|")
+  axes.bar(pos + 0.2, [max(rows[o]["damage_size"], 1e-17) for o in ops], 0.4,
+           label="|damaged - healthy| / |healthy|")
+  axes.set_yscale("log")
+  axes.set_xticks(pos)
+  axes.set_xticklabels(ops, rotation=30, fontsize=7)
+  axes.set_title(f"ablations of {compiled.program.name} (t={compiled.num_steps})", fontsize=9)
+  axes.legend(fontsize=6)
+  _save(figure, path)
+  return {"construction": compiled.program.name, "operations": rows}
+
+
+def trained_ablation(subject: probes.Subject, prompts: Any, key: Any, *, ridge: float, max_steps: int,
+                     path: str | None = None) -> dict:
+  """Every head and every layer of a trained subject removed in turn; the damaged model's best CG/GD step.
+
+  For each removed layer, the damaged predictions are matched (`matching.match_layers` on the final
+  output) against CG and GD trajectories: does removing a layer look like one solver step fewer?
+  """
+  dmap = ablations.degradation_map(subject, prompts)
+  trajectories = matching.algorithm_trajectories(prompts, ridge, max_steps, algorithms=("cg", "gd"),
+                                                 spaces=("data",))
+  healthy = probes.predict_fn(subject)(prompts.x_support, prompts.y_support, prompts.x_query)
+  healthy_match = matching.match_layers(healthy[None], prompts, trajectories, key).layers[0]
+  layer_matches = []
+  for layer in range(subject.num_layers):
+    damaged = ablations.degradation(subject, prompts, layers=(layer,)).damaged
+    m = matching.match_layers(damaged[None], prompts, trajectories, key).layers[0]
+    layer_matches.append({"layer": layer, "best": m.name, "step": m.step,
+                          "squared_difference": m.squared_difference})
+  figure, axes = _figure(2)
+  image = axes[0].imshow(np.log10(np.maximum(dmap.head_mse, 1e-17) / max(dmap.mse_healthy, 1e-17)),
+                         aspect="auto", cmap="magma")
+  figure.colorbar(image, ax=axes[0], label="log10 (mse damaged / mse healthy)")
+  axes[0].set_xlabel("head")
+  axes[0].set_ylabel("layer")
+  axes[0].set_title("remove one head", fontsize=8)
+  axes[1].bar(np.arange(subject.num_layers), dmap.layer_mse)
+  axes[1].axhline(dmap.mse_healthy, color="k", linewidth=0.8, label="healthy")
+  axes[1].set_yscale("log")
+  axes[1].set_xlabel("removed layer")
+  axes[1].set_ylabel("test mse")
+  axes[1].legend(fontsize=7)
+  figure.suptitle(f"ablations: {subject.name}", fontsize=9)
+  _save(figure, path)
+  return {"mse_healthy": dmap.mse_healthy, "head_mse": dmap.head_mse, "layer_mse": dmap.layer_mse,
+          "head_change": dmap.head_change, "layer_change": dmap.layer_change,
+          "healthy_best_match": {"best": healthy_match.name, "step": healthy_match.step,
+                                 "squared_difference": healthy_match.squared_difference},
+          "layer_removed_best_match": layer_matches}
+
+
+def matching_study(subject: probes.Subject, prompts: Any, key: Any, *, ridge: float, max_steps: int,
+                   readout: str = "logit_lens", fit_prompts: Any = None,
+                   feature_map: Callable | None = None, gradients: bool = True,
+                   algorithms: Sequence[str] = matching.ALGORITHMS, path: str | None = None) -> dict:
+  """`matching.match_subject` plus a figure: each candidate's best distance per layer."""
+  m = matching.match_subject(subject, prompts, key, ridge=ridge, max_steps=max_steps, readout=readout,
+                             fit_prompts=fit_prompts, feature_map=feature_map, gradients=gradients,
+                             algorithms=algorithms)
+  figure, (axes,) = _figure(size=(6.4, 3.9))
+  layers = np.arange(len(m.layers))
+  for name, dist in m.best_distance.items():
+    axes.semilogy(layers, np.maximum(dist, 1e-33), ".-", label=name)
+  for lm in m.layers:
+    axes.annotate(str(lm.step), (lm.layer, max(lm.squared_difference, 1e-33)), fontsize=6)
+  axes.set_xlabel("layer")
+  axes.set_ylabel("min_t mean (f_layer - f_t)^2")
+  axes.set_title(f"layer-wise matching ({readout}): {subject.name}", fontsize=8)
+  axes.legend(fontsize=5, ncol=2)
+  _save(figure, path)
+  return {"subject": subject.name, "readout": readout,
+          "layers": [lm._asdict() for lm in m.layers], "best_step": m.best_step,
+          "best_distance": m.best_distance, "table": m.table()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The report.
+# ----------------------------------------------------------------------------------------------------
+
+
+class Report:
+  """Collects markdown sections, figures and numbers; `write` saves report.md and results.json."""
+
+  def __init__(self, workdir: str, title: str):
+    self.workdir = workdir
+    self.lines = [f"# {title}", ""]
+    self.results: dict[str, Any] = {}
+    self.figures: list[str] = []
+    os.makedirs(workdir, exist_ok=True)
+
+  def path(self, filename: str) -> str:
+    return os.path.join(self.workdir, filename)
+
+  def section(self, title: str, text: str = "") -> None:
+    self.lines += [f"## {title}", ""] + ([text, ""] if text else [])
+
+  def text(self, text: str) -> None:
+    self.lines += [text, ""]
+
+  def figure(self, filename: str, caption: str) -> None:
+    if not os.path.exists(self.path(filename)):
+      raise ValueError(f"figure {filename} was not written to {self.workdir}.")
+    self.figures.append(filename)
+    self.lines += [f"![{caption}]({filename})", "", f"*{caption}*", ""]
+
+  def table(self, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
+    self.lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    self.lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    self.lines.append("")
+
+  def add(self, name: str, value: Any) -> Any:
+    self.results[name] = jsonable(value)
+    return value
+
+  def write(self, config: Mapping[str, Any]) -> tuple[str, str]:
+    self.lines += ["## Configuration", "", "```json", json.dumps(jsonable(config), indent=2,
+                                                                  sort_keys=True), "```", ""]
+    report_path, results_path = self.path("report.md"), self.path("results.json")
+    with open(report_path, "w") as f:
+      f.write("\n".join(self.lines))
+    with open(results_path, "w") as f:
+      json.dump({"config": jsonable(config), "results": self.results}, f, indent=1)
+    return report_path, results_path
+
+
+__all__ = (
+    "Report", "compiled_ablation_table", "depth_comparison", "depth_law", "failure_modes",
+    "feature_perturbation", "fitted_rate", "jsonable", "matching_study", "perturbation_bound",
+    "probe_study", "solver_sweep", "temperature_sweep", "trained_ablation", "width_sweep",
+)

@@ -1,0 +1,35 @@
+"""The formal-vs-learned study's sweeps and laws as library functions (numbers + a figure each)."""
+
+from kcg._src.study import Report
+from kcg._src.study import compiled_ablation_table
+from kcg._src.study import depth_comparison
+from kcg._src.study import depth_law
+from kcg._src.study import failure_modes
+from kcg._src.study import feature_perturbation
+from kcg._src.study import fitted_rate
+from kcg._src.study import jsonable
+from kcg._src.study import matching_study
+from kcg._src.study import perturbation_bound
+from kcg._src.study import probe_study
+from kcg._src.study import solver_sweep
+from kcg._src.study import temperature_sweep
+from kcg._src.study import trained_ablation
+from kcg._src.study import width_sweep
+
+__all__ = (
+    "Report",
+    "compiled_ablation_table",
+    "depth_comparison",
+    "depth_law",
+    "failure_modes",
+    "feature_perturbation",
+    "fitted_rate",
+    "jsonable",
+    "matching_study",
+    "perturbation_bound",
+    "probe_study",
+    "solver_sweep",
+    "temperature_sweep",
+    "trained_ablation",
+    "width_sweep",
+)
