@@ -1,12 +1,19 @@
 """A deep linear-attention transformer (no MLP, no norm) on anisotropic linear regression.
 
-Inputs `x ~ N(0, Sigma)` with condition number 30 in a fixed eigenbasis (`input_rotation="fixed"`,
-so the model can learn a preconditioner, as multi-layer linear transformers do: Ahn et al. 2023).
-d = 8, k = 32, depth 6, 2 heads. Compare `eval.json`'s model mse with `gd_6`, `cg_6`, `chebyshev_6` and
+Inputs `x ~ N(0, Sigma)` with condition number 30 in a fixed eigenbasis (`input_rotation="fixed"`, so
+the model can learn a preconditioner, as multi-layer linear transformers do: Ahn et al. 2023).
+d = 8, k = 32, depth 4, 2 heads of size 16. Compare `eval.json`'s model mse with `gd_L`, `cg_L` and
 the `krr_oracle`; change the depth with `--config.model.num_layers=L` and the conditioning with
 `--config.data.condition_number=C`.
 
-Run (about 8 minutes on 2 CPU cores):
+Measured (this config, 4000 steps, shared 2-core CPU; noiseless targets, so the oracle's mse is ~1e-8):
+
+    depth L      1       2       4       8
+    model mse    0.19    0.016   0.0025  0.0014
+    cg_L mse     0.30    0.13    0.022   8.6e-5
+    wall time    54 s    110 s   140 s   130 s
+
+Run (about 2-3 minutes on 2 CPU cores):
 
     python -m experiments.train --config=experiments/configs/linear_deep.py --workdir=/tmp/linear_deep
 
@@ -19,7 +26,7 @@ from experiments.configs import common
 def get_config(arg: str | None = None):
   options = common.parse_arg(arg)
   config = common.base_config()
-  config.model.num_layers = 6
+  config.model.num_layers = 4
   config.model.attention = "linear"
   config.model.mlp_hidden = 0
   config.model.norm = None
@@ -38,14 +45,14 @@ def get_config(arg: str | None = None):
   config.data.num_query = 4
   config.data.encoding = "query"
   config.data.mask = "prefix"
-  config.num_steps = 20_000
-  config.batch_size = 128
-  config.optim.learning_rate = 5e-4
-  config.optim.warmup_steps = 1000
+  config.num_steps = 4000
+  config.batch_size = 64
+  config.optim.learning_rate = 1e-3
+  config.optim.warmup_steps = 200
   config.optim.clip_norm = 1.0
-  config.log_every = 500
-  config.checkpoint_every = 5000
-  config.eval_batch_size = 1024
+  config.log_every = 1000
+  config.checkpoint_every = 1000
+  config.eval_batch_size = 512
   if "runlocal" in options:
     common.runlocal(config)
   return config

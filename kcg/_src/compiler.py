@@ -194,7 +194,7 @@ class CompiledCG:
   def __init__(self, *, num_support, feature_dim, num_steps, ridge, mask, form, state_placement,
                dtype, algorithm="cg", eig_bounds=None, features="identity",
                feature_params=None, preconditioner=None, attention="linear",
-               kernel="linear", temperature=None, projection=None):
+               kernel="linear", temperature=None, projection=None, temperature_heads=1):
     self.num_support = num_support
     self.feature_dim = feature_dim
     self.num_steps = num_steps
@@ -208,6 +208,7 @@ class CompiledCG:
     self.kernel = kernel
     self.temperature = temperature
     self.projection = projection
+    self.temperature_heads = temperature_heads
     self.features = features
     self.feature_params = (None if feature_params is None else
                            tuple(np.asarray(a, np.float64) for a in feature_params))
@@ -225,9 +226,14 @@ class CompiledCG:
     self.params = nnx.state(self.model, nnx.Param)
 
   def _build(self, spec) -> programs.Program:
-    if self.attention == "softmax":
+    if self.attention == "softmax" and self.kernel == "exponential":
       program = softmax_programs.exponential_support_state(
           self.num_support, self.feature_dim, self.num_steps, self.ridge, self.temperature,
+          self.projection, spec or recip.default_spec(np.float64))
+    elif self.attention == "softmax":
+      temperatures = tuple(self.temperature * (i + 1) for i in range(self.temperature_heads))
+      program = softmax_programs.dot_product_support_state(
+          self.num_support, self.feature_dim, self.num_steps, self.ridge, temperatures,
           self.projection, spec or recip.default_spec(np.float64))
     elif self.algorithm == "chebyshev":
       program = build_chebyshev_program(self.num_support, self.feature_dim, self.num_steps,
@@ -401,7 +407,7 @@ def compile_cg(num_support: int, feature_dim: int, num_steps: int, ridge: float,
                features: str = "identity", state_placement: str = "auto",
                input_dim: int | None = None, feature_params=None, preconditioner=None,
                kernel: str | None = None, temperature: float | None = None, projection=None,
-               dtype=None) -> CompiledCG:
+               temperature_heads: int = 2, dtype=None) -> CompiledCG:
   """Compiles t-step CG for kernel ridge regression into a `kcg.Transformer`.
 
   Args:
@@ -417,7 +423,12 @@ def compile_cg(num_support: int, feature_dim: int, num_steps: int, ridge: float,
       exp(<U phi_i, U phi_j> / temperature), per-support state, mask="prefix"). Default: "linear"
       for linear attention, "exponential" for softmax.
     temperature: tau > 0 of the exponential kernel.
-    projection: U [p', p] of the exponential kernel (identity by default).
+      "linear" (Route B, approximate: the dot-product kernel from softmax heads at temperatures
+      tau, 2 tau, .., h tau combined by Richardson extrapolation, h = temperature_heads:
+      sum_m w_m tau_m ((K~_{tau_m} p)_i - sum_j p_j) = (K p)_i + O(tau^-h); the mat-vec error
+      eps(h, tau) is measured in BUILD.md).
+    projection: U [p', p] of the kernel (identity by default).
+    temperature_heads: h for Route B (heads at tau, 2 tau, ..., h tau).
     features: "identity" (phi(x) = x) or "random_relu" (a first ReLU layer computes
       phi(x) = relu(W x + b) / sqrt(m), m = feature_dim, from `feature_params`).
     state_placement: "auto" (per-support state for dual + prefix, the aggregator otherwise),
@@ -437,6 +448,9 @@ def compile_cg(num_support: int, feature_dim: int, num_steps: int, ridge: float,
       num_support, feature_dim, num_steps, ridge, mask, form, attention, features,
       state_placement, input_dim, feature_params)
   kernel = kernel or ("exponential" if attention == "softmax" else "linear")
+  if isinstance(temperature_heads, bool) or not isinstance(temperature_heads, int) or not (
+      1 <= temperature_heads <= 6):
+    raise ValueError(f"temperature_heads must be an int in [1, 6], got {temperature_heads!r}.")
   projection = _validate_kernel(attention, kernel, temperature, projection, feature_dim, mask, form,
                                 preconditioner, features)
   if preconditioner not in (None, "jacobi"):
@@ -454,7 +468,8 @@ def compile_cg(num_support: int, feature_dim: int, num_steps: int, ridge: float,
                     dtype=dtype, features=features, feature_params=feature_params,
                     preconditioner=preconditioner, attention=attention, kernel=kernel,
                     temperature=None if temperature is None else float(temperature),
-                    projection=projection)
+                    projection=projection,
+                    temperature_heads=temperature_heads if kernel == "linear" else 1)
 
 
 def _validate_kernel(attention, kernel, temperature, projection, feature_dim, mask, form,
@@ -467,20 +482,16 @@ def _validate_kernel(attention, kernel, temperature, projection, feature_dim, ma
     if temperature is not None or projection is not None:
       raise ValueError("temperature and projection are options of attention='softmax'.")
     return None
-  if kernel == "linear":
-    raise ValueError("attention='softmax', kernel='linear' (Route B, the dot-product kernel "
-                     "approximated by softmax heads) is not built yet; use kernel='exponential' "
-                     "(Route A, exact) or attention='linear'.")
-  if kernel != "exponential":
+  if kernel not in ("exponential", "linear"):
     raise ValueError(f"kernel={kernel!r} is not one of ('exponential', 'linear').")
   try:
     temperature = float(temperature)
   except (TypeError, ValueError):
-    raise ValueError(f"kernel='exponential' needs a temperature > 0, got {temperature!r}.") from None
+    raise ValueError(f"attention='softmax' needs a temperature > 0, got {temperature!r}.") from None
   if not math.isfinite(temperature) or temperature <= 0:
     raise ValueError(f"temperature must be finite and > 0, got {temperature!r}.")
   if mask != "prefix" or form != "dual":
-    raise ValueError("attention='softmax' (Route A) is compiled with per-support state: it needs "
+    raise ValueError("attention='softmax' (Routes A and B) is compiled with per-support state: it needs "
                      "mask='prefix' and form='dual' (each support forms its own row of K~ p).")
   if preconditioner is not None or features != "identity":
     raise ValueError("attention='softmax' supports neither a preconditioner nor feature layers yet.")

@@ -36,6 +36,7 @@ from kcg._src import baselines as baselines_lib
 from kcg._src import checks
 from kcg._src import evaluation
 from kcg._src import probes
+from kcg._src import solvers
 
 Array = jax.Array
 
@@ -196,12 +197,32 @@ def newton_schulz_trajectory(num_steps: int, ridge: float, *, feature_map: Calla
 
 def trajectory(algorithm: str, num_steps: int, ridge: float, *, feature_map: Callable | None = None,
                space: str = "feature") -> Callable[..., Array]:
-  """The `[B, T+1, q]` trajectory of one candidate (`ALGORITHMS`); see `kcg.baselines.trajectory`."""
+  """The `[B, T+1, q]` trajectory of one candidate (`ALGORITHMS`), as `kcg.baselines.trajectory`.
+
+  Runs the `kcg.solvers` predict functions directly (their jitted cores take the ridge as an array), so
+  sweeping the ridge or building many candidates compiles each solver once per shape.
+  """
   if algorithm not in ALGORITHMS:
     raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}.")
   if algorithm == "newton_schulz":
     return newton_schulz_trajectory(num_steps, ridge, feature_map=feature_map, space=space)
-  return baselines_lib.trajectory(algorithm, num_steps, ridge, feature_map=feature_map, space=space)
+  num_steps = checks.check_num_steps(num_steps)
+  checks.check_ridge(ridge)
+  if space not in SPACES:
+    raise ValueError(f"unknown space {space!r}; choose one of {', '.join(SPACES)}.")
+  used = feature_map if space == "feature" else None
+  solve = {"cg": solvers.cg_predict, "primal_cg": solvers.primal_cg_predict,
+           "pcg": solvers.pcg_predict, "gd": solvers.gd_predict,
+           "chebyshev": solvers.chebyshev_predict}[algorithm]
+
+  def predict_steps(x_support, y_support, x_query):
+    x_support, y_support, x_query = baselines_lib.check_prompt_arrays(x_support, y_support, x_query)
+    dtype = x_support.dtype
+    z_s = x_support if used is None else jnp.asarray(used(x_support), dtype)
+    z_q = x_query if used is None else jnp.asarray(used(x_query), dtype)
+    return solve(z_s, y_support, z_q, jnp.asarray(ridge, dtype), num_steps)
+
+  return predict_steps
 
 
 def candidate_names(algorithms: Sequence[str] = ALGORITHMS, spaces: Sequence[str] = SPACES, *,

@@ -325,14 +325,14 @@ class ProbeScore(NamedTuple):
   Attributes:
     cosine: mean over prompts of the cosine between the held-out prediction and the target.
     cosine_std: standard deviation of that cosine over prompts.
-    r2: pooled held-out `1 - SSE / SST`.
-    predictions: the held-out predictions `[B, S, M]`.
+    r2: pooled held-out `1 - SSE / SST` (NaN for constant targets).
+    predictions: the held-out predictions `[B, S, M]` (NumPy, in the inputs' dtype).
   """
 
-  cosine: Array
-  cosine_std: Array
-  r2: Array
-  predictions: Array
+  cosine: float
+  cosine_std: float
+  r2: float
+  predictions: np.ndarray
 
 
 class ProbeResult(NamedTuple):
@@ -378,58 +378,58 @@ def _fold_ids(key: Any, num_prompts: int, num_folds: int) -> Array:
       jnp.arange(num_prompts, dtype=jnp.int32) % num_folds)
 
 
-@functools.partial(jax.jit, static_argnames=("num_folds",))
-def _cross_validated_predictions(features_BxSxD, targets_BxSxM, fold_B, ridge, num_folds):
+# The probe is a few D x D eigendecompositions per fold: NumPy does it in microseconds, while a jitted
+# version would compile anew for every (prompts, tokens, width, target size), which dominated runtime.
+
+
+def _cross_validated_predictions(features_BxSxD: np.ndarray, targets_BxSxM: np.ndarray,
+                                 fold_B: np.ndarray, ridge: float, num_folds: int) -> np.ndarray:
   """Held-out predictions [B, S, M] of k-fold ridge probes on standardised features."""
   b, s, d = features_BxSxD.shape
   m = targets_BxSxM.shape[-1]
   dtype = features_BxSxD.dtype
   x = features_BxSxD.reshape(b * s, d)
   y = targets_BxSxM.reshape(b * s, m)
-  fold_rows = jnp.repeat(fold_B, s)
+  fold_rows = np.repeat(fold_B, s)
   # Columns that overflowed or are non-finite (a random deep model can blow up) carry no usable signal.
-  finite = jnp.all(jnp.isfinite(x), axis=0)
-  x = jnp.where(finite[None, :], x, jnp.zeros((), dtype))
-  peak = jnp.max(jnp.abs(x), axis=0)
-  x = x / jnp.where(peak > 0, peak, jnp.ones((), dtype))[None, :]
-  eps = jnp.finfo(dtype).eps
-
-  def one_fold(f):
-    train = (fold_rows != f).astype(dtype)
-    n = jnp.sum(train)
-    mean_x = jnp.sum(x * train[:, None], axis=0) / n
-    mean_y = jnp.sum(y * train[:, None], axis=0) / n
+  finite = np.all(np.isfinite(x), axis=0)
+  x = np.where(finite[None, :], x, 0).astype(dtype)
+  peak = np.max(np.abs(x), axis=0)
+  x = x / np.where(peak > 0, peak, 1).astype(dtype)[None, :]
+  eps = np.finfo(dtype).eps
+  held_out = np.zeros_like(y)
+  for f in range(num_folds):
+    train = fold_rows != f
+    n = np.count_nonzero(train)
+    mean_x = x[train].mean(axis=0)
+    mean_y = y[train].mean(axis=0)
     centred = x - mean_x[None, :]
-    std = jnp.sqrt(jnp.sum(jnp.square(centred) * train[:, None], axis=0) / n)
-    # Columns constant on the training folds (to rounding) are dropped rather than blown up to unit scale.
-    keep = std > 1e3 * eps * jnp.max(std)
-    z = centred * jnp.where(keep, 1 / jnp.where(keep, std, jnp.ones((), dtype)), 0)[None, :]
-    zw = z * train[:, None]
-    gram = jnp.einsum("nd,ne->de", zw, z, precision=checks.HIGHEST)
-    rhs = jnp.einsum("nd,nm->dm", zw, y - mean_y[None, :], precision=checks.HIGHEST)
-    evals, evecs = jnp.linalg.eigh(gram + ridge * n * jnp.eye(d, dtype=dtype))
+    std = np.sqrt(np.mean(np.square(centred[train]), axis=0))
+    # Columns constant on the training folds (to rounding) are dropped, not blown up to unit scale.
+    keep = std > 1e3 * eps * np.max(std)
+    z = centred * np.where(keep, 1 / np.where(keep, std, 1), 0).astype(dtype)[None, :]
+    gram = z[train].T @ z[train] + dtype.type(ridge * n) * np.eye(d, dtype=dtype)
+    rhs = z[train].T @ (y[train] - mean_y[None, :])
+    evals, evecs = np.linalg.eigh(gram)
     coef = evecs @ ((evecs.T @ rhs) / evals[:, None])
-    return jnp.einsum("nd,dm->nm", z, coef, precision=checks.HIGHEST) + mean_y[None, :]
-
-  per_fold = jax.vmap(one_fold)(jnp.arange(num_folds, dtype=jnp.int32))  # [F, N, M]
-  held_out = jnp.take_along_axis(per_fold, fold_rows[None, :, None], axis=0)[0]
+    test = ~train
+    held_out[test] = z[test] @ coef + mean_y[None, :]
   return held_out.reshape(b, s, m)
 
 
-@jax.jit
-def _scores(predictions_BxSxM, targets_BxSxM):
+def _scores(predictions_BxSxM: np.ndarray, targets_BxSxM: np.ndarray):
   b = predictions_BxSxM.shape[0]
   p = predictions_BxSxM.reshape(b, -1)
   y = targets_BxSxM.reshape(b, -1)
-  dot = jnp.sum(p * y, axis=1)
-  norms = jnp.sqrt(jnp.sum(p * p, axis=1) * jnp.sum(y * y, axis=1))
-  cos = jnp.where(norms > 0, dot / jnp.where(norms > 0, norms, jnp.ones_like(norms)), 0)
+  dot = np.sum(p * y, axis=1)
+  norms = np.sqrt(np.sum(p * p, axis=1) * np.sum(y * y, axis=1))
+  cos = np.where(norms > 0, dot / np.where(norms > 0, norms, 1), 0)
   flat_y = targets_BxSxM.reshape(-1, targets_BxSxM.shape[-1])
   flat_p = predictions_BxSxM.reshape(-1, targets_BxSxM.shape[-1])
-  sst = jnp.sum(jnp.square(flat_y - jnp.mean(flat_y, axis=0, keepdims=True)))
-  sse = jnp.sum(jnp.square(flat_p - flat_y))
-  r2 = jnp.where(sst > 0, 1 - sse / jnp.where(sst > 0, sst, jnp.ones_like(sst)), jnp.nan)
-  return jnp.mean(cos), jnp.std(cos), r2
+  sst = np.sum(np.square(flat_y - np.mean(flat_y, axis=0, keepdims=True)))
+  sse = np.sum(np.square(flat_p - flat_y))
+  r2 = 1 - sse / sst if sst > 0 else float("nan")
+  return float(np.mean(cos)), float(np.std(cos)), float(r2)
 
 
 def cross_validated_probe(features: Any, targets: Any, key: Any, *, num_folds: int = 5,
@@ -446,10 +446,10 @@ def cross_validated_probe(features: Any, targets: Any, key: Any, *, num_folds: i
   features, targets = _check_probe_arrays(features, targets)
   checks.check_ridge(ridge)
   num_folds = checks.check_positive_int("num_folds", num_folds)
-  folds = _fold_ids(key, features.shape[0], num_folds)
-  predictions = _cross_validated_predictions(features, targets, folds,
-                                             jnp.asarray(ridge, features.dtype), num_folds)
-  cos, cos_std, r2 = _scores(predictions, targets)
+  folds = np.asarray(_fold_ids(key, features.shape[0], num_folds))
+  feats, targs = np.asarray(features), np.asarray(targets)
+  predictions = _cross_validated_predictions(feats, targs, folds, float(ridge), num_folds)
+  cos, cos_std, r2 = _scores(predictions, targs)
   return ProbeScore(cos, cos_std, r2, predictions)
 
 

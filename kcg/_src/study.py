@@ -49,7 +49,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from kcg._src import ablations
-from kcg._src import baselines as baselines_lib
 from kcg._src import bounds
 from kcg._src import checks
 from kcg._src import kernels
@@ -204,7 +203,7 @@ def depth_comparison(models: Mapping[str, Mapping[int, Callable]], prompts: Any,
   oracle = np.asarray(solvers.krr_predict(xs, ys, xq, ridge))
   out = {"depths": depths, "oracle_mse": _mse(oracle, y), "oracle_mse_noiseless": _mse(oracle, f),
          "models": {}, "solvers": {}}
-  solver_traj = {alg: np.asarray(baselines_lib.trajectory(alg, max_depth, ridge)(xs, ys, xq))
+  solver_traj = {alg: np.asarray(matching.trajectory(alg, max_depth, ridge)(xs, ys, xq))
                  for alg in ("cg", "pcg", "gd", "chebyshev")}
   if compiled is not None:
     solver_traj["compiled_cg"] = np.asarray(compiled.predict_steps(xs, ys, xq))
@@ -273,7 +272,7 @@ def solver_sweep(key: Any, knob: str, values: Sequence[float], *, task: Any, rid
     out["oracle_mse"].append(_mse(oracle, y))
     out["predicted_cg_factor"].append(float(2 * bounds.cg_rate(kappa) ** num_steps))
     for a in algorithms:
-      f_t = np.asarray(baselines_lib.trajectory(a, num_steps, lam)(xs, ys, xq))[:, -1]
+      f_t = np.asarray(matching.trajectory(a, num_steps, lam)(xs, ys, xq))[:, -1]
       out["relative_error"][a].append(float(_relative_rms(f_t, oracle)))
       out["mse"][a].append(_mse(f_t, y))
   figure, axes = _figure(2)
@@ -339,7 +338,7 @@ def temperature_sweep(key: Any, temperatures: Sequence[float], *, num_support: i
 # ----------------------------------------------------------------------------------------------------
 
 
-def failure_modes(key: Any, *, num_support: int = 8, input_dim: int = 4, num_query: int = 4,
+def failure_modes(key: Any, *, num_support: int = 4, input_dim: int = 8, num_query: int = 4,
                   num_steps: int | None = None, collinearity: Sequence[float] = (1.0, 1e-2, 1e-4, 1e-6),
                   ridges: Sequence[float] = (1.0, 1e-2, 1e-4, 1e-6, 1e-8), base_ridge: float = 1e-3,
                   num_prompts: int = 8, compile_fn: Callable | None = None,
@@ -410,13 +409,25 @@ def perturbation_bound(phi_support: Any, y_support: Any, phi_query: Any, phi_sup
   """
   checks.check_ridge(ridge)
   dtype = checks.float_dtype(phi_support, y_support, phi_query, phi_support_hat, phi_query_hat)
-  cast = lambda a: jnp.asarray(a, dtype)
-  phi, y, phi_q, phi_h, phi_qh = map(cast, (phi_support, y_support, phi_query, phi_support_hat,
-                                           phi_query_hat))
+  arrays = [checks.as_array(n, a, dtype, min_ndim=m) for n, a, m in (
+      ("phi_support", phi_support, 3), ("y_support", y_support, 2), ("phi_query", phi_query, 3),
+      ("phi_support_hat", phi_support_hat, 3), ("phi_query_hat", phi_query_hat, 3))]
+  phi, y, phi_q, phi_h, phi_qh = arrays
+  if (y.shape != phi.shape[:-1] or phi_h.shape[:-1] != phi.shape[:-1] or phi_q.shape[:2] != phi_qh.shape[:2]
+      or phi_q.shape[0] != phi.shape[0] or phi_h.shape[-1] != phi_qh.shape[-1]
+      or phi.shape[-1] != phi_q.shape[-1]):
+    raise ValueError("perturbation_bound needs phi_support [B, k, p], y_support [B, k], phi_query "
+                     "[B, q, p] and perturbed features [B, k, p'], [B, q, p']; got "
+                     f"{[a.shape for a in arrays]}.")
+  return _perturbation_core(phi, y, phi_q, phi_h, phi_qh, jnp.asarray(ridge, dtype))
+
+
+@jax.jit
+def _perturbation_core(phi, y, phi_q, phi_h, phi_qh, lam):
+  dtype = phi.dtype
   einsum = lambda s, *a: jnp.einsum(s, *a, precision=checks.HIGHEST)
   k = phi.shape[-2]
   eye = jnp.eye(k, dtype=dtype)[None]
-  lam = jnp.asarray(ridge, dtype)
   gram, gram_h = einsum("bkp,bjp->bkj", phi, phi), einsum("bkp,bjp->bkj", phi_h, phi_h)
   kq, kq_h = einsum("bqp,bkp->bqk", phi_q, phi), einsum("bqp,bkp->bqk", phi_qh, phi_h)
   alpha = jnp.linalg.solve(gram + lam * eye, y[..., None])[..., 0]

@@ -34,7 +34,10 @@ Devices. `make_mesh` puts all devices on one mesh axis `"data"`; batches are sha
 jitted step reads and writes these shardings, so XLA inserts the gradient all-reduce. For several
 hosts, call `jax.distributed.initialize()` before anything else (the binary does so under
 `--distributed`): `jax.devices()` is then global, every process runs the same program, and the
-sampler's `out_shardings` make each process materialise only its own shards of the batch.
+sampler's `out_shardings` make each process materialise only its own shards of the batch. The work
+directory must then be on a filesystem all hosts share (orbax writes one checkpoint from all of them;
+config, metrics and manifests are written by process 0). The multi-host path is written to the
+jax.distributed contract but has only been run with one process here.
 """
 
 from __future__ import annotations

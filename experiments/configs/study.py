@@ -1,0 +1,174 @@
+"""The formal-vs-learned study (issue 6): trained transformers against compiled CG, probes, ablations, laws.
+
+Three scales (`--config=experiments/configs/study.py[:runlocal|:smoke]`):
+
+* default (full): noisy linear regression d = 8, k = 16, q = 4 (Bayes ridge 2.0); linear-attention and
+  softmax models of depth L = 1..8 trained 4000 steps each (batch 128); compiled CG with t = 4; laws on
+  larger grids. Estimated runtime on 2 CPU cores: about 3 hours (16 trained models at ~8-12 min each,
+  measured from the per-step cost of runlocal; the analyses add ~15 min); on one GPU well under an hour.
+
+      python -m experiments.study --config=experiments/configs/study.py --workdir=/tmp/study
+
+* `runlocal`: d = 4, k = 8, q = 4; linear attention L = 1, 2, 3 and softmax L = 2, 400 steps each;
+  compiled CG with t = 3; small grids. About 3-4 minutes on 2 CPU cores (the slow test runs it).
+
+      python -m experiments.study --config=experiments/configs/study.py:runlocal --workdir=/tmp/study_local
+
+* `smoke`: one linear model of depth 1 trained 20 steps, t = 1, two points per sweep, no gradients:
+  well under a minute (the fast test runs it in-process).
+
+Every field can be overridden on the command line, e.g. `--config.train.depths=1,2`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def _parse(arg: str | None) -> set[str]:
+  options = {a for a in (arg or "").split(",") if a}
+  unknown = options - {"runlocal", "smoke"}
+  if unknown:
+    raise ValueError(f"Unknown config option(s) {sorted(unknown)}; known: 'runlocal', 'smoke'.")
+  if len(options) > 1:
+    raise ValueError("Pick one scale: 'runlocal' or 'smoke'.")
+  return options
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  options = _parse(arg)
+  config = ml_collections.ConfigDict()
+  config.scale = "full"
+  config.seed = 0
+
+  config.task = ml_collections.ConfigDict()
+  config.task.family = "noisy_linear"
+  config.task.input_dim = 8
+  config.task.num_support = 16
+  config.task.num_query = 4
+  config.task.noise_std = 0.5
+  config.task.condition_number = 1.0
+  config.task.input_rotation = "per_prompt"
+  # KRR / CG ridge of every comparison; 0 = the Bayes ridge noise_std^2 * d (floored at 1e-3).
+  config.ridge = 0.0
+
+  config.train = ml_collections.ConfigDict()
+  config.train.depths = (1, 2, 3, 4, 5, 6, 7, 8)
+  config.train.attentions = ("linear", "softmax")
+  # Depths of the softmax models; empty = the same as `depths`.
+  config.train.softmax_depths = ()
+  config.train.width = 32
+  config.train.num_heads = 2
+  config.train.head_dim = 16
+  config.train.mlp_hidden = 0
+  config.train.num_steps = 4000
+  config.train.batch_size = 128
+  config.train.learning_rate = 1e-3
+  config.train.warmup_steps = 200
+  config.train.qkv_init_scale = 0.5
+  config.train.save_models = True
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.num_prompts = 256
+  config.eval.num_fit_prompts = 256
+
+  config.compiled = ml_collections.ConfigDict()
+  config.compiled.num_steps = 4
+  config.compiled.constructions = ("dual/prefix", "dual/causal", "primal/causal")
+  config.compiled.num_prompts = 64
+
+  config.probes = ml_collections.ConfigDict()
+  config.probes.num_folds = 5
+  config.probes.ridge = 1e-6
+  config.probes.cosine_threshold = 0.9
+
+  config.matching = ml_collections.ConfigDict()
+  config.matching.readouts = ("logit_lens", "linear_readout")
+  config.matching.max_steps = 12
+  config.matching.gradients = True
+  # Feature space for the feature-vs-data comparison: random ReLU features of this width.
+  config.matching.feature_dim = 64
+
+  config.laws = ml_collections.ConfigDict()
+  config.laws.num_prompts = 32
+  config.laws.depth_support = 16
+  config.laws.depth_max_steps = 14
+  config.laws.depth_kappas = (10.0, 100.0, 1000.0)
+  config.laws.depth_ridge = 0.1
+  config.laws.num_steps = 4
+  config.laws.ridges = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+  config.laws.condition_numbers = (1.0, 10.0, 100.0, 1000.0)
+  config.laws.temperatures = (0.1, 0.3, 1.0, 3.0, 10.0)
+  config.laws.collinearity = (1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-6)
+  config.laws.small_ridges = (1.0, 1e-2, 1e-4, 1e-6, 1e-8)
+  config.laws.perturbation_scales = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+  config.laws.widths = (1, 2, 4, 6, 8, 12, 16)
+
+  if "runlocal" in options:
+    config.scale = "runlocal"
+    config.task.input_dim = 4
+    config.task.num_support = 8
+    config.train.depths = (1, 2, 3)
+    config.train.attentions = ("linear", "softmax")
+    config.train.softmax_depths = (2,)
+    config.train.width = 24
+    config.train.num_heads = 2
+    config.train.head_dim = 12
+    config.train.num_steps = 400
+    config.train.batch_size = 64
+    config.train.learning_rate = 2e-3
+    config.train.warmup_steps = 50
+    config.eval.num_prompts = 64
+    config.eval.num_fit_prompts = 64
+    config.compiled.num_steps = 3
+    config.compiled.constructions = ("dual/prefix", "primal/causal")
+    config.compiled.num_prompts = 48
+    config.matching.max_steps = 8
+    config.matching.feature_dim = 16
+    config.laws.num_prompts = 16
+    config.laws.depth_support = 8
+    config.laws.depth_max_steps = 8
+    config.laws.ridges = (1e-3, 1e-2, 1e-1, 1.0)
+    config.laws.condition_numbers = (1.0, 10.0, 100.0)
+    config.laws.temperatures = (0.1, 1.0, 10.0)
+    config.laws.collinearity = (1.0, 1e-2, 1e-4, 1e-6)
+    config.laws.small_ridges = (1.0, 1e-3, 1e-6, 1e-9)
+    config.laws.perturbation_scales = (1e-4, 1e-2, 1.0)
+    config.laws.widths = (1, 2, 4, 8, 16)
+  elif "smoke" in options:
+    config.scale = "smoke"
+    config.task.input_dim = 3
+    config.task.num_support = 5
+    config.task.num_query = 2
+    config.train.depths = (1,)
+    config.train.attentions = ("linear",)
+    config.train.width = 8
+    config.train.num_heads = 1
+    config.train.head_dim = 8
+    config.train.num_steps = 20
+    config.train.batch_size = 8
+    config.train.warmup_steps = 2
+    config.train.save_models = False
+    config.eval.num_prompts = 16
+    config.eval.num_fit_prompts = 16
+    config.compiled.num_steps = 1
+    config.compiled.constructions = ("dual/prefix",)
+    config.compiled.num_prompts = 16
+    config.probes.num_folds = 2
+    config.matching.readouts = ("logit_lens", "linear_readout")
+    config.matching.max_steps = 2
+    config.matching.gradients = False
+    config.matching.feature_dim = 4
+    config.laws.num_prompts = 4
+    config.laws.depth_support = 4
+    config.laws.depth_max_steps = 3
+    config.laws.depth_kappas = (10.0,)
+    config.laws.num_steps = 2
+    config.laws.ridges = (1e-2, 1.0)
+    config.laws.condition_numbers = (1.0, 10.0)
+    config.laws.temperatures = (0.3, 3.0)
+    config.laws.collinearity = (1.0, 1e-4)
+    config.laws.small_ridges = (1.0, 1e-6)
+    config.laws.perturbation_scales = (1e-3, 1.0)
+    config.laws.widths = (1, 4)
+  return config
