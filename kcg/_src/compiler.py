@@ -257,8 +257,13 @@ class CompiledCG:
 
   @property
   def dimensions(self) -> Dimensions:
-    return dimensions(self.num_support, self.feature_dim, self.num_steps, mask=self.mask,
-                      form=self.form, state_placement=self.state_placement)
+    """Depth and width of this model, read from its own program and config."""
+    ends = self.program.step_ends
+    return Dimensions(num_layers=self.config.num_layers,
+                      layers_per_step=(ends[1] - ends[0]) if len(ends) > 1 else 0,
+                      init_layers=ends[0], width=self.config.width,
+                      num_heads=self.config.num_heads, head_dim=self.config.head_dim,
+                      value_dim=self.config.resolved_value_dim, mlp_hidden=self.config.mlp_hidden)
 
   def encode(self, x_support, y_support, x_query) -> tuple[jax.Array, prompt_lib.PromptLayout]:
     x_query = jnp.asarray(x_query)

@@ -12,7 +12,7 @@ PLOT_FLOOR = 1e-17
 
 def error_curves(path: str | None, curves: Mapping[str, np.ndarray], *, title: str = "",
                  dashed: Mapping[str, np.ndarray] | None = None, xlabel: str = "step t",
-                 ylabel: str = "error", x: np.ndarray | None = None):
+                 ylabel: str = "error", x: np.ndarray | None = None, log_x: bool = False):
   """Log-scale curves against x (default 0..T), solid for `curves`, dashed for `dashed` (bounds).
 
   Returns the Figure; saved as PNG when `path` is not None.
@@ -31,6 +31,8 @@ def error_curves(path: str | None, curves: Mapping[str, np.ndarray], *, title: s
     values = np.asarray(values, np.float64)
     xs = np.arange(len(values)) if x is None else np.asarray(x)
     axes.semilogy(xs, np.maximum(values, PLOT_FLOOR), "--", label=name)
+  if log_x:
+    axes.set_xscale("log")
   axes.set_xlabel(xlabel)
   axes.set_ylabel(ylabel)
   if title:

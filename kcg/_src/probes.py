@@ -105,19 +105,44 @@ def _readout_fn(model: model_lib.Transformer) -> Callable[[Array], Array]:
   return readout
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4))
-def _apply(graphdef, state, tokens, num_prefix, return_residuals, head_mask, layer_mask):
+@functools.partial(jax.jit, static_argnames=("graphdef", "layout", "return_residuals"))
+def _encode_apply(state, x_support, y_support, x_query, head_mask, layer_mask, *, graphdef, layout,
+                  return_residuals):
+  """Pads, encodes (`kcg.prompt`) and runs the model in one compiled call."""
+  pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, layout.input_dim - x.shape[-1])))
+  tokens = prompt_lib.encode(layout, pad(x_support), y_support, pad(x_query))
   model = nnx.merge(graphdef, state)
-  return model(tokens, num_prefix=num_prefix, return_residuals=return_residuals, head_mask=head_mask,
-               layer_mask=layer_mask)
+  return model(tokens, num_prefix=layout.num_prefix, return_residuals=return_residuals,
+               head_mask=head_mask, layer_mask=layer_mask)
 
 
-def _pad_inputs(x: Array, input_dim: int, name: str) -> Array:
-  extra = input_dim - x.shape[-1]
-  if extra < 0:
-    raise ValueError(f"{name} has {x.shape[-1]} input dimensions but the model reads input_dim="
-                     f"{input_dim}; pass at most {input_dim}.")
-  return jnp.pad(x, ((0, 0),) * (x.ndim - 1) + ((0, extra),))
+def _forward_fn(model: model_lib.Transformer, input_dim: int, positional: bool) -> Callable:
+  graphdef, state = nnx.split(model)
+  config = model.config
+
+  def forward(x_support, y_support, x_query, *, return_residuals=False, head_mask=None,
+              layer_mask=None):
+    dtype = checks.float_dtype(x_support, y_support, x_query)
+    x_support, y_support, x_query = (checks.as_array(n, a, dtype) for n, a in (
+        ("x_support", x_support), ("y_support", y_support), ("x_query", x_query)))
+    if x_support.ndim != 3 or x_query.ndim != 3 or y_support.shape != x_support.shape[:2]:
+      raise ValueError(f"prompts must be x_support [B, k, d], y_support [B, k], x_query [B, q, d]; "
+                       f"got {x_support.shape}, {y_support.shape}, {x_query.shape}.")
+    for name, x in (("x_support", x_support), ("x_query", x_query)):
+      if x.shape[-1] > input_dim:
+        raise ValueError(f"{name} has {x.shape[-1]} input dimensions but the model reads input_dim="
+                         f"{input_dim}; pass at most {input_dim}.")
+    layout = prompt_lib.make_layout(x_support.shape[1], x_query.shape[1], input_dim,
+                                    positional=positional)
+    if layout.token_dim != config.token_dim:
+      raise ValueError(f"the prompt encodes to {layout.token_dim} features per token but the model "
+                       f"reads {config.token_dim}; check input_dim and positional (and, for a "
+                       "positional encoding, the number of supports).")
+    return _encode_apply(state, x_support, y_support, x_query, _mask_or_none(head_mask, dtype),
+                         _mask_or_none(layer_mask, dtype), graphdef=graphdef, layout=layout,
+                         return_residuals=bool(return_residuals))
+
+  return forward
 
 
 def subject_from_model(model: model_lib.Transformer, *, input_dim: int, positional: bool = False,
@@ -126,32 +151,13 @@ def subject_from_model(model: model_lib.Transformer, *, input_dim: int, position
   if not isinstance(model, model_lib.Transformer):
     raise ValueError(f"model must be a kcg.Transformer, got {type(model).__name__}.")
   input_dim = checks.check_positive_int("input_dim", input_dim)
-  graphdef, state = nnx.split(model)
   config = model.config
-
-  def forward(x_support, y_support, x_query, *, return_residuals=False, head_mask=None,
-              layer_mask=None):
-    dtype = checks.float_dtype(x_support, y_support, x_query)
-    x_support = _pad_inputs(jnp.asarray(x_support, dtype), input_dim, "x_support")
-    x_query = _pad_inputs(jnp.asarray(x_query, dtype), input_dim, "x_query")
-    if x_support.ndim != 3 or x_query.ndim != 3:
-      raise ValueError(f"x_support and x_query must be [B, k, d] and [B, q, d], got "
-                       f"{x_support.shape} and {x_query.shape}.")
-    layout = prompt_lib.make_layout(x_support.shape[1], x_query.shape[1], input_dim,
-                                    positional=positional)
-    tokens = prompt_lib.encode(layout, x_support, jnp.asarray(y_support, dtype), x_query)
-    if tokens.shape[-1] != config.token_dim:
-      raise ValueError(f"the prompt encodes to {tokens.shape[-1]} features per token but the model "
-                       f"reads {config.token_dim}; check input_dim and positional (and, for a "
-                       "positional encoding, the number of supports).")
-    return _apply(graphdef, state, tokens, layout.num_prefix, bool(return_residuals),
-                  _mask_or_none(head_mask, dtype), _mask_or_none(layer_mask, dtype))
-
   names = tuple(layer_names) if layer_names is not None else tuple(
       f"layer {l}" for l in range(config.num_layers))
   if len(names) != config.num_layers:
     raise ValueError(f"layer_names has {len(names)} entries for {config.num_layers} layers.")
-  return Subject(name, config, forward, _readout_fn(model), names, input_dim, bool(positional))
+  return Subject(name, config, _forward_fn(model, input_dim, bool(positional)), _readout_fn(model),
+                 names, input_dim, bool(positional))
 
 
 def _mask_or_none(mask, dtype):
@@ -159,21 +165,30 @@ def _mask_or_none(mask, dtype):
 
 
 def subject_from_compiled(compiled: Any, name: str | None = None) -> Subject:
-  """A `Subject` for a `kcg.CompiledCG` (its forward, its readout, `programs.layer_names`)."""
+  """A `Subject` for a `kcg.CompiledCG` (its model, its readout, `programs.layer_names`).
+
+  Prompts in the compiled dtype run its model directly; other dtypes go through `compiled.forward`,
+  which builds the model for that dtype (the reciprocal's range depends on it).
+  """
   if not hasattr(compiled, "program") or not hasattr(compiled, "forward"):
     raise ValueError(f"compiled must be a kcg.CompiledCG, got {type(compiled).__name__}.")
+  positional = compiled.prompt_layout.positional
+  direct = _forward_fn(compiled.model, compiled.feature_dim, positional)
 
   def forward(x_support, y_support, x_query, *, return_residuals=False, head_mask=None,
               layer_mask=None):
     dtype = checks.float_dtype(x_support, y_support, x_query)
+    if dtype == compiled.dtype:
+      return direct(x_support, y_support, x_query, return_residuals=return_residuals,
+                    head_mask=head_mask, layer_mask=layer_mask)
     return compiled.forward(x_support, y_support, x_query, return_residuals=return_residuals,
                             head_mask=_mask_or_none(head_mask, dtype),
                             layer_mask=_mask_or_none(layer_mask, dtype))
 
   default = f"compiled CG t={compiled.num_steps} ({compiled.form}, {compiled.mask})"
   return Subject(name or default, compiled.config, forward, _readout_fn(compiled.model),
-                 programs.layer_names(compiled.program), compiled.feature_dim,
-                 compiled.prompt_layout.positional, compiled.program)
+                 programs.layer_names(compiled.program), compiled.feature_dim, positional,
+                 compiled.program)
 
 
 def subject_from_trained(trained: Any, name: str | None = None) -> Subject:
@@ -190,10 +205,18 @@ def subject_from_trained(trained: Any, name: str | None = None) -> Subject:
   return subject_from_model(trained.model, input_dim=data.input_dim, name=name or default)
 
 
+@functools.lru_cache(maxsize=16)
+def _init_state(config: model_lib.ModelConfig) -> Callable:
+  """`key -> nnx.State` of a fresh model, compiled once per architecture (eager initialisation
+  dispatches, and compiles, every random draw separately)."""
+  return jax.jit(lambda key: nnx.split(model_lib.Transformer(config, rngs=nnx.Rngs(key)))[1])
+
+
 def random_init_like(subject: Subject, seed: int = 0) -> Subject:
   """The control: a freshly initialised `kcg.Transformer` of the same architecture and encoding."""
   config = subject.config
-  model = model_lib.Transformer(config, rngs=nnx.Rngs(int(seed)))
+  graphdef, _ = nnx.split(model_lib.abstract_model(config))
+  model = nnx.merge(graphdef, _init_state(config)(jax.random.key(int(seed))))
   return subject_from_model(model, input_dim=subject.input_dim, positional=subject.positional,
                             name=f"random init ({subject.name})", layer_names=subject.layer_names)
 
@@ -225,11 +248,14 @@ def _check_site(site: str) -> str:
   return site
 
 
-def site_features(residuals_LxBxTxD: Any, site: str, num_support: int) -> Array:
-  """The residuals of a site's tokens, `[L+1, B, S, D]` (S = k supports, 1 aggregator, or q queries)."""
+def site_features(residuals_LxBxTxD: Any, site: str, num_support: int) -> np.ndarray:
+  """The residuals of a site's tokens, `[L+1, B, S, D]` (S = k supports, 1 aggregator, or q queries).
+
+  Returned as a NumPy array (probing runs in NumPy, see `cross_validated_probe`).
+  """
   site = _check_site(site)
   num_support = checks.check_positive_int("num_support", num_support)
-  h = jnp.asarray(residuals_LxBxTxD)
+  h = np.asarray(residuals_LxBxTxD)
   if h.ndim != 4 or h.shape[2] < num_support + 1:
     raise ValueError(f"residuals must be [L+1, B, T, D] with T >= num_support + 1 = "
                      f"{num_support + 1} tokens, got shape {h.shape}.")
@@ -242,7 +268,7 @@ def site_features(residuals_LxBxTxD: Any, site: str, num_support: int) -> Array:
   return h[:, :, num_support + 1:]
 
 
-def site_targets(values: Any, site: str, num_tokens: int | None = None) -> Array:
+def site_targets(values: Any, site: str, num_tokens: int | None = None) -> np.ndarray:
   """Targets laid out per site token, `[B, S, M]`.
 
   * `"support"`: `values [B, k]` (one entry per support token, e.g. `alpha_t` in the per-support
@@ -252,7 +278,7 @@ def site_targets(values: Any, site: str, num_tokens: int | None = None) -> Array
     values `[B, q]` / `[B, q, M]`.
   """
   site = _check_site(site)
-  values = jnp.asarray(values)
+  values = np.asarray(values)
   if values.ndim < 2:
     raise ValueError(f"targets must have a batch axis and at least one more, got shape {values.shape}.")
   if site == "support":
@@ -265,7 +291,7 @@ def site_targets(values: Any, site: str, num_tokens: int | None = None) -> Array
     return values
   if num_tokens is None:
     raise ValueError("query targets [B, n] are repeated at every query token: pass num_tokens = q.")
-  return jnp.broadcast_to(values[:, None, :], (values.shape[0], num_tokens, values.shape[1]))
+  return np.broadcast_to(values[:, None, :], (values.shape[0], num_tokens, values.shape[1]))
 
 
 class StateTargets(NamedTuple):
@@ -295,11 +321,17 @@ def state_targets(x_support: Any, y_support: Any, ridge: Any, num_steps: int, *,
   if y_support.shape != x_support.shape[:-1]:
     raise ValueError(f"y_support must have shape {x_support.shape[:-1]}, got {y_support.shape}.")
   phi = x_support if feature_map is None else jnp.asarray(feature_map(x_support), dtype)
-  if form == "primal":
+  return _state_core(phi, y_support, jnp.asarray(ridge, dtype), num_steps=num_steps,
+                     primal=form == "primal")
+
+
+@functools.partial(jax.jit, static_argnames=("num_steps", "primal"))
+def _state_core(phi, y_support, ridge, *, num_steps, primal):
+  if primal:
     trace = solvers.primal_cg(phi, y_support, ridge, num_steps)
     return StateTargets(trace.alpha, trace.r, trace.p, trace.alpha)
   gram = jnp.einsum("bkp,bjp->bkj", phi, phi, precision=checks.HIGHEST)
-  a = gram + jnp.asarray(ridge, dtype) * jnp.eye(phi.shape[1], dtype=dtype)[None]
+  a = gram + ridge * jnp.eye(phi.shape[1], dtype=phi.dtype)[None]
   trace = solvers.cg(a, y_support, num_steps)
   w = jnp.einsum("btk,bkp->btp", trace.alpha, phi, precision=checks.HIGHEST)
   return StateTargets(trace.alpha, trace.r, trace.p, w)
