@@ -12,12 +12,11 @@ import json
 import os
 import time
 
-from absl import app
-from absl import flags
 from absl import logging
 import jax
-from ml_collections import config_flags
 import numpy as np
+
+from experiments import _cli
 
 import kcg
 from kcg._src import analysis
@@ -82,16 +81,5 @@ def run(config, workdir: str) -> dict:
   return results
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS.workdir:
-    raise app.UsageError("--workdir is required.")
-  run(flags.FLAGS.config, flags.FLAGS.workdir)
-
-
 if __name__ == "__main__":
-  config_flags.DEFINE_config_file(
-      "config", _DEFAULT_CONFIG, "Experiment config (append ':runlocal' for the tiny variant).")
-  flags.DEFINE_string("workdir", None, "Directory for results.json and error_vs_t.png.")
-  app.run(main)
+  _cli.run_main(run, _DEFAULT_CONFIG, "results.json and error_vs_t.png")

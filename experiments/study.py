@@ -7,28 +7,32 @@ CG transformers with `kcg.compile_cg`, and runs the library functions of `kcg.st
 `kcg.ablations` and `kcg.matching` on both: error vs depth against solvers at t = L, the depth, ridge,
 condition-number and temperature laws, failure modes, the feature-perturbation (S4) and width bounds,
 probes with controls, ablations against the damaged algorithms, and layer-wise algorithm matching.
-See experiments/configs/study.py for the scales and their runtimes. Everything runs in float64 (the
+See experiments/configs/study.py for the scales and their runtimes. Analyses run in float64 (the
 models train in float32 and are evaluated in float64).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+SECTIONS = ("depth_comparison", "depth_law", "ridge_sweep", "condition_sweep", "temperature_sweep",
+            "failure_modes", "feature_perturbation", "width_sweep", "compiled", "trained")
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Study config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for report.md, results.json and figures.")
-flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _ridge(config) -> float:
+  """The study's KRR ridge: `config.ridge`, or the Bayes ridge noise^2 d (floored at 1e-3)."""
   if config.ridge > 0:
     return float(config.ridge)
   return max(float(config.task.noise_std) ** 2 * config.task.input_dim, 1e-3)
@@ -65,52 +69,26 @@ def _fmt(x: Any) -> str:
   return "n/a" if x is None else (f"{x:.3g}" if isinstance(x, float) else str(x))
 
 
-def run(config, workdir: str) -> dict:
-  """The whole study; returns the results dict also written to workdir/results.json."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
+@dataclasses.dataclass
+class _Context:
+  """What every section reads: the config, the report, the prompts and the trained subjects."""
 
-  import kcg  # pylint: disable=g-import-not-at-top
-  from kcg import features  # pylint: disable=g-import-not-at-top
-  from kcg import tasks  # pylint: disable=g-import-not-at-top
+  config: Any
+  report: Any
+  summary: list
+  keys: dict
+  ridge: float
+  eval_prompts: Any
+  fit_prompts: Any
+  feature_map: Callable
+  trained: dict
+
+
+def _train(ctx: _Context, workdir: str) -> None:
   from kcg._src import probes  # pylint: disable=g-import-not-at-top
-  from kcg._src import study  # pylint: disable=g-import-not-at-top
   from kcg._src import training  # pylint: disable=g-import-not-at-top
-
-  if not jax.config.jax_enable_x64:
-    raise ValueError("the study runs in float64: call jax.config.update('jax_enable_x64', True) first "
-                     "(the binary does).")
-  start = time.perf_counter()
-  timings = {}
-  t, laws = config.task, config.laws
-  ridge = _ridge(config)
-  key = jax.random.key(config.seed)
-  keys = dict(zip(("eval", "fit", "laws", "probes", "match", "features", "compiled"),
-                  jax.random.split(key, 7)))
-  report = study.Report(workdir, "Formal vs learned: do trained transformers run CG on their features?")
-  report.text(f"Scale `{config.scale}`. Task `{t.family}`, d = {t.input_dim}, k = {t.num_support}, "
-              f"q = {t.num_query}, noise {t.noise_std}, input condition number "
-              f"{t.condition_number}; KRR/CG ridge {ridge:g} (Bayes ridge noise^2 d unless set). "
-              "All comparisons on held-out prompts, in float64.")
-  summary_at = len(report.lines)
-  summary = []
-
-  def tick(name, since):
-    timings[name] = time.perf_counter() - since
-    logging.info("%s: %.1f s", name, timings[name])
-    return time.perf_counter()
-
-  now = time.perf_counter()
-  eval_prompts = tasks.sample(keys["eval"], _task(config, config.eval.num_prompts))
-  fit_prompts = tasks.sample(keys["fit"], _task(config, config.eval.num_fit_prompts))
-  fm = features.random_relu(config.matching.feature_dim)
-  fm_params = fm.init(keys["features"], t.input_dim)
-  feature_map = functools.partial(fm.apply, fm_params)
-
-  # 1. Train the learned models.
-  trained = {}
-  train_rows = []
+  config = ctx.config
+  rows = []
   for attention in config.train.attentions:
     depths = (config.train.softmax_depths if attention == "softmax" and config.train.softmax_depths
               else config.train.depths)
@@ -121,51 +99,59 @@ def run(config, workdir: str) -> dict:
       result = training.train(tc, model_dir if config.train.save_models else None)
       loss = result.history[-1].get("loss") if result.history else None
       name = f"{attention} L={depth}"
-      trained[(attention, int(depth))] = probes.subject_from_model(
-          result.model, input_dim=t.input_dim, name=name)
-      train_rows.append([name, tc.num_steps, loss, time.perf_counter() - began])
-  now = tick("train", now)
-  report.section("Trained models", "`kcg.training`, query encoding, prefix mask, no MLP and no norm "
-                 "(the class of the compiled models); checkpoints under `models/` when saved "
-                 "(load with `kcg.training.load_trained`).")
-  report.table(["model", "steps", "final train loss", "seconds"], train_rows)
-  report.add("training", {r[0]: {"steps": r[1], "final_loss": r[2], "seconds": r[3]} for r in train_rows})
+      ctx.trained[(attention, int(depth))] = probes.subject_from_model(
+          result.model, input_dim=config.task.input_dim, name=name)
+      rows.append([name, tc.num_steps, loss, time.perf_counter() - began])
+  ctx.report.section("Trained models", "`kcg.training`, query encoding, prefix mask, no MLP and no "
+                     "norm (the class of the compiled models); checkpoints under `models/` when saved "
+                     "(load with `kcg.training.load_trained`).")
+  ctx.report.table(["model", "steps", "final train loss", "seconds"], rows)
+  ctx.report.add("training", {r[0]: {"steps": r[1], "final_loss": r[2], "seconds": r[3]} for r in rows})
 
-  # 2. Error vs depth: trained models against solvers with t = L.
-  max_depth = max(d for _, d in trained)
-  compiled_depth = kcg.compile_cg(t.num_support, t.input_dim, max_depth, ridge, mask="prefix")
+
+def _depth_comparison(ctx: _Context) -> None:
+  import kcg  # pylint: disable=g-import-not-at-top
+  from kcg._src import probes  # pylint: disable=g-import-not-at-top
+  from kcg._src import study  # pylint: disable=g-import-not-at-top
+  t, report = ctx.config.task, ctx.report
+  max_depth = max(d for _, d in ctx.trained)
+  compiled = kcg.compile_cg(t.num_support, t.input_dim, max_depth, ctx.ridge, mask="prefix")
   families = {}
-  for (attention, depth), subject in trained.items():
+  for (attention, depth), subject in ctx.trained.items():
     families.setdefault(f"{attention} attention", {})[depth] = probes.predict_fn(subject)
-  depth_cmp = report.add("depth_comparison", study.depth_comparison(
-      families, eval_prompts, ridge, compiled=compiled_depth, path=report.path("depth_vs_trained.png")))
-  now = tick("depth_comparison", now)
+  cmp = report.add("depth_comparison", study.depth_comparison(
+      families, ctx.eval_prompts, ctx.ridge, compiled=compiled,
+      path=report.path("depth_vs_trained.png")))
   report.section("Error vs depth: trained models and solvers at t = L")
   report.figure("depth_vs_trained.png", "Test mse of trained models of depth L against t-step solvers "
                 "(compiled CG, reference PCG/GD/Chebyshev) with t = L; black: KRR oracle.")
   rows = []
-  for fam, by_depth in depth_cmp["models"].items():
+  for fam, by_depth in cmp["models"].items():
     for depth, r in by_depth.items():
-      i = depth_cmp["depths"].index(int(depth))
-      rows.append([fam, depth, r["mse"], r["vs_oracle"], depth_cmp["solvers"]["compiled_cg"]["mse"][i],
-                   depth_cmp["solvers"]["gd"]["mse"][i], depth_cmp["solvers"]["chebyshev"]["mse"][i],
-                   depth_cmp["bound"][i]])
+      i = cmp["depths"].index(int(depth))
+      rows.append([fam, depth, r["mse"], r["vs_oracle"], cmp["solvers"]["compiled_cg"]["mse"][i],
+                   cmp["solvers"]["gd"]["mse"][i], cmp["solvers"]["chebyshev"]["mse"][i],
+                   cmp["bound"][i]])
   report.table(["model", "L", "mse", "mse vs oracle", "compiled CG_L mse", "GD_L mse",
                 "Chebyshev_L mse", "mean CG bound |f_L - f*|"], rows)
-  report.text(f"KRR oracle mse {depth_cmp['oracle_mse']:.4g}.")
-  best_fam = min(((fam, d, r["mse"]) for fam, bd in depth_cmp["models"].items() for d, r in bd.items()),
-                 key=lambda x: x[2])
-  summary.append(f"Best trained model: {best_fam[0]} L={best_fam[1]} with test mse {best_fam[2]:.3g} "
-                 f"(KRR oracle {depth_cmp['oracle_mse']:.3g}; compiled CG at t = L = {best_fam[1]}: "
-                 f"{depth_cmp['solvers']['compiled_cg']['mse'][depth_cmp['depths'].index(int(best_fam[1]))]:.3g}).")
+  report.text(f"KRR oracle mse {cmp['oracle_mse']:.4g}.")
+  fam, depth, mse = min(((f, d, r["mse"]) for f, bd in cmp["models"].items() for d, r in bd.items()),
+                        key=lambda x: x[2])
+  cg_mse = cmp["solvers"]["compiled_cg"]["mse"][cmp["depths"].index(int(depth))]
+  ctx.summary.append(f"Best trained model: {fam} L={depth}, test mse {mse:.3g} (KRR oracle "
+                     f"{cmp['oracle_mse']:.3g}; compiled CG with t = L = {depth}: {cg_mse:.3g}).")
 
-  # 3. Laws.
-  compiled_law = kcg.compile_cg(laws.depth_support, laws.depth_support, laws.depth_max_steps,
-                                laws.depth_ridge, mask="prefix")
+
+def _depth_law(ctx: _Context) -> None:
+  import kcg  # pylint: disable=g-import-not-at-top
+  from kcg._src import study  # pylint: disable=g-import-not-at-top
+  laws, report = ctx.config.laws, ctx.report
+  compiled = kcg.compile_cg(laws.depth_support, laws.depth_support, laws.depth_max_steps,
+                            laws.depth_ridge, mask="prefix")
   law = report.add("depth_law", study.depth_law(
-      keys["laws"], num_support=laws.depth_support, feature_dim=laws.depth_support,
+      ctx.keys["laws"], num_support=laws.depth_support, feature_dim=laws.depth_support,
       condition_numbers=laws.depth_kappas, ridge=laws.depth_ridge, max_steps=laws.depth_max_steps,
-      num_prompts=laws.num_prompts, compiled=compiled_law, path=report.path("depth_law.png")))
+      num_prompts=laws.num_prompts, compiled=compiled, path=report.path("depth_law.png")))
   report.section("Depth law: error vs t against ((sqrt kappa - 1)/(sqrt kappa + 1))^t",
                  "Problems with cond(K + ridge I) = kappa exactly (`kcg.problems`). Fitted rate: exp of "
                  "the slope of log error over the steps above 1e-10.")
@@ -174,129 +160,172 @@ def run(config, workdir: str) -> dict:
                 "max |compiled - reference| rel"],
                [[k, v["predicted_rate"], v.get("compiled_fitted_rate"), v["reference_fitted_rate"],
                  v["bound_holds"], v.get("compiled_vs_reference")] for k, v in law["kappa"].items()])
-  summary.append("Depth law: fitted CG rates " + ", ".join(
+  ctx.summary.append("Depth law, fitted CG rates: " + ", ".join(
       f"kappa={k}: {_fmt(v.get('compiled_fitted_rate'))} (predicted {v['predicted_rate']:.3g})"
-      for k, v in law["kappa"].items()) + "; the bound held: "
+      for k, v in law["kappa"].items()) + "; the bound held at every step: "
       + str(all(v["bound_holds"] for v in law["kappa"].values())) + ".")
-  now = tick("depth_law", now)
 
-  sweep_task = _task(config, laws.num_prompts)
-  ridge_sweep = report.add("ridge_sweep", study.solver_sweep(
-      jax.random.fold_in(keys["laws"], 1), "ridge", laws.ridges, task=sweep_task, ridge=ridge,
-      num_steps=laws.num_steps, path=report.path("ridge_sweep.png")))
-  cond_task = tasks.TaskConfig(family="noisy_linear" if t.noise_std > 0 else "linear",
-                               input_dim=max(t.input_dim, 2), num_support=t.num_support,
-                               num_query=t.num_query, batch_size=laws.num_prompts,
-                               noise_std=t.noise_std, input_rotation=t.input_rotation)
-  cond_sweep = report.add("condition_sweep", study.solver_sweep(
-      jax.random.fold_in(keys["laws"], 2), "condition_number", laws.condition_numbers, task=cond_task,
-      ridge=ridge, num_steps=laws.num_steps, path=report.path("condition_sweep.png")))
-  report.section("Ridge and condition-number sweeps",
-                 f"t = {laws.num_steps} steps of each solver; relative error against the KRR oracle.")
-  report.figure("ridge_sweep.png", "Solver error and cond(A) against the ridge.")
-  report.figure("condition_sweep.png", "Solver error and cond(A) against the input covariance's "
-                "condition number.")
-  for name, sweep in (("ridge", ridge_sweep), ("condition number", cond_sweep)):
-    report.table([name, "mean kappa(A)", "2 rho^t"] + [f"{a}_t rel err" for a in sweep["relative_error"]],
-                 [[v, sweep["kappa"][i], sweep["predicted_cg_factor"][i]]
-                  + [sweep["relative_error"][a][i] for a in sweep["relative_error"]]
-                  for i, v in enumerate(sweep["values"])])
-  temp = report.add("temperature_sweep", study.temperature_sweep(
-      jax.random.fold_in(keys["laws"], 3), laws.temperatures, num_support=t.num_support,
-      input_dim=t.input_dim, num_steps=laws.num_steps, num_prompts=laws.num_prompts, ridge=ridge,
-      path=report.path("temperature_sweep.png")))
-  report.section("Temperature (softmax route A: exponential kernel)")
-  report.figure("temperature_sweep.png", "CG on exp(<x, x'>/tau) against its rate.")
-  report.table(["tau", "kappa", "CG_t rel err", "2 rho^t", "fitted rate", "predicted rate"],
-               [[tau, temp["kappa"][i], temp["cg_relative_error"][i], temp["predicted_factor"][i],
-                 temp["fitted_rate"][i], temp["predicted_rate"][i]]
-                for i, tau in enumerate(temp["temperatures"])])
-  now = tick("sweeps", now)
 
+def _solver_sweeps(ctx: _Context, sections: set) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  from kcg import tasks  # pylint: disable=g-import-not-at-top
+  from kcg._src import study  # pylint: disable=g-import-not-at-top
+  t, laws, report = ctx.config.task, ctx.config.laws, ctx.report
+  sweeps = {}
+  if "ridge_sweep" in sections:
+    sweeps["ridge"] = report.add("ridge_sweep", study.solver_sweep(
+        jax.random.fold_in(ctx.keys["laws"], 1), "ridge", laws.ridges,
+        task=_task(ctx.config, laws.num_prompts), ridge=ctx.ridge, num_steps=laws.num_steps,
+        path=report.path("ridge_sweep.png")))
+  if "condition_sweep" in sections:
+    cond_task = tasks.TaskConfig(family="noisy_linear" if t.noise_std > 0 else "linear",
+                                 input_dim=max(t.input_dim, 2), num_support=t.num_support,
+                                 num_query=t.num_query, batch_size=laws.num_prompts,
+                                 noise_std=t.noise_std, input_rotation=t.input_rotation)
+    sweeps["condition number"] = report.add("condition_sweep", study.solver_sweep(
+        jax.random.fold_in(ctx.keys["laws"], 2), "condition_number", laws.condition_numbers,
+        task=cond_task, ridge=ctx.ridge, num_steps=laws.num_steps,
+        path=report.path("condition_sweep.png")))
+  if sweeps:
+    report.section("Ridge and condition-number sweeps",
+                   f"t = {laws.num_steps} steps of each solver; relative error against the KRR oracle.")
+    for name, sweep in sweeps.items():
+      filename = "ridge_sweep.png" if name == "ridge" else "condition_sweep.png"
+      report.figure(filename, f"Solver error and cond(A) against the {name}.")
+      report.table([name, "mean kappa(A)", "2 rho^t"]
+                   + [f"{a}_t rel err" for a in sweep["relative_error"]],
+                   [[v, sweep["kappa"][i], sweep["predicted_cg_factor"][i]]
+                    + [sweep["relative_error"][a][i] for a in sweep["relative_error"]]
+                    for i, v in enumerate(sweep["values"])])
+  if "temperature_sweep" in sections:
+    temp = report.add("temperature_sweep", study.temperature_sweep(
+        jax.random.fold_in(ctx.keys["laws"], 3), laws.temperatures, num_support=t.num_support,
+        input_dim=t.input_dim, num_steps=laws.num_steps, num_prompts=laws.num_prompts,
+        ridge=ctx.ridge, path=report.path("temperature_sweep.png")))
+    report.section("Temperature (softmax route A: exponential kernel)")
+    report.figure("temperature_sweep.png", "CG on exp(<x, x'>/tau) against its rate.")
+    report.table(["tau", "kappa", "CG_t rel err", "2 rho^t", "fitted rate", "predicted rate"],
+                 [[tau, temp["kappa"][i], temp["cg_relative_error"][i], temp["predicted_factor"][i],
+                   temp["fitted_rate"][i], temp["predicted_rate"][i]]
+                  for i, tau in enumerate(temp["temperatures"])])
+
+
+def _failure_modes(ctx: _Context) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  import kcg  # pylint: disable=g-import-not-at-top
+  from kcg._src import study  # pylint: disable=g-import-not-at-top
+  t, laws, report = ctx.config.task, ctx.config.laws, ctx.report
+  # k <= d so that well-spread supports are well conditioned and collinearity is what breaks them.
+  k = min(t.num_support, t.input_dim)
   fail = report.add("failure_modes", study.failure_modes(
-      jax.random.fold_in(keys["laws"], 4), num_support=min(t.num_support, t.input_dim),
-      input_dim=max(t.input_dim, 2 * min(t.num_support, t.input_dim)), collinearity=laws.collinearity,
-      ridges=laws.small_ridges, num_prompts=laws.num_prompts,
+      jax.random.fold_in(ctx.keys["laws"], 4), num_support=k, input_dim=max(t.input_dim, 2 * k),
+      collinearity=laws.collinearity, ridges=laws.small_ridges, num_prompts=laws.num_prompts,
       compile_fn=lambda k, d, steps, lam: kcg.compile_cg(k, d, steps, lam, mask="prefix"),
       path=report.path("failure_modes.png")))
   report.section("Failure modes: nearly collinear supports, very small ridge",
-                 f"t = k = {fail['num_steps']} CG steps (exact arithmetic would give the oracle); errors "
-                 "relative to the float64 oracle.")
-  report.figure("failure_modes.png", "Where cond(A) explodes: reference and compiled CG in float64 and "
-                "float32, and the float32 oracle.")
-  for title, rows_dict in (("delta (collinear)", fail["collinear"]), ("ridge", fail["small_ridge"])):
+                 f"t = k = {fail['num_steps']} CG steps (exact arithmetic would give the oracle); "
+                 "errors relative to the float64 oracle.")
+  report.figure("failure_modes.png", "Where cond(A) explodes: reference and compiled CG in float64 "
+                "and float32, and the float32 oracle.")
+  for title, rows in (("delta (collinear)", fail["collinear"]), ("ridge", fail["small_ridge"])):
     report.table([title, "kappa", "reference CG", "compiled f64", "compiled f32", "oracle f32"],
-                 [[k, r["kappa"], r["reference_cg"], r.get("compiled_float64"), r.get("compiled_float32"),
-                   r["oracle_float32"]] for k, r in rows_dict.items()])
-  now = tick("failure_modes", now)
+                 [[key, r["kappa"], r["reference_cg"], r.get("compiled_float64"),
+                   r.get("compiled_float32"), r["oracle_float32"]] for key, r in rows.items()])
+  worst = max(fail["small_ridge"].values(), key=lambda r: r["kappa"])
+  ctx.summary.append(f"Failure modes: at kappa {worst['kappa']:.2g} (smallest ridge) k-step compiled "
+                     f"CG is off the oracle by {_fmt(worst.get('compiled_float64'))} in float64 and "
+                     f"{_fmt(worst.get('compiled_float32'))} in float32 (float32 Cholesky: "
+                     f"{worst['oracle_float32']:.2g}).")
 
+
+def _feature_perturbation(ctx: _Context) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  from kcg._src import study  # pylint: disable=g-import-not-at-top
+  laws, report = ctx.config.laws, ctx.report
   pert = report.add("feature_perturbation", study.feature_perturbation(
-      jax.random.fold_in(keys["laws"], 5), scales=laws.perturbation_scales,
+      jax.random.fold_in(ctx.keys["laws"], 5), scales=laws.perturbation_scales,
       num_prompts=laws.num_prompts, path=report.path("feature_perturbation.png")))
   report.section("Feature perturbation (stub S4)", (
       "With A = K + ridge I, A^ = K^ + ridge I, alpha* = A^-1 y: f* - f^* = (k - k^)^T alpha* + "
       "k^^T A^^-1 (K^ - K) alpha*, so |f*(x) - f^*(x)| <= ||k(x) - k^(x)|| ||alpha*|| + "
       "||A^^-1 k^(x)|| ||K - K^||_2 ||alpha*|| <= ||k - k^|| ||alpha*|| + (||k^(x)||/ridge) "
       "||K - K^||_2 ||alpha*||: Lipschitz in ||K - K^||_2 with constant ||k^(x)|| ||alpha*|| / ridge "
-      "<= ||k^(x)|| ||y|| / ridge^2. Checked on random problems: the largest ratio actual/bound must be "
-      "<= 1."))
+      "<= ||k^(x)|| ||y|| / ridge^2. Checked on random problems: the largest ratio actual/bound must "
+      "be <= 1."))
   report.figure("feature_perturbation.png", "Prediction change vs ||K - K^|| with both bounds.")
   report.table(["eps", "||K - K^||", "mean |f* - f^*|", "max actual/sharp", "max actual/Lipschitz",
                 "mean Lipschitz const"],
                [[s, pert["kernel_distance"][i], pert["actual"][i], pert["max_ratio_sharp"][i],
                  pert["max_ratio_lipschitz"][i], pert["lipschitz_constant"][i]]
                 for i, s in enumerate(pert["scales"])])
-  summary.append(f"S4 feature-perturbation bound held on every prompt and query: {pert['bound_holds']} "
-                 f"(largest actual/bound {max(pert['max_ratio_sharp']):.3g} sharp, "
-                 f"{max(pert['max_ratio_lipschitz']):.3g} Lipschitz form).")
+  ctx.summary.append(f"S4 feature-perturbation bound held on every prompt and query: "
+                     f"{pert['bound_holds']} (largest actual/bound {max(pert['max_ratio_sharp']):.3g} "
+                     f"sharp, {max(pert['max_ratio_lipschitz']):.3g} Lipschitz form).")
+
+
+def _width(ctx: _Context) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  from kcg._src import study  # pylint: disable=g-import-not-at-top
+  laws, report = ctx.config.laws, ctx.report
+  p = max(laws.widths)
   width = report.add("width_sweep", study.width_sweep(
-      jax.random.fold_in(keys["laws"], 6), laws.widths, num_prompts=laws.num_prompts,
-      feature_dim=max(laws.widths), num_support=max(laws.widths), path=report.path("width_sweep.png")))
+      jax.random.fold_in(ctx.keys["laws"], 6), laws.widths, num_prompts=laws.num_prompts,
+      feature_dim=p, num_support=p, path=report.path("width_sweep.png")))
   report.section("Width m < p: spectral-tail bound",
                  "KRR on an m-dimensional projection of phi (best rank-m and random) against the S4 "
                  "bound; the compiled models have width >= p, so the `low_rank_predictor` hook of "
                  "`kcg.study.width_sweep` waits for a compiler with m < p.")
   report.figure("width_sweep.png", "Error of width-m sketches and the bound.")
-  report.table(["m", "sigma_{m+1}^2 (mean)", "top: error", "top: bound", "random: error", "random: bound"],
+  report.table(["m", "sigma_{m+1}^2 (mean)", "top: error", "top: bound", "random: error",
+                "random: bound"],
                [[m, width["spectral_tail"][i], width["top"]["error"][i], width["top"]["bound"][i],
                  width["random"]["error"][i], width["random"]["bound"][i]]
                 for i, m in enumerate(width["widths"])])
-  now = tick("perturbation_width", now)
 
-  # 4. Compiled models: probes, ablations, matching (the answers are known exactly).
-  compiled_prompts = tasks.sample(keys["compiled"], _task(config, config.compiled.num_prompts))
+
+def _compiled(ctx: _Context) -> None:
+  import kcg  # pylint: disable=g-import-not-at-top
+  from kcg import tasks  # pylint: disable=g-import-not-at-top
+  from kcg._src import probes  # pylint: disable=g-import-not-at-top
+  from kcg._src import study  # pylint: disable=g-import-not-at-top
+  config, report = ctx.config, ctx.report
+  t, cc = config.task, config.compiled
+  prompts = tasks.sample(ctx.keys["compiled"], _task(config, cc.num_prompts))
   report.section("Compiled models: probes, ablations, layer matching",
-                 f"Compiled CG with t = {config.compiled.num_steps}, ridge {ridge:g}, on the study's "
-                 "prompts.")
-  compiled_results = {}
-  for construction in config.compiled.constructions:
+                 f"Compiled CG with t = {cc.num_steps}, ridge {ctx.ridge:g}, on the study's prompts. "
+                 "Here the right answers are known: the state is written at each step end, removing "
+                 "an operation gives the CG without it, and the step-end layer matches CG_t.")
+  results = {}
+  for construction in cc.constructions:
     form, mask = construction.split("/")
-    compiled = kcg.compile_cg(t.num_support, t.input_dim, config.compiled.num_steps, ridge, mask=mask,
+    compiled = kcg.compile_cg(t.num_support, t.input_dim, cc.num_steps, ctx.ridge, mask=mask,
                               form=form)
     subject = probes.subject_from_compiled(compiled)
     tag = f"{form}_{mask}"
+    ends = list(compiled.program.step_ends)
     combos = tuple((q, probes.compiled_state_site(compiled, q)) for q in ("alpha", "r", "p")) + (
         ("w", "aggregator"),)
     probe_res = study.probe_study(
-        subject, compiled_prompts, keys["probes"], ridge=ridge, num_steps=config.compiled.num_steps,
-        combos=combos, form=form, num_folds=config.probes.num_folds, probe_ridge=config.probes.ridge,
-        cosine_threshold=config.probes.cosine_threshold, path=report.path(f"probes_compiled_{tag}.png"))
-    abl = study.compiled_ablation_table(compiled, compiled_prompts,
+        subject, prompts, ctx.keys["probes"], ridge=ctx.ridge, num_steps=cc.num_steps, combos=combos,
+        form=form, num_folds=config.probes.num_folds, probe_ridge=config.probes.ridge,
+        cosine_threshold=config.probes.cosine_threshold,
+        path=report.path(f"probes_compiled_{tag}.png"))
+    abl = study.compiled_ablation_table(compiled, prompts,
                                         path=report.path(f"ablations_compiled_{tag}.png"))
-    match = study.matching_study(subject, eval_prompts, keys["match"], ridge=ridge,
+    match = study.matching_study(subject, ctx.eval_prompts, ctx.keys["match"], ridge=ctx.ridge,
                                  max_steps=config.matching.max_steps, readout="prediction_channel",
                                  gradients=config.matching.gradients,
+                                 algorithms=config.matching.algorithms,
                                  path=report.path(f"matching_compiled_{tag}.png"))
-    compiled_results[tag] = {"probes": probe_res, "ablations": abl, "matching": match,
-                             "step_ends": list(compiled.program.step_ends)}
+    results[tag] = {"probes": probe_res, "ablations": abl, "matching": match, "step_ends": ends}
     report.text(f"### {subject.name} ({compiled.program.name}, {compiled.config.num_layers} layers, "
-                f"step ends {list(compiled.program.step_ends)})")
+                f"step ends {ends})")
     report.figure(f"probes_compiled_{tag}.png", "Held-out probe cosine per layer for the state after "
                   "each step (solid) and on a random-init model of the same architecture (dotted).")
     rows = []
     for combo, r in probe_res["combos"].items():
-      for step in range(1, config.compiled.num_steps + 1):
-        end = compiled.program.step_ends[step]
+      for step in range(1, cc.num_steps + 1):
+        end = ends[step]
         rows.append([combo, step, end, r["cosine"][end][step], r["r2"][end][step],
                      r["shuffled_cosine"][end][step], r["control_cosine"][end][step],
                      r["best_control_cosine"][step], bool(r["trivial"][end][step])])
@@ -310,83 +339,136 @@ def run(config, workdir: str) -> dict:
                    r["mse_vs_oracle_damaged"]] for op, r in abl["operations"].items()])
     report.figure(f"matching_compiled_{tag}.png", "Best distance of each candidate per layer "
                   "(prediction channel); numbers: best step.")
-    ends = [match["layers"][e] for e in compiled.program.step_ends]
+    at_ends = [match["layers"][e] for e in ends]
     report.table(["step", "layer", "best match", "sq. diff"],
                  [[i, e, f"{m['name']} t={m['step']}", m["squared_difference"]]
-                  for i, (e, m) in enumerate(zip(compiled.program.step_ends, ends))])
+                  for i, (e, m) in enumerate(zip(ends, at_ends))])
     alpha = probe_res["combos"]["alpha@" + combos[0][1]]
-    last = config.compiled.num_steps
-    summary.append(
+    last = cc.num_steps
+    ops = abl["operations"].values()
+    ctx.summary.append(
         f"Compiled {tag}: probe of alpha_{last} at its step end: cosine "
-        f"{alpha['cosine'][compiled.program.step_ends[last]][last]:.6f} (random-init control best "
+        f"{alpha['cosine'][ends[last]][last]:.6f} (random-init control, best layer: "
         f"{alpha['best_control_cosine'][last]:.3f}); ablations match the damaged CG to "
-        f"{max(r['match'] for r in abl['operations'].values()):.1e} (damage "
-        f"{min(r['damage_size'] for r in abl['operations'].values()):.1e}..."
-        f"{max(r['damage_size'] for r in abl['operations'].values()):.1e}); step ends match "
-        + ", ".join(f"{m['name']} t={m['step']}" for m in ends[1:]) + ".")
-  report.add("compiled", compiled_results)
-  now = tick("compiled", now)
+        f"{max(r['match'] for r in ops):.1e} while changing the model by "
+        f"{min(r['damage_size'] for r in ops):.1e}..{max(r['damage_size'] for r in ops):.1e}; "
+        "step ends match " + ", ".join(f"{m['name']} t={m['step']}" for m in at_ends[1:]) + ".")
+  report.add("compiled", results)
 
-  # 5. Trained models: probes, ablations, matching.
-  trained_results = {}
+
+def _trained(ctx: _Context) -> None:
+  from kcg._src import study  # pylint: disable=g-import-not-at-top
+  config, report = ctx.config, ctx.report
+  mc = config.matching
   report.section("Trained models: probes, ablations, layer matching",
                  "Probe targets: reference CG state (data space, the study's ridge) after t = 0..L "
-                 "steps; controls: shuffled targets and a random-init model. Matching candidates: CG, "
-                 "primal CG, Jacobi PCG, GD (optimal step), Chebyshev, Newton-Schulz, in data space "
-                 f"(raw x) and feature space (random ReLU features, p = {config.matching.feature_dim}).")
-  for (attention, depth), subject in trained.items():
+                 "steps; controls: shuffled targets and a random-init model. Matching candidates: "
+                 f"{', '.join(mc.algorithms)} in {' and '.join(mc.spaces)} space (feature space: "
+                 f"random ReLU features, p = {mc.feature_dim}).")
+  results = {}
+  for (attention, depth), subject in ctx.trained.items():
     tag = f"{attention}_L{depth}"
     probe_res = study.probe_study(
-        subject, eval_prompts, keys["probes"], ridge=ridge, num_steps=depth,
+        subject, ctx.eval_prompts, ctx.keys["probes"], ridge=ctx.ridge, num_steps=depth,
         num_folds=config.probes.num_folds, probe_ridge=config.probes.ridge,
         cosine_threshold=config.probes.cosine_threshold, path=report.path(f"probes_{tag}.png"))
-    abl = study.trained_ablation(subject, eval_prompts, keys["match"], ridge=ridge,
-                                 max_steps=config.matching.max_steps,
-                                 path=report.path(f"ablations_{tag}.png"))
+    abl = study.trained_ablation(subject, ctx.eval_prompts, ctx.keys["match"], ridge=ctx.ridge,
+                                 max_steps=mc.max_steps, path=report.path(f"ablations_{tag}.png"))
     matches = {}
-    for readout in config.matching.readouts:
+    for readout in mc.readouts:
       matches[readout] = study.matching_study(
-          subject, eval_prompts, keys["match"], ridge=ridge, max_steps=config.matching.max_steps,
-          readout=readout, fit_prompts=fit_prompts, feature_map=feature_map,
-          gradients=config.matching.gradients, path=report.path(f"matching_{tag}_{readout}.png"))
-    trained_results[tag] = {"probes": probe_res, "ablations": abl, "matching": matches}
+          subject, ctx.eval_prompts, ctx.keys["match"], ridge=ctx.ridge, max_steps=mc.max_steps,
+          readout=readout, fit_prompts=ctx.fit_prompts, feature_map=ctx.feature_map,
+          gradients=mc.gradients, algorithms=mc.algorithms, spaces=mc.spaces,
+          path=report.path(f"matching_{tag}_{readout}.png"))
+    results[tag] = {"probes": probe_res, "ablations": abl, "matching": matches}
     report.text(f"### {subject.name}")
-    report.figure(f"probes_{tag}.png", "Held-out probe cosine per layer for the CG state after step t "
-                  "(solid) and on a random-init model (dotted).")
+    report.figure(f"probes_{tag}.png", "Held-out probe cosine per layer for the CG state after step "
+                  "t (solid) and on a random-init model (dotted).")
     rows = []
     for combo, r in probe_res["combos"].items():
       for step in range(1, depth + 1):
-        layer = min(step, depth)
-        rows.append([combo, step, layer, r["cosine"][layer][step], r["r2"][layer][step],
-                     r["shuffled_cosine"][layer][step], r["control_cosine"][layer][step],
-                     int(r["best_layer"][step]), r["best_cosine"][step], bool(r["trivial"][layer][step])])
-    report.table(["state @ site", "t", "layer l = t", "cosine", "R^2", "shuffled cos", "random-init cos",
-                  "best layer", "best cos", "trivial"], rows)
+        rows.append([combo, step, r["cosine"][step][step], r["r2"][step][step],
+                     r["shuffled_cosine"][step][step], r["control_cosine"][step][step],
+                     int(r["best_layer"][step]), r["best_cosine"][step],
+                     r["best_control_cosine"][step], bool(r["trivial"][step][step])])
+    report.table(["state @ site", "t", "cosine at layer t", "R^2", "shuffled cos", "random-init cos",
+                  "best layer", "best cos", "best random-init cos", "trivial"], rows)
     report.figure(f"ablations_{tag}.png", "Removing one head / one layer: test mse.")
-    report.table(["removed layer", "mse", "relative change", "damaged best match"],
+    report.table(["removed layer", "mse", "relative change", "damaged output best matches"],
                  [[m["layer"], abl["layer_mse"][m["layer"]], abl["layer_change"][m["layer"]],
                    f"{m['best']} t={m['step']}"] for m in abl["layer_removed_best_match"]])
-    report.text(f"Healthy mse {abl['mse_healthy']:.4g}; healthy output best matches "
+    report.text(f"Healthy mse {abl['mse_healthy']:.4g}; the healthy output best matches "
                 f"{abl['healthy_best_match']['best']} t={abl['healthy_best_match']['step']}.")
     for readout, m in matches.items():
       report.figure(f"matching_{tag}_{readout}.png", f"Layer-wise matching, {readout}.")
       report.text(m["table"])
-    final = matches[config.matching.readouts[0]]["layers"][-1]
-    summary.append(
-        f"Trained {subject.name}: final layer ({config.matching.readouts[0]}) best matches "
-        f"{final['name']} t={final['step']} (R^2 {final['r2']:.3f}, rel. distance "
-        f"{final['relative_distance']:.3g}); best probe cosine for alpha_{depth} at the supports "
-        f"{probe_res['combos']['alpha@support']['best_cosine'][depth]:.3f} vs random-init "
-        f"{probe_res['combos']['alpha@support']['best_control_cosine'][depth]:.3f}; w_{depth} at the "
-        f"query {probe_res['combos']['w@query']['best_cosine'][depth]:.3f} vs "
-        f"{probe_res['combos']['w@query']['best_control_cosine'][depth]:.3f}.")
-  report.add("trained", trained_results)
-  now = tick("trained", now)
+    final = matches[mc.readouts[0]]["layers"][-1]
+    alpha, w = probe_res["combos"]["alpha@support"], probe_res["combos"]["w@query"]
+    ctx.summary.append(
+        f"Trained {subject.name}: final layer ({mc.readouts[0]}) best matches {final['name']} "
+        f"t={final['step']} (per-problem R^2 {final['r2']:.3f}, relative distance "
+        f"{final['relative_distance']:.3g}); probe cosine for alpha_{depth} at the supports "
+        f"{alpha['best_cosine'][depth]:.3f} (random init {alpha['best_control_cosine'][depth]:.3f}, "
+        f"shuffled {alpha['best_shuffled_cosine'][depth]:.3f}); w_{depth} at the queries "
+        f"{w['best_cosine'][depth]:.3f} (random init {w['best_control_cosine'][depth]:.3f}).")
+  report.add("trained", results)
 
+
+def run(config, workdir: str) -> dict:
+  """The whole study; returns the results dict also written to workdir/results.json."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from kcg import features  # pylint: disable=g-import-not-at-top
+  from kcg import tasks  # pylint: disable=g-import-not-at-top
+  from kcg._src import study  # pylint: disable=g-import-not-at-top
+
+  if not jax.config.jax_enable_x64:
+    raise ValueError("the study runs in float64: call jax.config.update('jax_enable_x64', True) "
+                     "first (the binary does).")
+  sections = set(config.sections)
+  unknown = sections - set(SECTIONS)
+  if unknown:
+    raise ValueError(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}.")
+  start = time.perf_counter()
+  t = config.task
+  ridge = _ridge(config)
+  names = ("eval", "fit", "laws", "probes", "match", "features", "compiled")
+  keys = dict(zip(names, jax.random.split(jax.random.key(config.seed), len(names))))
+  report = study.Report(workdir, "Formal vs learned: do trained transformers run CG on their "
+                        "features?")
+  report.text(f"Scale `{config.scale}`. Task `{t.family}`, d = {t.input_dim}, k = {t.num_support}, "
+              f"q = {t.num_query}, noise {t.noise_std}, input condition number "
+              f"{t.condition_number}; KRR/CG ridge {ridge:g} (the Bayes ridge noise^2 d unless set). "
+              "All comparisons on held-out prompts, in float64.")
+  summary_at = len(report.lines)
+  fm = features.random_relu(config.matching.feature_dim)
+  ctx = _Context(config=config, report=report, summary=[], keys=keys, ridge=ridge,
+                 eval_prompts=tasks.sample(keys["eval"], _task(config, config.eval.num_prompts)),
+                 fit_prompts=tasks.sample(keys["fit"], _task(config, config.eval.num_fit_prompts)),
+                 feature_map=functools.partial(fm.apply, fm.init(keys["features"], t.input_dim)),
+                 trained={})
+  timings = {}
+  steps = [("train", lambda: _train(ctx, workdir)),
+           ("depth_comparison", lambda: _depth_comparison(ctx)),
+           ("depth_law", lambda: _depth_law(ctx)),
+           ("sweeps", lambda: _solver_sweeps(ctx, sections)),
+           ("failure_modes", lambda: _failure_modes(ctx)),
+           ("feature_perturbation", lambda: _feature_perturbation(ctx)),
+           ("width_sweep", lambda: _width(ctx)),
+           ("compiled", lambda: _compiled(ctx)),
+           ("trained", lambda: _trained(ctx))]
+  for name, fn in steps:
+    if name not in ("train", "sweeps") and name not in sections:
+      continue
+    began = time.perf_counter()
+    fn()
+    timings[name] = time.perf_counter() - began
+    logging.info("%s: %.1f s", name, timings[name])
   timings["total"] = time.perf_counter() - start
   report.add("timings_seconds", timings)
   report.lines[summary_at:summary_at] = (["## Summary (generated from the numbers below)", ""]
-                                         + [f"* {s}" for s in summary] + [""])
+                                         + [f"* {s}" for s in ctx.summary] + [""])
   report.section("Runtime", ", ".join(f"{k}: {v:.0f} s" for k, v in timings.items()))
   report.write(config.to_dict())
   return report.results
@@ -403,4 +485,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

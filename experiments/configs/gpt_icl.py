@@ -79,5 +79,6 @@ def get_config(arg: str | None = None):
     config.curriculum.num_support_start = 4
     config.curriculum.num_support_increment = 3
     common.runlocal(config, num_steps=8)
+    config.curriculum.interval = 4  # Two curriculum stages: each one compiles its own sampler.
     config.ood_shifts = ("orthogonal_query", "scaled_inputs")
   return config

@@ -14,8 +14,9 @@ Three scales (`--config=experiments/configs/study.py[:runlocal|:smoke]`):
 
       python -m experiments.study --config=experiments/configs/study.py:runlocal --workdir=/tmp/study_local
 
-* `smoke`: one linear model of depth 1 trained 20 steps, t = 1, two points per sweep, no gradients:
-  well under a minute (the fast test runs it in-process).
+* `smoke`: one linear model of depth 1 trained 20 steps, t = 1, two points per sweep, no gradients,
+  CG and GD only, and only the sections that exercise distinct code (no condition-number,
+  temperature, failure-mode and width sweeps): under a minute (the fast test runs it in-process).
 
 Every field can be overridden on the command line, e.g. `--config.train.depths=1,2`.
 """
@@ -40,6 +41,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.scale = "full"
   config.seed = 0
+  # Parts of the study to run (the trained models are always trained; see experiments/study.py).
+  config.sections = ("depth_comparison", "depth_law", "ridge_sweep", "condition_sweep",
+                     "temperature_sweep", "failure_modes", "feature_perturbation", "width_sweep",
+                     "compiled", "trained")
 
   config.task = ml_collections.ConfigDict()
   config.task.family = "noisy_linear"
@@ -84,6 +89,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.matching = ml_collections.ConfigDict()
   config.matching.readouts = ("logit_lens", "linear_readout")
+  config.matching.algorithms = ("cg", "primal_cg", "pcg", "gd", "chebyshev", "newton_schulz")
+  config.matching.spaces = ("data", "feature")
   config.matching.max_steps = 12
   config.matching.gradients = True
   # Feature space for the feature-vs-data comparison: random ReLU features of this width.
@@ -137,6 +144,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.laws.widths = (1, 2, 4, 8, 16)
   elif "smoke" in options:
     config.scale = "smoke"
+    config.sections = ("depth_comparison", "depth_law", "ridge_sweep", "feature_perturbation",
+                       "compiled", "trained")
     config.task.input_dim = 3
     config.task.num_support = 5
     config.task.num_query = 2
@@ -155,7 +164,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.compiled.constructions = ("dual/prefix",)
     config.compiled.num_prompts = 16
     config.probes.num_folds = 2
-    config.matching.readouts = ("logit_lens", "linear_readout")
+    config.matching.readouts = ("logit_lens",)
+    config.matching.algorithms = ("cg", "gd")
+    config.matching.spaces = ("data",)
     config.matching.max_steps = 2
     config.matching.gradients = False
     config.matching.feature_dim = 4

@@ -43,6 +43,8 @@ Array = jax.Array
 READOUTS = ("prediction_channel", "logit_lens", "linear_readout")
 ALGORITHMS = ("cg", "primal_cg", "pcg", "gd", "chebyshev", "newton_schulz")
 SPACES = ("feature", "data")
+_SOLVE = {"cg": solvers.cg_predict, "primal_cg": solvers.primal_cg_predict, "pcg": solvers.pcg_predict,
+          "gd": solvers.gd_predict, "chebyshev": solvers.chebyshev_predict}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -211,9 +213,7 @@ def trajectory(algorithm: str, num_steps: int, ridge: float, *, feature_map: Cal
   if space not in SPACES:
     raise ValueError(f"unknown space {space!r}; choose one of {', '.join(SPACES)}.")
   used = feature_map if space == "feature" else None
-  solve = {"cg": solvers.cg_predict, "primal_cg": solvers.primal_cg_predict,
-           "pcg": solvers.pcg_predict, "gd": solvers.gd_predict,
-           "chebyshev": solvers.chebyshev_predict}[algorithm]
+  solve = _SOLVE[algorithm]
 
   def predict_steps(x_support, y_support, x_query):
     x_support, y_support, x_query = baselines_lib.check_prompt_arrays(x_support, y_support, x_query)
@@ -239,15 +239,40 @@ def candidate_names(algorithms: Sequence[str] = ALGORITHMS, spaces: Sequence[str
   return tuple((a, s) for a in algorithms for s in spaces)
 
 
+@functools.partial(jax.jit, static_argnames=("algorithms", "num_steps"))
+def _trajectories_core(z_support, y_support, z_query, ridge, *, algorithms, num_steps):
+  """Every candidate's trajectory on one space in one compiled call (one compilation, not one each)."""
+  out = {}
+  for algorithm in algorithms:
+    if algorithm == "newton_schulz":
+      out[algorithm] = _newton_schulz_core(z_support, y_support, z_query, ridge, num_steps)
+    else:
+      out[algorithm] = _SOLVE[algorithm](z_support, y_support, z_query, ridge, num_steps)
+  return out
+
+
 def algorithm_trajectories(prompts: Any, ridge: float, max_steps: int, *,
                            algorithms: Sequence[str] = ALGORITHMS, spaces: Sequence[str] = SPACES,
                            feature_map: Callable | None = None) -> dict[str, Array]:
   """`{"<algorithm>/<space>": [B, T+1, q]}` for every candidate (see `candidate_names`)."""
+  names = candidate_names(algorithms, spaces, feature_map=feature_map)
+  max_steps = checks.check_num_steps(max_steps)
+  checks.check_ridge(ridge)
+  x_support, y_support, x_query = baselines_lib.check_prompt_arrays(
+      prompts.x_support, prompts.y_support, prompts.x_query)
+  if x_support.ndim != 3:
+    raise ValueError(f"algorithm_trajectories takes batched prompts [B, k, d]; got {x_support.shape}.")
+  dtype = x_support.dtype
   out = {}
-  for algorithm, space in candidate_names(algorithms, spaces, feature_map=feature_map):
-    fn = trajectory(algorithm, max_steps, ridge, feature_map=feature_map, space=space)
-    out[f"{algorithm}/{space}"] = fn(prompts.x_support, prompts.y_support, prompts.x_query)
-  return out
+  for space in dict.fromkeys(s for _, s in names):
+    used = feature_map if space == "feature" else None
+    z_s = x_support if used is None else jnp.asarray(used(x_support), dtype)
+    z_q = x_query if used is None else jnp.asarray(used(x_query), dtype)
+    algs = tuple(a for a, s in names if s == space)
+    values = _trajectories_core(z_s, y_support, z_q, jnp.asarray(ridge, dtype), algorithms=algs,
+                                num_steps=max_steps)
+    out.update({f"{a}/{space}": values[a] for a in algs})
+  return {f"{a}/{s}": out[f"{a}/{s}"] for a, s in names}
 
 
 # ----------------------------------------------------------------------------------------------------

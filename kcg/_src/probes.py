@@ -385,10 +385,16 @@ class ProbeResult(NamedTuple):
   excess_cosine: float
 
 
-def _check_probe_arrays(features: Any, targets: Any) -> tuple[Array, Array]:
-  dtype = checks.float_dtype(features, targets)
-  features = jnp.asarray(features, dtype)
-  targets = checks.as_array("targets", targets, dtype)
+def _check_probe_arrays(features: Any, targets: Any) -> tuple[np.ndarray, np.ndarray]:
+  """Features [B, S, D] and targets [B, S, M] as NumPy arrays of one floating dtype.
+
+  Targets must be finite; features may not be (a random deep model can overflow): such columns are
+  dropped by the probe.
+  """
+  dtype = np.dtype(checks.float_dtype(features, targets))
+  checks.check_finite("targets", targets)
+  features = np.asarray(features, dtype)
+  targets = np.asarray(targets, dtype)
   if features.ndim == 2:
     features = features[:, None, :]
   if targets.ndim == 2:
@@ -402,12 +408,15 @@ def _check_probe_arrays(features: Any, targets: Any) -> tuple[Array, Array]:
   return features, targets
 
 
-def _fold_ids(key: Any, num_prompts: int, num_folds: int) -> Array:
+def _fold_ids(key: Any, num_prompts: int, num_folds: int) -> np.ndarray:
+  """A random balanced fold id per prompt, drawn from `key` (on the host: no compilation)."""
   if num_folds < 2 or num_folds > num_prompts:
     raise ValueError(f"num_folds must be in [2, number of prompts = {num_prompts}], got {num_folds}.")
-  order = jax.random.permutation(key, num_prompts)
-  return jnp.zeros((num_prompts,), jnp.int32).at[order].set(
-      jnp.arange(num_prompts, dtype=jnp.int32) % num_folds)
+  seed = np.asarray(jax.random.key_data(key)).ravel().tolist()
+  order = np.random.default_rng(seed).permutation(num_prompts)
+  folds = np.empty(num_prompts, np.int64)
+  folds[order] = np.arange(num_prompts) % num_folds
+  return folds
 
 
 # The probe is a few D x D eigendecompositions per fold: NumPy does it in microseconds, while a jitted
@@ -493,15 +502,15 @@ def probe(features: Any, targets: Any, key: Any, *, control_features: Any = None
   learn only what all prompts share; `trivial` is True when it still reaches `cosine_threshold`.
   """
   features, targets = _check_probe_arrays(features, targets)
-  key_folds, key_shuffle = jax.random.split(key)
   kwargs = dict(num_folds=num_folds, ridge=ridge)
-  score = cross_validated_probe(features, targets, key_folds, **kwargs)
-  permutation = jax.random.permutation(key_shuffle, targets.shape[0])
-  shuffled = cross_validated_probe(features, targets[permutation], key_folds, **kwargs)
+  score = cross_validated_probe(features, targets, key, **kwargs)
+  seed = np.asarray(jax.random.key_data(key)).ravel().tolist() + [1]
+  permutation = np.random.default_rng(seed).permutation(targets.shape[0])
+  shuffled = cross_validated_probe(features, np.asarray(targets)[permutation], key, **kwargs)
   control = None
   if control_features is not None:
     control_features, _ = _check_probe_arrays(control_features, targets)
-    control = cross_validated_probe(control_features, targets, key_folds, **kwargs)
+    control = cross_validated_probe(control_features, targets, key, **kwargs)
   best_control = float(shuffled.cosine) if control is None else max(float(shuffled.cosine),
                                                                      float(control.cosine))
   return ProbeResult(score, shuffled, control, bool(float(shuffled.cosine) >= cosine_threshold),
@@ -527,11 +536,11 @@ def probe_layers(features_LxBxSxD: Any, targets: Any, key: Any, *,
 
   The control features (if given) must have the same number of layers. Controls absent give NaN.
   """
-  features = jnp.asarray(features_LxBxSxD)
+  features = np.asarray(features_LxBxSxD)
   if features.ndim != 4:
     raise ValueError(f"features must be [L+1, B, S, D], got shape {features.shape}.")
   if control_features_LxBxSxD is not None:
-    control = jnp.asarray(control_features_LxBxSxD)
+    control = np.asarray(control_features_LxBxSxD)
     if control.shape[0] != features.shape[0]:
       raise ValueError(f"control features have {control.shape[0]} layers, the subject {features.shape[0]}.")
   rows = []
@@ -561,7 +570,7 @@ def probe_grid(features_LxBxSxD: Any, targets_TxBxSxM: Any, key: Any, *,
                control_features_LxBxSxD: Any = None, num_folds: int = 5, ridge: float = 1e-6,
                cosine_threshold: float = 0.9) -> ProbeGrid:
   """`probe_layers` for each of `T+1` targets (e.g. `alpha_t`, t = 0..T), stacked into `[L+1, T+1]`."""
-  targets = jnp.asarray(targets_TxBxSxM)
+  targets = np.asarray(targets_TxBxSxM)
   if targets.ndim != 4:
     raise ValueError(f"targets must be [T+1, B, S, M] (one target per step), got {targets.shape}.")
   columns = [probe_layers(features_LxBxSxD, targets[t], key,

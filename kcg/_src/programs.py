@@ -168,6 +168,33 @@ def _move_p_heads() -> tuple[Head, ...]:
   return (_at_aggregator("p", [("p_prev", 1.0), ("p", -1.0)], "p_prev <- p, p <- 0"),)
 
 
+def _support_matvec_heads() -> tuple[Head, ...]:
+  """(Kp)_i = sum_j (phi_i . phi_j) p_j at supports; k(x_q) . p at queries."""
+  return (
+      Head((("phi_support", 1.0),), (("phi_support", 1.0),), (("p", 1.0),), (("Kp", 1.0),),
+           "(Kp)_i = sum_j (phi_i . phi_j) p_j"),
+      Head((("phi_query", 1.0),), (("phi_support", 1.0),), (("p", 1.0),), (("kq_p", 1.0),),
+           "k(x_q) . p"),
+  )
+
+
+def _support_pap_block(prefix: str, ridge: float, spec) -> Block:
+  return Block(f"{prefix} pAp = p.Kp + ridge p.p", heads=(
+      _reduce_over_supports("p", "Kp", [("pAp", 1.0)], "p.Kp"),
+      _reduce_over_supports("p", "p", [("pAp", ridge)], "ridge p.p"),
+  ), units=(_guess_units("pAp", "inv_pAp", spec),))
+
+
+def _support_update_heads(ridge: float) -> tuple[Head, ...]:
+  """alpha += gamma p, r -= gamma (Kp + ridge p) at supports, f += gamma k(x).p at queries."""
+  return (
+      Head((("p", 1.0),), ((AGG, 1.0),), (("gamma", 1.0),), (("alpha", 1.0), ("r", -ridge)),
+           "alpha += gamma p; r -= gamma ridge p"),
+      Head((("Kp", 1.0),), ((AGG, 1.0),), (("gamma", 1.0),), (("r", -1.0),), "r -= gamma Kp"),
+      Head((("kq_p", 1.0),), ((AGG, 1.0),), (("gamma", 1.0),), (("f", 1.0),), "f += gamma k(x).p"),
+  )
+
+
 def _scalar_channels(rho: str = "rr"):
   return [(name, 1) for name in _scalar_names(rho)]
 
@@ -229,24 +256,11 @@ def support_state(feature_dim: int, num_steps: int, ridge: float,
   def step():
     s = "cg"
     return [
-        Block(f"{s} mat-vec Kp", heads=(
-            Head((("phi_support", 1.0),), (("phi_support", 1.0),), (("p", 1.0),), (("Kp", 1.0),),
-                 "(Kp)_i = sum_j (phi_i . phi_j) p_j"),
-            Head((("phi_query", 1.0),), (("phi_support", 1.0),), (("p", 1.0),), (("kq_p", 1.0),),
-                 "k(x_q) . p"),
-        ) + _step_start_heads()),
-        Block(f"{s} pAp = p.Kp + ridge p.p", heads=(
-            _reduce_over_supports("p", "Kp", [("pAp", 1.0)], "p.Kp"),
-            _reduce_over_supports("p", "p", [("pAp", ridge)], "ridge p.p"),
-        ), units=(_guess_units("pAp", "inv_pAp", spec),)),
+        Block(f"{s} mat-vec Kp", heads=_support_matvec_heads() + _step_start_heads()),
+        _support_pap_block(s, ridge, spec),
         *_scalar_blocks(spec, s),
-        Block(f"{s} update alpha, r, f", heads=(
-            Head((("p", 1.0),), ((AGG, 1.0),), (("gamma", 1.0),), (("alpha", 1.0), ("r", -ridge)),
-                 "alpha += gamma p; r -= gamma ridge p"),
-            Head((("Kp", 1.0),), ((AGG, 1.0),), (("gamma", 1.0),), (("r", -1.0),), "r -= gamma Kp"),
-            Head((("kq_p", 1.0),), ((AGG, 1.0),), (("gamma", 1.0),), (("f", 1.0),),
-                 "f += gamma k(x).p"),
-        ) + _after_update_heads(), units=(
+        Block(f"{s} update alpha, r, f", heads=_support_update_heads(ridge) + _after_update_heads(),
+              units=(
             linear_units(layout, "Kp", [("Kp", -1.0)], "clear Kp"),
             linear_units(layout, "kq_p", [("kq_p", -1.0)], "clear kq_p"),
             linear_units(layout, "p", [("p_prev", 1.0), ("p", -1.0)], "p_prev <- p, p <- 0"),
@@ -427,12 +441,8 @@ def chebyshev_support_state(feature_dim: int, num_steps: int, ridge: float, low:
   gammas, betas = chebyshev_coefficients(low, high, num_steps)
   blocks = []
   for s, (g, b) in enumerate(zip(gammas, betas)):
-    blocks.append(Block(f"chebyshev[{s}] mat-vec and update", heads=(
-        Head((("phi_support", 1.0),), (("phi_support", 1.0),), (("p", 1.0),), (("Kp", 1.0),),
-             "(Kp)_i = sum_j (phi_i . phi_j) p_j"),
-        Head((("phi_query", 1.0),), (("phi_support", 1.0),), (("p", 1.0),), (("kq_p", 1.0),),
-             "k(x_q) . p"),
-    ), units=_chebyshev_updates(layout, g, b, ridge, "Kp", "kq_p")))
+    blocks.append(Block(f"chebyshev[{s}] mat-vec and update", heads=_support_matvec_heads(),
+                        units=_chebyshev_updates(layout, g, b, ridge, "Kp", "kq_p")))
   return _per_step_program("chebyshev_support_state", layout, embedding, [], blocks, 1,
                            gammas, betas)
 
@@ -617,24 +627,12 @@ def jacobi_support_state(feature_dim: int, num_steps: int, ridge: float,
   def step():
     s = "pcg"
     return [
-        Block(f"{s} mat-vec Kp", heads=(
-            Head((("phi_support", 1.0),), (("phi_support", 1.0),), (("p", 1.0),), (("Kp", 1.0),),
-                 "(Kp)_i = sum_j (phi_i . phi_j) p_j"),
-            Head((("phi_query", 1.0),), (("phi_support", 1.0),), (("p", 1.0),), (("kq_p", 1.0),),
-                 "k(x_q) . p"),
-        ) + _step_start_heads(rho), units=(_linear_from("z", [("z", -1.0)]),)),
-        Block(f"{s} pAp = p.Kp + ridge p.p", heads=(
-            _reduce_over_supports("p", "Kp", [("pAp", 1.0)], "p.Kp"),
-            _reduce_over_supports("p", "p", [("pAp", ridge)], "ridge p.p"),
-        ), units=(_guess_units("pAp", "inv_pAp", spec),)),
+        Block(f"{s} mat-vec Kp", heads=_support_matvec_heads() + _step_start_heads(rho),
+              units=(_linear_from("z", [("z", -1.0)]),)),
+        _support_pap_block(s, ridge, spec),
         *_scalar_blocks(spec, s, rho),
-        Block(f"{s} update alpha, r, f; z = r / diag", heads=(
-            Head((("p", 1.0),), ((AGG, 1.0),), (("gamma", 1.0),), (("alpha", 1.0), ("r", -ridge)),
-                 "alpha += gamma p; r -= gamma ridge p"),
-            Head((("Kp", 1.0),), ((AGG, 1.0),), (("gamma", 1.0),), (("r", -1.0),), "r -= gamma Kp"),
-            Head((("kq_p", 1.0),), ((AGG, 1.0),), (("gamma", 1.0),), (("f", 1.0),),
-                 "f += gamma k(x).p"),
-        ) + _after_update_heads(rho), units=(
+        Block(f"{s} update alpha, r, f; z = r / diag",
+              heads=_support_update_heads(ridge) + _after_update_heads(rho), units=(
             _linear_from("Kp", [("Kp", -1.0)]),
             _linear_from("kq_p", [("kq_p", -1.0)]),
             _linear_from("p", [("p_prev", 1.0), ("p", -1.0)]),

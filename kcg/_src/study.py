@@ -576,16 +576,16 @@ def probe_study(subject: probes.Subject, prompts: Any, key: Any, *, ridge: float
               ("w", "aggregator"), ("w", "query"))
   num_support = prompts.x_support.shape[1]
   num_query = prompts.x_query.shape[1]
-  h = probes.residuals(subject, prompts)
-  h_control = probes.residuals(probes.random_init_like(subject, control_seed), prompts)
+  h = np.asarray(probes.residuals(subject, prompts))
+  h_control = np.asarray(probes.residuals(probes.random_init_like(subject, control_seed), prompts))
   targets = probes.state_targets(prompts.x_support, prompts.y_support, ridge, num_steps, form=form,
                                  feature_map=feature_map)
   out = {"subject": subject.name, "layer_names": list(subject.layer_names), "combos": {}}
   figure, axes = _figure(len(combos), size=(3.6 * len(combos), 3.4))
   for ax, (quantity, site) in zip(axes, combos):
-    values = getattr(targets, quantity)  # [B, T+1, n]
-    per_step = jnp.stack([probes.site_targets(values[:, t], site, num_query)
-                          for t in range(num_steps + 1)])
+    values = np.asarray(getattr(targets, quantity))  # [B, T+1, n]
+    per_step = np.stack([probes.site_targets(values[:, t], site, num_query)
+                         for t in range(num_steps + 1)])
     grid = probes.probe_grid(probes.site_features(h, site, num_support), per_step, key,
                              control_features_LxBxSxD=probes.site_features(h_control, site, num_support),
                              num_folds=num_folds, ridge=probe_ridge, cosine_threshold=cosine_threshold)
@@ -687,11 +687,12 @@ def trained_ablation(subject: probes.Subject, prompts: Any, key: Any, *, ridge: 
 def matching_study(subject: probes.Subject, prompts: Any, key: Any, *, ridge: float, max_steps: int,
                    readout: str = "logit_lens", fit_prompts: Any = None,
                    feature_map: Callable | None = None, gradients: bool = True,
-                   algorithms: Sequence[str] = matching.ALGORITHMS, path: str | None = None) -> dict:
+                   algorithms: Sequence[str] = matching.ALGORITHMS,
+                   spaces: Sequence[str] = matching.SPACES, path: str | None = None) -> dict:
   """`matching.match_subject` plus a figure: each candidate's best distance per layer."""
   m = matching.match_subject(subject, prompts, key, ridge=ridge, max_steps=max_steps, readout=readout,
                              fit_prompts=fit_prompts, feature_map=feature_map, gradients=gradients,
-                             algorithms=algorithms)
+                             algorithms=algorithms, spaces=spaces)
   figure, (axes,) = _figure(size=(6.4, 3.9))
   layers = np.arange(len(m.layers))
   for name, dist in m.best_distance.items():

@@ -940,8 +940,9 @@ def train(config: TrainConfig, workdir: str | None = None, *, stop_at_step: int 
   dtype_of(config)
   end_step = config.num_steps if stop_at_step is None else min(config.num_steps, int(stop_at_step))
 
-  graphdef, state = init_state(config, mesh)
+  graphdef, abstract = abstract_train_state(config)
   step_fn = train_step_fn(config, mesh)
+  state = None
   start_step = 0
   manager = None
   metrics_file = None
@@ -950,17 +951,23 @@ def train(config: TrainConfig, workdir: str | None = None, *, stop_at_step: int 
     checkpointing.write_config(workdir, config)
     manager = checkpointing.Checkpointer(
         workdir, max_to_keep=config.keep_checkpoints, save_interval_steps=config.checkpoint_every)
-    latest = manager.latest_step()
-    if latest is not None:
-      abstract = jax.tree.map(
-          lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated(mesh)), state)
-      state = manager.restore(latest, abstract)
-      start_step = latest
-      logging.info("Resumed from step %d in %s.", latest, workdir)
+    try:
+      latest = manager.latest_step()
+      if latest is not None:
+        target = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated(mesh)), abstract)
+        state = manager.restore(latest, target)
+        start_step = latest
+        logging.info("Resumed from step %d in %s.", latest, workdir)
+    except Exception:
+      manager.close()
+      raise
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     if jax.process_index() == 0:
       _truncate_history(metrics_path, start_step)
     metrics_file = open(metrics_path, "a")
+  if state is None:
+    _, state = init_state(config, mesh)
 
   batch_at = make_batch_fn(config, mesh)
   history = []

@@ -1,0 +1,171 @@
+"""Ablations of compiled models against the CG that drops the same operation.
+
+Tolerances. The damaged reference (`damaged_cg_predict`) performs the compiled program's arithmetic
+(products with the compiled reciprocal, the same recurrences) in float64, so damaged model and damaged
+reference differ only by the order of float64 sums: relative 1e-16 to 1e-14 measured on these
+well-conditioned problems (k = 6, kappa(A) < 50, t = 3). We require 1e-11, and that the ablation
+changed the model by much more (> 1e-3; the Newton layer, whose removal changes 1/x by
+e^(2^3) ~ 1e-11 relative, by > 100x the match).
+"""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+import kcg
+from kcg import ablations
+from kcg import probes
+from kcg import solvers
+from kcg import tasks
+from kcg._src import programs
+
+K, D, Q, T, RIDGE = 6, 4, 3, 3, 0.5
+CONSTRUCTIONS = {"support_state": ("dual", "prefix"), "aggregator_dual": ("dual", "causal"),
+                 "aggregator_primal": ("primal", "causal")}
+OPERATIONS = {
+    "support_state": ("matvec", "query_matvec", "curvature_reduction", "ridge_reduction",
+                      "residual_norm", "newton"),
+    "aggregator_dual": ("matvec", "matvec_u", "curvature_reduction", "ridge_reduction",
+                        "residual_norm", "newton"),
+    "aggregator_primal": ("matvec", "query_matvec", "ridge_reduction", "residual_norm", "newton"),
+}
+FAST = [("support_state", op) for op in OPERATIONS["support_state"]] + [
+    ("aggregator_dual", "matvec_u"), ("aggregator_primal", "matvec"),
+    ("aggregator_primal", "ridge_reduction")]
+SLOW = [(c, op) for c, ops in OPERATIONS.items() for op in ops if (c, op) not in FAST]
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(construction):
+  form, mask = CONSTRUCTIONS[construction]
+  return kcg.compile_cg(K, D, T, RIDGE, mask=mask, form=form)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+  config = tasks.TaskConfig(family="noisy_linear", input_dim=D, num_support=K, num_query=Q,
+                            batch_size=48, condition_number=10.0)
+  return tasks.sample(jax.random.key(0), config)
+
+
+def _check(construction, operation, prompts, steps):
+  compiled = _compiled(construction)
+  report = ablations.ablate_compiled(compiled, operation, prompts, steps=steps)
+  assert report.damaged.shape == (48, T + 1, Q)
+  assert report.match < 1e-11, report.match
+  threshold = 100 * report.match if operation == "newton" else 1e-3
+  assert report.damage_size > threshold, (report.damage_size, report.match)
+  # The healthy model is CG as compiled, which is textbook CG to rounding.
+  ref = solvers.cg_predict if compiled.form == "dual" else solvers.primal_cg_predict
+  np.testing.assert_allclose(
+      np.asarray(report.healthy),
+      np.asarray(ref(prompts.x_support, prompts.y_support, prompts.x_query, RIDGE, T)),
+      rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("construction,operation", FAST)
+def test_ablation_matches_damaged_cg(construction, operation, prompts):
+  _check(construction, operation, prompts, steps=(1,) if operation != "query_matvec" else None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("construction,operation", SLOW)
+@pytest.mark.parametrize("steps", [None, (0,), (1,)], ids=["all", "step0", "step1"])
+def test_ablation_matches_damaged_cg_all(construction, operation, steps, prompts):
+  if operation == "residual_norm" and steps == (T - 1,):
+    pytest.skip("r.r of the last step is never used")
+  _check(construction, operation, prompts, steps)
+
+
+def test_heads_are_found_by_name():
+  program = _compiled("support_state").program
+  name = "(Kp)_i = sum_j (phi_i . phi_j) p_j"
+  found = ablations.find_heads(program, name)
+  assert len(found) == T  # one mat-vec head per CG step
+  for layer, head in found:
+    assert program.blocks[program.schedule[layer]].heads[head].name == name
+  assert {ablations.find_heads(program, name, steps=(s,))[0][0] for s in range(T)} == {
+      l for l, _ in found}
+  layers = ablations.find_layers(program, "rr_next = r.r", steps=(2,))
+  assert programs.layer_names(program)[layers[0]] == "step[2] cg rr_next = r.r"
+
+
+def test_healthy_damaged_reference_is_cg(prompts):
+  args = (prompts.x_support, prompts.y_support, prompts.x_query, RIDGE)
+  for form, ref in (("dual", solvers.cg_predict), ("primal", solvers.primal_cg_predict)):
+    got = ablations.damaged_cg_predict(*args, (ablations.HEALTHY,) * 4, form=form)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref(*args, 4)), rtol=1e-10, atol=1e-12)
+
+
+def test_matvec_ablation_is_cg_with_ridge_times_p(prompts):
+  """Dropping K p at every step leaves A p = ridge p: the step is r.r/(ridge p.p) = 1/ridge, so
+  alpha_1 = y / ridge and the residual vanishes (A restricted to ridge I is solved in one step)."""
+  x, y, xq = prompts.x_support, prompts.y_support, prompts.x_query
+  damaged = ablations.damaged_cg_predict(x, y, xq, RIDGE, (ablations.Damage(kernel_matvec=True),) * 2)
+  k_query = np.einsum("bqd,bkd->bqk", np.asarray(xq), np.asarray(x))
+  np.testing.assert_allclose(np.asarray(damaged[:, 1]),
+                             np.einsum("bqk,bk->bq", k_query, np.asarray(y)) / RIDGE, rtol=1e-12)
+  np.testing.assert_allclose(np.asarray(damaged[:, 2]), np.asarray(damaged[:, 1]), rtol=1e-12)
+
+
+def test_degradation_on_any_model(prompts):
+  # The same architecture as the random subjects of test_probes and test_matching (shared compiles).
+  template = probes.Subject("template", kcg.ModelConfig(
+      token_dim=kcg.prompt.make_layout(K, Q, D).token_dim, width=12, num_layers=2, num_heads=2,
+      head_dim=4, mask="prefix"), None, None, ("a", "b"), input_dim=D)
+  subject = probes.random_init_like(template, seed=1)
+  d = ablations.degradation(subject, prompts, heads=[(1, 0)])
+  assert d.damaged.shape == (48, Q)
+  assert np.isfinite(d.mse_damaged) and d.relative_change > 0
+  full = ablations.degradation_map(subject, prompts)
+  assert full.head_mse.shape == (2, 2) and full.layer_mse.shape == (2,)
+  np.testing.assert_allclose(full.head_mse[1, 0], d.mse_damaged, rtol=1e-12)
+  assert np.all(full.layer_change > 0)
+
+
+def test_masks():
+  config = _compiled("support_state").config
+  head_mask, layer_mask = ablations.masks(config, ablations.Ablation(((1, 0), (2, 1)), (3,)))
+  assert head_mask.shape == (config.num_layers, config.num_heads)
+  assert float(head_mask.sum()) == config.num_layers * config.num_heads - 2
+  assert float(layer_mask[3]) == 0 and float(layer_mask.sum()) == config.num_layers - 1
+
+
+def test_validation_errors(prompts):
+  compiled = _compiled("support_state")
+  program = compiled.program
+  with pytest.raises(ValueError, match="unknown operation"):
+    ablations.operation_ablation(program, "softmax")
+  with pytest.raises(ValueError, match="no head of its own"):
+    ablations.operation_ablation(program, "matvec_u")
+  with pytest.raises(ValueError, match="no head of its own"):
+    ablations.operation_ablation(_compiled("aggregator_primal").program, "curvature_reduction")
+  with pytest.raises(ValueError, match="outside the program's CG steps"):
+    ablations.operation_ablation(program, "matvec", steps=(T,))
+  with pytest.raises(ValueError, match="no head named"):
+    ablations.find_heads(program, "attention is all you need")
+  with pytest.raises(ValueError, match="no block matching"):
+    ablations.find_layers(program, "softmax layer")
+  with pytest.raises(ValueError, match="outside the model"):
+    ablations.masks(compiled.config, ablations.Ablation(((0, 99),)))
+  with pytest.raises(ValueError, match="outside the model"):
+    ablations.masks(compiled.config, ablations.Ablation((), (compiled.config.num_layers,)))
+  with pytest.raises(ValueError, match="nothing to ablate"):
+    ablations.degradation(probes.subject_from_compiled(compiled), prompts)
+  args = (prompts.x_support, prompts.y_support, prompts.x_query)
+  with pytest.raises(ValueError, match="ridge"):
+    ablations.damaged_cg_predict(*args, 0.0, (ablations.HEALTHY,))
+  with pytest.raises(ValueError, match="form"):
+    ablations.damaged_cg_predict(*args, RIDGE, (ablations.HEALTHY,), form="mixed")
+  with pytest.raises(ValueError, match="Damage"):
+    ablations.damaged_cg_predict(*args, RIDGE, ("matvec",))
+  with pytest.raises(ValueError, match="dual"):
+    ablations.damaged_cg_predict(*args, RIDGE, (ablations.Damage(curvature=True),), form="primal")
+  with pytest.raises(ValueError, match="shapes"):
+    ablations.damaged_cg_predict(prompts.x_support, prompts.y_support[:, :-1], prompts.x_query,
+                                 RIDGE, (ablations.HEALTHY,))
+  with pytest.raises(ValueError, match="NaN"):
+    ablations.damaged_cg_predict(np.full((1, 2, 2), np.nan), np.zeros((1, 2)), np.zeros((1, 1, 2)),
+                                 RIDGE, (ablations.HEALTHY,))
