@@ -8,6 +8,7 @@ Public API (implementation lives in `kcg._src`):
 * `kcg.prompt`: prompt encoding (`make_layout`, `encode`, `query_outputs`).
 * `kcg.solvers`, `kcg.bounds`, `kcg.kernels`, `kcg.problems`: reference numerics.
 * `kcg.tasks`, `kcg.features`: in-context task ladder and feature maps.
+* `kcg.training`, `kcg.load_trained(DIR)`: training the same model class with optax; loading it back.
 * `kcg.baselines`, `kcg.evaluation`: reference in-context predictors and similarity measures.
 * `kcg.analysis`, `kcg.plotting`: compiled-vs-reference comparisons and headless plots.
 """
@@ -23,6 +24,7 @@ from kcg import problems
 from kcg import prompt
 from kcg import solvers
 from kcg import tasks
+from kcg import training
 from kcg._src.compiler import CompiledCG
 from kcg._src.compiler import CompiledState
 from kcg._src.compiler import Dimensions
@@ -32,6 +34,8 @@ from kcg._src.compiler import dimensions
 from kcg._src.model import ForwardOutput
 from kcg._src.model import ModelConfig
 from kcg._src.model import Transformer
+from kcg._src.trained import TrainedModel
+from kcg._src.trained import load_trained
 
 __version__ = "0.1.0"
 
@@ -39,5 +43,5 @@ __all__ = [
     "analysis", "baselines", "evaluation", "plotting",
     "CompiledCG", "CompiledState", "Dimensions", "ForwardOutput", "ModelConfig", "Transformer",
     "bounds", "compile_cg", "compile_chebyshev", "dimensions", "features", "kernels", "problems", "prompt", "solvers",
-    "tasks",
+    "tasks", "training", "TrainedModel", "load_trained",
 ]

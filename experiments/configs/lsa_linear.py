@@ -4,7 +4,12 @@ The classic setting in which a trained linear self-attention layer implements on
 descent with a learned step size (von Oswald et al. 2023; Ahn et al. 2023). For Gaussian inputs the
 best one-step-GD predictor has step eta* = 1 / (k + d + 1) in `f(x) = eta x^T X^T y` and mean squared
 error (d + 1) / (k + d + 1) = 11/31 = 0.355 (targets have unit variance); `eval.json` reports the fitted
-GD step (`gd_fit`) and how much of the predictions it explains.
+GD step (`gd_fit`, `kcg.evaluation.fit_gd_step`, convention `f = eta x^T X^T y / k`, so theory says
+eta = k / (k + d + 1) = 0.645) and how much of the predictions it explains.
+
+Measured at this default (seed 0, 1024 held-out prompts x 4 queries): model mse 0.3505; fitted
+eta = 0.6465; one GD step with that eta reproduces the model's predictions to 1.0% relative error
+(pooled R^2 = 0.9999; a preconditioned step Gamma [d, d]: 0.57%).
 
 Run (measured 2 min 37 s wall, 110 s CPU, on a shared 2-core CPU: ~150 steps/s; the loss reaches
 its plateau after ~2000 steps):

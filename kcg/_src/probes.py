@@ -408,12 +408,18 @@ def _check_probe_arrays(features: Any, targets: Any) -> tuple[np.ndarray, np.nda
   return features, targets
 
 
+def _host_seed(key: Any, *extra: int) -> list[int]:
+  """Integers from a PRNG key (typed or raw uint32) for NumPy's generator: host-side draws."""
+  key = jnp.asarray(key) if not hasattr(key, "dtype") else key
+  data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+  return np.asarray(data).ravel().tolist() + list(extra)
+
+
 def _fold_ids(key: Any, num_prompts: int, num_folds: int) -> np.ndarray:
   """A random balanced fold id per prompt, drawn from `key` (on the host: no compilation)."""
   if num_folds < 2 or num_folds > num_prompts:
     raise ValueError(f"num_folds must be in [2, number of prompts = {num_prompts}], got {num_folds}.")
-  seed = np.asarray(jax.random.key_data(key)).ravel().tolist()
-  order = np.random.default_rng(seed).permutation(num_prompts)
+  order = np.random.default_rng(_host_seed(key)).permutation(num_prompts)
   folds = np.empty(num_prompts, np.int64)
   folds[order] = np.arange(num_prompts) % num_folds
   return folds
@@ -504,8 +510,7 @@ def probe(features: Any, targets: Any, key: Any, *, control_features: Any = None
   features, targets = _check_probe_arrays(features, targets)
   kwargs = dict(num_folds=num_folds, ridge=ridge)
   score = cross_validated_probe(features, targets, key, **kwargs)
-  seed = np.asarray(jax.random.key_data(key)).ravel().tolist() + [1]
-  permutation = np.random.default_rng(seed).permutation(targets.shape[0])
+  permutation = np.random.default_rng(_host_seed(key, 1)).permutation(targets.shape[0])
   shuffled = cross_validated_probe(features, np.asarray(targets)[permutation], key, **kwargs)
   control = None
   if control_features is not None:

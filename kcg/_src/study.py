@@ -528,7 +528,7 @@ def width_sweep(key: Any, widths: Sequence[int], *, num_support: int = 16, featu
              "random": jnp.broadcast_to(rotation[:, :m], (num_prompts, feature_dim, m))}
     for name, basis in bases.items():
       r = perturbation_bound(phi, y, phi_q, _project(phi, basis), _project(phi_q, basis), ridge)
-      out[name]["error"].append(float(_relative_rms(np.asarray(r["actual"]), full)))
+      out[name]["error"].append(float(_rms(np.asarray(r["actual"])) / max(float(_rms(full)), FLOOR)))
       out[name]["bound"].append(float(_rms(np.asarray(r["sharp"])) / max(float(_rms(full)), FLOOR)))
       out[name]["kernel_distance"].append(float(np.mean(np.asarray(r["kernel_distance"]))))
     if low_rank_predictor is not None:

@@ -1,0 +1,153 @@
+"""The study's laws as library functions, and the study binary at smoke (fast) and runlocal (slow) scale.
+
+Tolerances. The S4 bound is an inequality, checked with a 1e-9 relative slack for float64 rounding of
+the norms (the measured ratio actual/bound is below 1e-2). The depth law compares CG's fitted rate
+with rho = (sqrt(kappa) - 1)/(sqrt(kappa) + 1): CG contracts at least this fast in the A-norm (the
+theorem), so the fitted rate of the prediction error must not exceed rho by more than the slack of a
+least-squares fit over a few steps (we allow 5%; measured: 0.34 vs 0.52 at kappa = 10).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import kcg
+from kcg import study
+
+from experiments import study as study_binary
+from experiments.configs import study as study_config
+
+
+def test_perturbation_bound_holds_on_random_problems():
+  rng = np.random.default_rng(0)
+  for eps in (1e-6, 1e-3, 1e-1, 1.0, 10.0):
+    phi = rng.standard_normal((16, 12, 5))
+    phi_q = rng.standard_normal((16, 3, 5))
+    y = rng.standard_normal((16, 12))
+    phi_h = phi + eps * rng.standard_normal(phi.shape)
+    phi_qh = phi_q + eps * rng.standard_normal(phi_q.shape)
+    for ridge in (1e-3, 0.1, 10.0):
+      r = study.perturbation_bound(phi, y, phi_q, phi_h, phi_qh, ridge)
+      actual, sharp, lipschitz = (np.asarray(r[n]) for n in ("actual", "sharp", "lipschitz"))
+      assert np.all(actual <= sharp * (1 + 1e-9)), (eps, ridge)
+      assert np.all(sharp <= lipschitz * (1 + 1e-9)), (eps, ridge)
+  # No perturbation, no change and a zero bound.
+  r = study.perturbation_bound(phi, y, phi_q, phi, phi_q, 0.1)
+  assert float(np.max(np.asarray(r["actual"]))) == 0.0
+  assert float(np.max(np.asarray(r["lipschitz"]))) == 0.0
+
+
+def test_fitted_rate():
+  assert study.fitted_rate([1.0, 0.5, 0.25, 0.125, 0.0625]) == pytest.approx(0.5, rel=1e-12)
+  assert np.isnan(study.fitted_rate([1.0, 1e-12, 1e-13]))  # fewer than two points above the floor
+
+
+def test_depth_law_against_rho(tmp_path):
+  # The sizes of the smoke config's depth law: this compiled model is shared with the smoke run.
+  compiled = kcg.compile_cg(4, 4, 3, 0.1, mask="prefix")
+  out = study.depth_law(jax.random.key(0), num_support=4, feature_dim=4, condition_numbers=(10.0,),
+                        ridge=0.1, max_steps=3, num_prompts=4, compiled=compiled,
+                        path=str(tmp_path / "depth.png"))
+  row = out["kappa"]["10"]
+  assert row["bound_holds"]
+  assert row["compiled_fitted_rate"] <= 1.05 * row["predicted_rate"]
+  assert row["compiled_vs_reference"] < 1e-10
+
+
+def test_width_sweep_and_hook(tmp_path):
+  calls = []
+
+  def hook(m):
+    calls.append(m)
+    return lambda xs, ys, xq: kcg.solvers.krr_predict(xs, ys, xq, 0.1)
+
+  out = study.width_sweep(jax.random.key(0), (2, 6), num_support=6, feature_dim=6, num_prompts=4,
+                          low_rank_predictor=hook, path=str(tmp_path / "w.png"))
+  assert calls == [2, 6]
+  for sketch in ("top", "random"):
+    assert all(e <= b * (1 + 1e-9) for e, b in zip(out[sketch]["error"], out[sketch]["bound"]))
+    assert out[sketch]["error"][-1] < 1e-10  # m = p: no bottleneck
+  assert out["hook"][-1] < 1e-10  # the hook here is the full KRR itself
+  with pytest.raises(ValueError, match="widths"):
+    study.width_sweep(jax.random.key(0), (7,), num_support=6, feature_dim=6)
+
+
+def test_failure_modes_reference_only():
+  out = study.failure_modes(jax.random.key(0), num_support=3, input_dim=4, num_query=2,
+                            collinearity=(1.0, 1e-4), ridges=(1.0, 1e-6), num_prompts=2)
+  assert out["collinear"]["0.0001"]["kappa"] > 100 * out["collinear"]["1"]["kappa"]
+  assert out["small_ridge"]["1e-06"]["kappa"] > out["small_ridge"]["1"]["kappa"]
+  assert out["small_ridge"]["1"]["reference_cg"] < 1e-10
+
+
+def test_solver_sweep_rejects_unknown_knob():
+  with pytest.raises(ValueError, match="knob"):
+    study.solver_sweep(jax.random.key(0), "temperature", (1.0,), task=kcg.tasks.TaskConfig(),
+                       ridge=0.1, num_steps=1)
+
+
+def test_config_scales():
+  assert study_config.get_config().scale == "full"
+  assert study_config.get_config("runlocal").scale == "runlocal"
+  assert study_config.get_config("smoke").scale == "smoke"
+  with pytest.raises(ValueError, match="Unknown config option"):
+    study_config.get_config("huge")
+  with pytest.raises(ValueError, match="one scale"):
+    study_config.get_config("smoke,runlocal")
+
+
+def _check_report(workdir, min_figures=5):
+  report = open(os.path.join(workdir, "report.md")).read()
+  figures = [f for f in os.listdir(workdir) if f.endswith(".png")]
+  assert len(figures) >= min_figures, figures
+  for figure in figures:  # every figure is in the report, and every referenced figure exists
+    assert f"]({figure})" in report, figure
+  for line in report.splitlines():
+    if line.startswith("!["):
+      assert os.path.exists(os.path.join(workdir, line.split("](")[1].rstrip(")")))
+  results = json.load(open(os.path.join(workdir, "results.json")))
+  assert results["config"]["scale"] in report
+  assert "## Configuration" in report and "## Summary" in report
+  return report, results
+
+
+def test_smoke_study_in_process(tmp_path):
+  config = study_config.get_config("smoke")
+  results = study_binary.run(config, str(tmp_path))
+  report, saved = _check_report(str(tmp_path))
+  assert set(saved["results"]) >= {"training", "depth_comparison", "depth_law", "compiled", "trained",
+                                   "ridge_sweep", "feature_perturbation"}
+  assert saved["results"]["feature_perturbation"]["bound_holds"]
+  compiled = saved["results"]["compiled"]["dual_prefix"]
+  # The compiled model's probes, ablations and matching find the known answers.
+  alpha = compiled["probes"]["combos"]["alpha@support"]
+  end = compiled["step_ends"][1]
+  assert alpha["cosine"][end][1] > 0.999
+  assert max(r["match"] for r in compiled["ablations"]["operations"].values()) < 1e-11
+  assert compiled["matching"]["layers"][end]["step"] == 1
+  assert results["timings_seconds"]["total"] > 0
+  assert "compiled CG" in report
+
+
+def test_study_rejects_unknown_section(tmp_path):
+  config = study_config.get_config("smoke")
+  with config.unlocked():
+    config.sections = ("depth_law", "vibes")
+  with pytest.raises(ValueError, match="unknown sections"):
+    study_binary.run(config, str(tmp_path))
+
+
+@pytest.mark.slow
+def test_runlocal_study_binary(tmp_path):
+  """The contract of issue 6: the runlocal study finishes (minutes on 2 cores) and writes the report."""
+  workdir = str(tmp_path / "study")
+  subprocess.run([sys.executable, "-m", "experiments.study",
+                  "--config=experiments/configs/study.py:runlocal", f"--workdir={workdir}"],
+                 check=True, timeout=900, cwd=os.path.dirname(os.path.dirname(__file__)))
+  _, results = _check_report(workdir, min_figures=10)
+  assert results["results"]["feature_perturbation"]["bound_holds"]
