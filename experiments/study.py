@@ -215,21 +215,25 @@ def _failure_modes(ctx: _Context) -> None:
   import kcg  # pylint: disable=g-import-not-at-top
   from kcg._src import study  # pylint: disable=g-import-not-at-top
   t, laws, report = ctx.config.task, ctx.config.laws, ctx.report
-  # k <= d so that well-spread supports are well conditioned and collinearity is what breaks them.
-  k = min(t.num_support, t.input_dim)
+  # Collinearity: k <= d supports, well conditioned unless they collapse onto one point. Small ridge:
+  # k = 2d supports, so K has rank d and cond(A) ~ ||K|| / ridge.
   fail = report.add("failure_modes", study.failure_modes(
-      jax.random.fold_in(ctx.keys["laws"], 4), num_support=k, input_dim=max(t.input_dim, 2 * k),
-      collinearity=laws.collinearity, ridges=laws.small_ridges, num_prompts=laws.num_prompts,
+      jax.random.fold_in(ctx.keys["laws"], 4), num_support=min(t.num_support, t.input_dim),
+      input_dim=t.input_dim, small_ridge_support=2 * t.input_dim, collinearity=laws.collinearity,
+      ridges=laws.small_ridges, num_prompts=laws.num_prompts,
       compile_fn=lambda k, d, steps, lam: kcg.compile_cg(k, d, steps, lam, mask="prefix"),
       path=report.path("failure_modes.png")))
   report.section("Failure modes: nearly collinear supports, very small ridge",
-                 f"t = k = {fail['num_steps']} CG steps (exact arithmetic would give the oracle); "
-                 "errors relative to the float64 oracle.")
+                 f"t = k CG steps (k = {fail['num_support_collinear']} collinear supports, k = "
+                 f"{fail['num_support_small_ridge']} supports in d = {t.input_dim} for the small "
+                 "ridge; exact arithmetic would give the oracle); errors relative to the float64 "
+                 "oracle.")
   report.figure("failure_modes.png", "Where cond(A) explodes: reference and compiled CG in float64 "
                 "and float32, and the float32 oracle.")
   for title, rows in (("delta (collinear)", fail["collinear"]), ("ridge", fail["small_ridge"])):
-    report.table([title, "kappa", "reference CG", "compiled f64", "compiled f32", "oracle f32"],
-                 [[key, r["kappa"], r["reference_cg"], r.get("compiled_float64"),
+    report.table([title, "kappa", "CG steps", "reference CG", "compiled f64", "compiled f32",
+                  "oracle f32"],
+                 [[key, r["kappa"], r["num_steps"], r["reference_cg"], r.get("compiled_float64"),
                    r.get("compiled_float32"), r["oracle_float32"]] for key, r in rows.items()])
   worst = max(fail["small_ridge"].values(), key=lambda r: r["kappa"])
   ctx.summary.append(f"Failure modes: at kappa {worst['kappa']:.2g} (smallest ridge) k-step compiled "
@@ -380,7 +384,7 @@ def _trained(ctx: _Context) -> None:
           subject, ctx.eval_prompts, ctx.keys["match"], ridge=ctx.ridge, max_steps=mc.max_steps,
           readout=readout, fit_prompts=ctx.fit_prompts, feature_map=ctx.feature_map,
           gradients=mc.gradients, algorithms=mc.algorithms, spaces=mc.spaces,
-          path=report.path(f"matching_{tag}_{readout}.png"))
+          readout_ridge=mc.readout_ridge, path=report.path(f"matching_{tag}_{readout}.png"))
     results[tag] = {"probes": probe_res, "ablations": abl, "matching": matches}
     report.text(f"### {subject.name}")
     report.figure(f"probes_{tag}.png", "Held-out probe cosine per layer for the CG state after step "

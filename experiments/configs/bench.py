@@ -4,7 +4,7 @@ Run (from the repository root):
 
   python -m experiments.bench --workdir=/tmp/kcg/bench
 
-Expected runtime: about 10 min on 2 idle CPU cores, 15 min when the machine is shared (most of it
+Expected runtime: about 10 min on 2 idle CPU cores, 18 min when the machine is shared (most of it
 in the compiled forwards at k = 4096).
 Prints the tables and writes `WORKDIR/bench.json`, `WORKDIR/bench.md` and `WORKDIR/time_vs_k.png`.
 The seconds-long variant that the tests run:
@@ -13,7 +13,8 @@ The seconds-long variant that the tests run:
 
 (`--smoke` is `--config=experiments/configs/bench.py:smoke`). Any field is a flag, e.g.
 `--config.repeats=5`; `--points=256x1024x64x16,64x4096x128x16` replaces the sweep and the targets by
-these (B x k x p x t) points, `--sections=forward,compile` runs only some sections.
+these (B x k x p x t) points, `--sections=forward,compile` runs only some sections and
+`--methods=plain_cg,compiled_dual_prefix` only some methods.
 
 Sections:
   probe      matmul GFLOP/s, memory GB/s and the dispatch floor of this machine (the roofline).

@@ -3,14 +3,18 @@
 Three scales (`--config=experiments/configs/study.py[:runlocal|:smoke]`):
 
 * default (full): noisy linear regression d = 8, k = 16, q = 4 (Bayes ridge 2.0); linear-attention and
-  softmax models of depth L = 1..8 trained 4000 steps each (batch 128); compiled CG with t = 4; laws on
-  larger grids. Estimated runtime on 2 CPU cores: about 3 hours (16 trained models at ~8-12 min each,
-  measured from the per-step cost of runlocal; the analyses add ~15 min); on one GPU well under an hour.
+  softmax models of depth L = 1..8 trained 10000 steps each (batch 128); compiled CG with t = 4 in
+  all three constructions; larger grids. Estimated runtime on 2 CPU cores: about 45-60 minutes.
+  Measured rates: training runs at ~250 steps/s (L = 1) down to ~40-60 steps/s (L = 8), i.e. ~35 min
+  for the 16 models; the analyses of one L = 8 model take ~25 s (probes 12 s, matching with
+  gradients 8 s, ablations 3 s), ~7 min for all; compiled models and laws a few more minutes.
+  Other input conditioning: add `--config.task.condition_number=100 --config.task.input_rotation=fixed`.
 
       python -m experiments.study --config=experiments/configs/study.py --workdir=/tmp/study
 
 * `runlocal`: d = 4, k = 8, q = 4; linear attention L = 1, 2, 3 and softmax L = 2, 400 steps each;
-  compiled CG with t = 3; small grids. About 3-4 minutes on 2 CPU cores (the slow test runs it).
+  compiled CG with t = 3; small grids. About 3 minutes on 2 CPU cores (measured 2 min 49 s on a
+  shared machine; the slow test runs it).
 
       python -m experiments.study --config=experiments/configs/study.py:runlocal --workdir=/tmp/study_local
 
@@ -66,10 +70,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.num_heads = 2
   config.train.head_dim = 16
   config.train.mlp_hidden = 0
-  config.train.num_steps = 4000
+  config.train.num_steps = 10000
   config.train.batch_size = 128
   config.train.learning_rate = 1e-3
-  config.train.warmup_steps = 200
+  config.train.warmup_steps = 500
   config.train.qkv_init_scale = 0.5
   config.train.save_models = True
 
@@ -93,6 +97,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.matching.spaces = ("data", "feature")
   config.matching.max_steps = 12
   config.matching.gradients = True
+  # Ridge of the per-layer linear readouts (per standardised feature).
+  config.matching.readout_ridge = 1e-3
   # Feature space for the feature-vs-data comparison: random ReLU features of this width.
   config.matching.feature_dim = 64
 

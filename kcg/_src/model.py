@@ -60,7 +60,8 @@ class ModelConfig:
     use_bias: biases in embedding, MLP and readout.
     attention_scale: multiplies q.k; None means 1 for linear and 1/sqrt(head_dim) for softmax.
     linear_attention_impl: "quadratic" forms the T x T scores; "associative" computes
-      Q (K^T V) with prefix sums, O(T d_k d_v); "auto" picks associative where implemented.
+      Q (K^T V) with prefix sums, O(T d_k d_v); "auto" picks associative for the prefix mask, and for the
+      causal mask when T > 128 (measured: below that the quadratic form is as fast).
     precision: "highest" pins float32 matmuls to full precision (no TF32/bf16 passes on GPU/TPU);
       "default" lets the backend choose (faster training).
     param_dtype: dtype of freshly initialised parameters.
@@ -194,7 +195,8 @@ _MAX_CAUSAL_CHUNK = 128
 # `auto` keeps the quadratic form for causal masks up to this many tokens: there the sequence is
 # a few chunks, and the masked T x T product costs no more and has no scan overhead. Measured
 # (experiments/bench.py, section "attention", BENCHMARKS.md): on 2 CPU cores the associative form
-# wins from T = 256 for dk = dv in {1, 16, 64} and loses at T = 128 for dk = dv >= 16.
+# wins from T = 256 for dk = dv in {1, 16, 64}; at T <= 128 with dk = dv >= 16 it is no faster
+# (even or up to 1.5x slower over three runs on a shared machine).
 _AUTO_CAUSAL_MIN_TOKENS = 128
 
 

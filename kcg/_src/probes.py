@@ -20,8 +20,9 @@ Scores on the held-out predictions `P`: `cosine` = mean over prompts of `<P_b, Y
 Controls. A high cosine can be trivial: a target with a large common mean or only one or two dimensions
 has high cosine with a constant. So every probe is repeated (a) with targets shuffled across prompts
 (the prompt-specific information is destroyed; what remains is the marginal), and (b) on the residuals of
-a randomly initialised model of the same architecture (`random_init_like`). `ProbeResult.trivial` flags a
-probe whose shuffled control already reaches the cosine threshold.
+a randomly initialised model of the same architecture (`random_init_like`; it reads the inputs, so
+whatever is a linear function of them, such as `alpha_1 = gamma_0 y`, is recovered there too).
+`ProbeResult.trivial` flags a probe whose controls already reach the cosine threshold.
 """
 
 from __future__ import annotations
@@ -374,7 +375,8 @@ class ProbeResult(NamedTuple):
     score: the probe on the subject's features and the true targets.
     shuffled: the same probe with targets shuffled across prompts (scored against the shuffled targets).
     control: the probe on a randomly initialised model's features (None if not given).
-    trivial: the shuffled control reaches `cosine_threshold`, so a cosine above it says nothing.
+    trivial: a control (shuffled targets, or the random-init model when given) reaches
+      `cosine_threshold`, so a cosine above it says nothing about the computation.
     excess_cosine: `score.cosine - max(shuffled.cosine, control.cosine)`.
   """
 
@@ -505,7 +507,8 @@ def probe(features: Any, targets: Any, key: Any, *, control_features: Any = None
   """`cross_validated_probe` with its controls (shuffled targets; a random-init model's features).
 
   The shuffled control permutes the prompts of the targets (features keep their order), so the probe can
-  learn only what all prompts share; `trivial` is True when it still reaches `cosine_threshold`.
+  learn only what all prompts share; the random-init control sees the same inputs through a model that
+  has learned nothing. `trivial` is True when either reaches `cosine_threshold`.
   """
   features, targets = _check_probe_arrays(features, targets)
   kwargs = dict(num_folds=num_folds, ridge=ridge)
@@ -518,7 +521,7 @@ def probe(features: Any, targets: Any, key: Any, *, control_features: Any = None
     control = cross_validated_probe(control_features, targets, key, **kwargs)
   best_control = float(shuffled.cosine) if control is None else max(float(shuffled.cosine),
                                                                      float(control.cosine))
-  return ProbeResult(score, shuffled, control, bool(float(shuffled.cosine) >= cosine_threshold),
+  return ProbeResult(score, shuffled, control, bool(best_control >= cosine_threshold),
                      float(score.cosine) - best_control)
 
 

@@ -341,54 +341,60 @@ def temperature_sweep(key: Any, temperatures: Sequence[float], *, num_support: i
 def failure_modes(key: Any, *, num_support: int = 4, input_dim: int = 8, num_query: int = 4,
                   num_steps: int | None = None, collinearity: Sequence[float] = (1.0, 1e-2, 1e-4, 1e-6),
                   ridges: Sequence[float] = (1.0, 1e-2, 1e-4, 1e-6, 1e-8), base_ridge: float = 1e-3,
-                  num_prompts: int = 8, compile_fn: Callable | None = None,
-                  path: str | None = None) -> dict:
+                  small_ridge_support: int | None = None, num_prompts: int = 8,
+                  compile_fn: Callable | None = None, path: str | None = None) -> dict:
   """Nearly collinear supports and very small ridge: where the condition number, and CG, break down.
 
-  Collinear supports: `x_j = x_0 + delta z_j` (all supports within `delta` of one point), ridge
-  `base_ridge`. Small ridge: Gaussian supports, ridge from `ridges`. For each setting: `cond(A)`, the
-  error after `num_steps` (default k) CG steps against the float64 oracle for reference CG, compiled CG
-  in float64 and in float32 (when `compile_fn(k, d, t, ridge)` returns a `kcg.CompiledCG`), and the
-  float32 oracle (Cholesky in float32) for comparison.
+  Collinear supports: `k = num_support <= input_dim` supports `x_j = x_0 + delta z_j` (all within
+  `delta` of one point; with k <= d, Gaussian supports would be well conditioned), ridge `base_ridge`.
+  Small ridge: `small_ridge_support` (default `2 d`) Gaussian supports, so `K` has rank `d < k` and
+  `cond(K + ridge I) ~ ||K|| / ridge`, for each ridge in `ridges`. For each setting: `cond(A)` and the
+  error after `t = num_steps` (default: the number of supports) CG steps against the float64 oracle,
+  for reference CG, compiled CG in float64 and float32 (when `compile_fn(k, d, t, ridge)` returns a
+  `kcg.CompiledCG`), and the float32 oracle (Cholesky in float32) for comparison.
   """
-  t = num_support if num_steps is None else int(num_steps)
   f64 = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
-  k1, k2, k3, k4 = jax.random.split(key, 4)
-  base = jax.random.normal(k1, (num_prompts, 1, input_dim), f64)
-  noise = jax.random.normal(k2, (num_prompts, num_support, input_dim), f64)
-  xq = jax.random.normal(k3, (num_prompts, num_query, input_dim), f64)
-  ys = jax.random.normal(k4, (num_prompts, num_support), f64)
+  k_ridge = 2 * input_dim if small_ridge_support is None else int(small_ridge_support)
+  keys = jax.random.split(key, 6)
+  base = jax.random.normal(keys[0], (num_prompts, 1, input_dim), f64)
+  spread = jax.random.normal(keys[1], (num_prompts, num_support, input_dim), f64)
+  gaussian = jax.random.normal(keys[2], (num_prompts, k_ridge, input_dim), f64)
+  xq = jax.random.normal(keys[3], (num_prompts, num_query, input_dim), f64)
+  y_collinear = jax.random.normal(keys[4], (num_prompts, num_support), f64)
+  y_ridge = jax.random.normal(keys[5], (num_prompts, k_ridge), f64)
 
-  def evaluate(xs, lam):
+  def evaluate(xs, ys, lam):
+    k = xs.shape[1]
+    t = k if num_steps is None else int(num_steps)
     oracle = np.asarray(solvers.krr_predict(xs, ys, xq, lam))
-    row = {"kappa": float(np.mean(np.asarray(bounds.condition_number(xs, lam)))),
+    row = {"kappa": float(np.mean(np.asarray(bounds.condition_number(xs, lam)))), "num_steps": t,
            "reference_cg": float(_relative_rms(
                np.asarray(solvers.cg_predict(xs, ys, xq, lam, t))[:, -1], oracle))}
-    oracle32 = np.asarray(solvers.krr_predict(*(jnp.asarray(a, jnp.float32) for a in (xs, ys, xq)),
-                                              lam))
-    row["oracle_float32"] = float(_relative_rms(oracle32, oracle))
+    as32 = [jnp.asarray(a, jnp.float32) for a in (xs, ys, xq)]
+    row["oracle_float32"] = float(_relative_rms(np.asarray(solvers.krr_predict(*as32, lam)), oracle))
     if compile_fn is not None:
-      compiled = compile_fn(num_support, input_dim, t, lam)
+      compiled = compile_fn(k, input_dim, t, lam)
       row["compiled_float64"] = float(_relative_rms(np.asarray(compiled.predict(xs, ys, xq)), oracle))
-      comp32 = np.asarray(compiled.predict(*(jnp.asarray(a, jnp.float32) for a in (xs, ys, xq))))
-      row["compiled_float32"] = float(_relative_rms(comp32, oracle))
+      row["compiled_float32"] = float(_relative_rms(np.asarray(compiled.predict(*as32)), oracle))
     return row
 
-  out = {"num_steps": t, "base_ridge": base_ridge, "collinear": {}, "small_ridge": {}}
+  out = {"base_ridge": base_ridge, "num_support_collinear": num_support,
+         "num_support_small_ridge": k_ridge, "collinear": {}, "small_ridge": {}}
   for delta in collinearity:
-    xs = base + jnp.asarray(delta, f64) * noise
-    out["collinear"][f"{delta:g}"] = evaluate(xs, base_ridge)
+    out["collinear"][f"{delta:g}"] = evaluate(base + jnp.asarray(delta, f64) * spread, y_collinear,
+                                              base_ridge)
   for lam in ridges:
-    out["small_ridge"][f"{lam:g}"] = evaluate(noise, float(lam))
+    out["small_ridge"][f"{lam:g}"] = evaluate(gaussian, y_ridge, float(lam))
   figure, axes = _figure(2)
   for ax, (title, rows, xlabel) in zip(axes, (("nearly collinear supports", out["collinear"], "delta"),
-                                               ("very small ridge", out["small_ridge"], "ridge"))):
+                                               ("very small ridge (rank K = d < k)", out["small_ridge"],
+                                                "ridge"))):
     xs_plot = [float(v) for v in rows]
     for field in ("reference_cg", "compiled_float64", "compiled_float32", "oracle_float32"):
       if field in next(iter(rows.values())):
         ax.loglog(xs_plot, [max(r[field], 1e-17) for r in rows.values()], "o-", label=field)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel(f"relative error vs float64 oracle (t = {t})")
+    ax.set_ylabel("relative error vs float64 oracle (t = k)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=6)
   _save(figure, path)
@@ -688,11 +694,12 @@ def matching_study(subject: probes.Subject, prompts: Any, key: Any, *, ridge: fl
                    readout: str = "logit_lens", fit_prompts: Any = None,
                    feature_map: Callable | None = None, gradients: bool = True,
                    algorithms: Sequence[str] = matching.ALGORITHMS,
-                   spaces: Sequence[str] = matching.SPACES, path: str | None = None) -> dict:
+                   spaces: Sequence[str] = matching.SPACES, readout_ridge: float = 1e-3,
+                   path: str | None = None) -> dict:
   """`matching.match_subject` plus a figure: each candidate's best distance per layer."""
   m = matching.match_subject(subject, prompts, key, ridge=ridge, max_steps=max_steps, readout=readout,
                              fit_prompts=fit_prompts, feature_map=feature_map, gradients=gradients,
-                             algorithms=algorithms, spaces=spaces)
+                             algorithms=algorithms, spaces=spaces, readout_ridge=readout_ridge)
   figure, (axes,) = _figure(size=(6.4, 3.9))
   layers = np.arange(len(m.layers))
   for name, dist in m.best_distance.items():
