@@ -10,19 +10,24 @@ Public API (implementation lives in `kcg._src`):
 * `kcg.tasks`, `kcg.features`: in-context task ladder and feature maps.
 * `kcg.training`, `kcg.load_trained(DIR)`: training the same model class with optax; loading it back.
 * `kcg.baselines`, `kcg.evaluation`: reference in-context predictors and similarity measures.
+* `kcg.probes`, `kcg.ablations`, `kcg.matching`, `kcg.study`: formal vs learned (issue 6).
 * `kcg.analysis`, `kcg.plotting`: compiled-vs-reference comparisons and headless plots.
 """
 
+from kcg import ablations
 from kcg import analysis
 from kcg import baselines
 from kcg import bounds
 from kcg import evaluation
 from kcg import features
 from kcg import kernels
+from kcg import matching
 from kcg import plotting
+from kcg import probes
 from kcg import problems
 from kcg import prompt
 from kcg import solvers
+from kcg import study
 from kcg import tasks
 from kcg import training
 from kcg._src.compiler import CompiledCG
@@ -40,7 +45,7 @@ from kcg._src.trained import load_trained
 __version__ = "0.1.0"
 
 __all__ = [
-    "analysis", "baselines", "evaluation", "plotting",
+    "ablations", "analysis", "baselines", "evaluation", "matching", "plotting", "probes", "study",
     "CompiledCG", "CompiledState", "Dimensions", "ForwardOutput", "ModelConfig", "Transformer",
     "bounds", "compile_cg", "compile_chebyshev", "dimensions", "features", "kernels", "problems", "prompt", "solvers",
     "tasks", "training", "TrainedModel", "load_trained",

@@ -123,6 +123,8 @@ def test_degradation_on_any_model(prompts):
   assert full.head_mse.shape == (2, 2) and full.layer_mse.shape == (2,)
   np.testing.assert_allclose(full.head_mse[1, 0], d.mse_damaged, rtol=1e-12)
   assert np.all(full.layer_change > 0)
+  with pytest.raises(ValueError, match="targets must have shape"):
+    ablations.degradation(subject, prompts, layers=(0,), targets=np.zeros((48, Q + 1)))
 
 
 def test_masks():
@@ -138,6 +140,8 @@ def test_validation_errors(prompts):
   program = compiled.program
   with pytest.raises(ValueError, match="unknown operation"):
     ablations.operation_ablation(program, "softmax")
+  with pytest.raises(ValueError, match="no ablation table"):
+    ablations.operation_ablation(program._replace(name="chebyshev"), "matvec")
   with pytest.raises(ValueError, match="no head of its own"):
     ablations.operation_ablation(program, "matvec_u")
   with pytest.raises(ValueError, match="no head of its own"):

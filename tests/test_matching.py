@@ -173,3 +173,15 @@ def test_validation_errors(prompts):
                           jax.random.key(0))
   with pytest.raises(ValueError, match="readout targets"):
     matching.fit_linear_readout(subject, prompts, targets=jnp.zeros((3,)))
+  with pytest.raises(ValueError, match="unknown space"):
+    matching.newton_schulz_trajectory(2, RIDGE, space="hilbert")
+  with pytest.raises(ValueError, match="unknown space"):
+    matching.trajectory("cg", 2, RIDGE, space="hilbert")
+  one = (prompts.x_support[0], prompts.y_support[0], prompts.x_query[0])  # no batch axis
+  with pytest.raises(ValueError, match="batched"):
+    matching.newton_schulz_trajectory(2, RIDGE)(*one)
+  with pytest.raises(ValueError, match="batched"):
+    matching.algorithm_trajectories(type(prompts)(*one, None, None, None), RIDGE, 2)
+  with pytest.raises(ValueError, match="y_query"):
+    matching.match_layers(jnp.zeros((1, 48, Q + 1)), prompts, {"cg/data": jnp.zeros((48, 2, Q))},
+                          jax.random.key(0))

@@ -203,6 +203,17 @@ def test_validation_errors(prompts):
     probes.compiled_state_site(kcg.compile_cg(2, 2, 1, 1.0), "gamma")
   with pytest.raises(ValueError, match="L\\+1"):
     probes.probe_layers(feats, feats, jax.random.key(0))
+  with pytest.raises(ValueError, match="layers"):
+    probes.probe_layers(feats[None], feats, jax.random.key(0), control_features_LxBxSxD=np.stack(
+        [feats, feats]))
+  with pytest.raises(ValueError, match="one target per step"):
+    probes.probe_grid(feats[None], feats, jax.random.key(0))
+  with pytest.raises(ValueError, match=r"\[B, S, D\]"):
+    probes.cross_validated_probe(feats[None], feats, jax.random.key(0))
+  with pytest.raises(ValueError, match="batch axis"):
+    probes.site_targets(np.zeros(8), "support")
+  with pytest.raises(ValueError, match="y_support"):
+    probes.state_targets(prompts.x_support, prompts.y_support[:, :-1], RIDGE, 2)
 
 
 def test_trained_encoding_check():
@@ -222,6 +233,11 @@ def test_trained_encoding_check():
 
 
 def test_forward_rejects_bad_prompts(small_subject):
+  with pytest.raises(ValueError, match="layer_names"):
+    probes.subject_from_model(small_subject.model, input_dim=D, layer_names=("a",))
+  with pytest.raises(ValueError, match="features per token"):  # positional prompts, plain model
+    probes.subject_from_model(small_subject.model, input_dim=D, positional=True).forward(
+        jnp.zeros((1, K, D)), jnp.zeros((1, K)), jnp.zeros((1, Q, D)))
   with pytest.raises(ValueError, match="input_dim"):
     small_subject.forward(jnp.zeros((1, K, D + 1)), jnp.zeros((1, K)), jnp.zeros((1, Q, D + 1)))
   with pytest.raises(ValueError, match="prompts must be"):

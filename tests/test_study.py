@@ -40,6 +40,10 @@ def test_perturbation_bound_holds_on_random_problems():
   r = study.perturbation_bound(phi, y, phi_q, phi, phi_q, 0.1)
   assert float(np.max(np.asarray(r["actual"]))) == 0.0
   assert float(np.max(np.asarray(r["lipschitz"]))) == 0.0
+  with pytest.raises(ValueError, match="perturbation_bound needs"):
+    study.perturbation_bound(phi, y[:, :-1], phi_q, phi, phi_q, 0.1)
+  with pytest.raises(ValueError, match="ridge"):
+    study.perturbation_bound(phi, y, phi_q, phi, phi_q, 0.0)
 
 
 def test_fitted_rate():
@@ -89,6 +93,12 @@ def test_solver_sweep_rejects_unknown_knob():
   with pytest.raises(ValueError, match="knob"):
     study.solver_sweep(jax.random.key(0), "temperature", (1.0,), task=kcg.tasks.TaskConfig(),
                        ridge=0.1, num_steps=1)
+
+
+def test_report_rejects_missing_figure(tmp_path):
+  report = study.Report(str(tmp_path), "title")
+  with pytest.raises(ValueError, match="not written"):
+    report.figure("nothing.png", "caption")
 
 
 def test_config_scales():

@@ -1,4 +1,4 @@
-"""Ablations: remove a head or a layer and compare the damaged model with the algorithm that drops the same step.
+"""Ablations: remove a head or a layer; compare the damaged model with the algorithm missing that step.
 
 Mechanics. `kcg.Transformer` multiplies each head's output by `head_mask[l, h]` and each block's residual
 update by `layer_mask[l]`; an ablation is a set of `(layer, head)` pairs and layers set to 0 (`Ablation`,

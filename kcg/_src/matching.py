@@ -86,7 +86,7 @@ def _fit_readout_core(h_LxNxD, y_N, ridge):
 
 def fit_linear_readout(subject: probes.Subject, fit_prompts: Any, *, ridge: float = 1e-6,
                        targets: Any = None) -> LinearReadout:
-  """Ridge readouts from the query tokens' residuals to `targets` (default `fit_prompts.y_query`), per layer."""
+  """Per-layer ridge readouts from the query tokens' residuals to `targets` (default: y_query)."""
   checks.check_ridge(ridge)
   h = probes.residuals(subject, fit_prompts)
   q = fit_prompts.x_query.shape[1]

@@ -1,4 +1,4 @@
-"""Linear probes from a model's residual stream to the CG state, with the controls that make them mean something.
+"""Linear probes from residual streams to the CG state, with the controls that make them mean something.
 
 A *subject* is a model seen through its residual stream, compiled or trained, behind one interface
 (`Subject`): `forward(x_support, y_support, x_query, return_residuals=, head_mask=, layer_mask=)` and the
@@ -67,6 +67,7 @@ class Subject(NamedTuple):
     input_dim: the input dimension the model was built for (smaller inputs are zero-padded).
     positional: whether its prompts carry one-hot support positions.
     program: the compiled `Program` (None for trained models).
+    model: the `kcg.Transformer` behind `forward` (None if the subject wraps something else).
   """
 
   name: str
@@ -77,6 +78,7 @@ class Subject(NamedTuple):
   input_dim: int
   positional: bool = False
   program: Any = None
+  model: Any = None
 
   @property
   def num_layers(self) -> int:
@@ -158,7 +160,7 @@ def subject_from_model(model: model_lib.Transformer, *, input_dim: int, position
   if len(names) != config.num_layers:
     raise ValueError(f"layer_names has {len(names)} entries for {config.num_layers} layers.")
   return Subject(name, config, _forward_fn(model, input_dim, bool(positional)), _readout_fn(model),
-                 names, input_dim, bool(positional))
+                 names, input_dim, bool(positional), None, model)
 
 
 def _mask_or_none(mask, dtype):
@@ -174,7 +176,9 @@ def subject_from_compiled(compiled: Any, name: str | None = None) -> Subject:
   if not hasattr(compiled, "program") or not hasattr(compiled, "forward"):
     raise ValueError(f"compiled must be a kcg.CompiledCG, got {type(compiled).__name__}.")
   positional = compiled.prompt_layout.positional
-  direct = _forward_fn(compiled.model, compiled.feature_dim, positional)
+  # With a compiled feature layer (features="random_relu") the prompt holds x, not phi(x).
+  input_dim = getattr(compiled, "input_dim", compiled.feature_dim)
+  direct = _forward_fn(compiled.model, input_dim, positional)
 
   def forward(x_support, y_support, x_query, *, return_residuals=False, head_mask=None,
               layer_mask=None):
@@ -188,8 +192,8 @@ def subject_from_compiled(compiled: Any, name: str | None = None) -> Subject:
 
   default = f"compiled CG t={compiled.num_steps} ({compiled.form}, {compiled.mask})"
   return Subject(name or default, compiled.config, forward, _readout_fn(compiled.model),
-                 programs.layer_names(compiled.program), compiled.feature_dim, positional,
-                 compiled.program)
+                 programs.layer_names(compiled.program), input_dim, positional, compiled.program,
+                 compiled.model)
 
 
 def subject_from_trained(trained: Any, name: str | None = None) -> Subject:

@@ -39,6 +39,7 @@ Laws tested here:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -251,7 +252,6 @@ def solver_sweep(key: Any, knob: str, values: Sequence[float], *, task: Any, rid
   test mse, and the CG rate `rho^t` at the mean condition number.
   """
   from kcg._src import tasks  # pylint: disable=g-import-not-at-top
-  import dataclasses  # pylint: disable=g-import-not-at-top
 
   if knob not in ("ridge", "condition_number"):
     raise ValueError(f"knob must be 'ridge' or 'condition_number', got {knob!r}.")
@@ -263,8 +263,7 @@ def solver_sweep(key: Any, knob: str, values: Sequence[float], *, task: Any, rid
               if knob == "condition_number" else task)
     lam = float(value) if knob == "ridge" else ridge
     p = tasks.sample(jax.random.fold_in(key, i), config)
-    xs, ys, xq = (jnp.asarray(a, jnp.float64) if jax.config.jax_enable_x64 else a
-                  for a in (p.x_support, p.y_support, p.x_query))
+    xs, ys, xq = p.x_support, p.y_support, p.x_query
     oracle = np.asarray(solvers.krr_predict(xs, ys, xq, lam))
     y = np.asarray(p.y_query, np.float64)
     kappa = float(np.mean(np.asarray(bounds.condition_number(xs, lam))))
