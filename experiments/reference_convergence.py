@@ -31,16 +31,14 @@ import os
 import time
 from typing import Any, NamedTuple
 
-from absl import app
-from absl import flags
 from absl import logging
 import jax
 import jax.numpy as jnp
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from ml_collections import config_flags
 import numpy as np
 
+from experiments import _cli
 from kcg import bounds
 from kcg import features
 from kcg import solvers
@@ -193,22 +191,5 @@ def run(config, workdir: str) -> dict:
   return results
 
 
-def define_flags() -> None:
-  """Defines --config and --workdir; called only when run as a script, so that importing this module
-  (tests, other experiments) leaves absl's global flags alone."""
-  config_flags.DEFINE_config_file(
-      "config", _DEFAULT_CONFIG, "Experiment config file (append ':runlocal' for the tiny variant).")
-  flags.DEFINE_string("workdir", None, "Directory for results.json and convergence.png.")
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS.workdir:
-    raise app.UsageError("--workdir is required, e.g. --workdir=/tmp/kcg/reference_convergence")
-  run(flags.FLAGS.config, flags.FLAGS.workdir)
-
-
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  _cli.run_main(run, _DEFAULT_CONFIG, "results.json and convergence.png")
