@@ -204,7 +204,9 @@ def _flag_channels():
 
 
 def _holders(pairs):
-  return tuple(pairs)
+  """Which tokens hold which channel (documentation, `ResidualLayout.table`): the feature channels
+  every construction has, then `pairs`."""
+  return (("phi_support", "supports"), ("phi_query", "queries"), ("y", "supports")) + tuple(pairs)
 
 
 def _finish(name, layout, embedding, init_blocks, step_blocks, num_steps, state, spec) -> Program:
@@ -244,8 +246,7 @@ def support_state(feature_dim: int, num_steps: int, ridge: float,
       channels=tuple([("phi_support", p), ("phi_query", p), ("y", 1), ("alpha", 1), ("r", 1),
                       ("p", 1), ("Kp", 1), ("p_prev", 1), ("kq_p", 1), ("f", 1)]
                      + _scalar_channels() + _flag_channels()),
-      holders=_holders([("phi_support", "supports"), ("phi_query", "queries"), ("y", "supports"),
-                        ("alpha", "supports"), ("r", "supports"), ("p", "supports"),
+      holders=_holders([("alpha", "supports"), ("r", "supports"), ("p", "supports"),
                         ("Kp", "supports"), ("p_prev", "supports"), ("kq_p", "queries"),
                         ("f", "queries")] + [(s, "aggregator") for s in SCALARS]))
   embedding = [("x_support", "phi_support", 1.0), ("x_query", "phi_query", 1.0), ("y", "y", 1.0),
@@ -289,8 +290,7 @@ def aggregator_dual(num_support: int, feature_dim: int, num_steps: int, ridge: f
   layout = ResidualLayout(
       channels=tuple([("phi_support", p), ("phi_query", p), ("y", 1), ("position", k)] + vectors
                      + [("f", 1)] + _scalar_channels() + _flag_channels()),
-      holders=_holders([("phi_support", "supports"), ("phi_query", "queries"), ("y", "supports"),
-                        ("position", "supports (one-hot)"), ("f", "queries")]
+      holders=_holders([("position", "supports (one-hot)"), ("f", "queries")]
                        + [(n, "aggregator") for n, _ in vectors] + [(s, "aggregator") for s in SCALARS]))
   embedding = [("x_support", "phi_support", 1.0), ("x_query", "phi_query", 1.0), ("y", "y", 1.0),
                ("position", "position", 1.0)] + _flag_embedding()
@@ -342,8 +342,7 @@ def aggregator_primal(feature_dim: int, num_steps: int, ridge: float,
   layout = ResidualLayout(
       channels=tuple([("phi_support", p), ("phi_query", p), ("y", 1)] + vectors + [("f", 1)]
                      + _scalar_channels() + _flag_channels()),
-      holders=_holders([("phi_support", "supports"), ("phi_query", "queries"), ("y", "supports"),
-                        ("f", "queries")] + [(n, "aggregator") for n, _ in vectors]
+      holders=_holders([("f", "queries")] + [(n, "aggregator") for n, _ in vectors]
                        + [(s, "aggregator") for s in SCALARS]))
   embedding = [("x_support", "phi_support", 1.0), ("x_query", "phi_query", 1.0),
                ("y", "y", 1.0)] + _flag_embedding()
@@ -433,8 +432,7 @@ def chebyshev_support_state(feature_dim: int, num_steps: int, ridge: float, low:
   layout = ResidualLayout(
       channels=tuple([("phi_support", p), ("phi_query", p), ("y", 1), ("alpha", 1), ("r", 1),
                       ("p", 1), ("Kp", 1), ("kq_p", 1), ("f", 1)] + _flag_channels()),
-      holders=_holders([("phi_support", "supports"), ("phi_query", "queries"), ("y", "supports"),
-                        ("alpha", "supports"), ("r", "supports"), ("p", "supports"),
+      holders=_holders([("alpha", "supports"), ("r", "supports"), ("p", "supports"),
                         ("Kp", "supports"), ("kq_p", "queries"), ("f", "queries")]))
   embedding = [("x_support", "phi_support", 1.0), ("x_query", "phi_query", 1.0), ("y", "y", 1.0),
                ("y", "r", 1.0), ("y", "p", 1.0)] + _flag_embedding()
@@ -454,8 +452,7 @@ def chebyshev_aggregator_primal(feature_dim: int, num_steps: int, ridge: float, 
   layout = ResidualLayout(
       channels=tuple([("phi_support", p), ("phi_query", p), ("y", 1), ("alpha", p), ("r", p),
                       ("p", p), ("Ap", p), ("f", 1)] + _flag_channels()),
-      holders=_holders([("phi_support", "supports"), ("phi_query", "queries"), ("y", "supports"),
-                        ("f", "queries")] + [(n, "aggregator") for n in ("alpha", "r", "p", "Ap")]))
+      holders=_holders([("f", "queries")] + [(n, "aggregator") for n in ("alpha", "r", "p", "Ap")]))
   embedding = [("x_support", "phi_support", 1.0), ("x_query", "phi_query", 1.0),
                ("y", "y", 1.0)] + _flag_embedding()
   init = [Block("init: r = p = Phi^T y", heads=(
@@ -481,8 +478,7 @@ def chebyshev_aggregator_dual(num_support: int, feature_dim: int, num_steps: int
       channels=tuple([("phi_support", p), ("phi_query", p), ("y", 1), ("position", k),
                       ("alpha", k), ("r", k), ("p", k), ("Kp", k), ("u", p), ("f", 1)]
                      + _flag_channels()),
-      holders=_holders([("phi_support", "supports"), ("phi_query", "queries"), ("y", "supports"),
-                        ("position", "supports (one-hot)"), ("f", "queries")]
+      holders=_holders([("position", "supports (one-hot)"), ("f", "queries")]
                        + [(n, "aggregator") for n in ("alpha", "r", "p", "Kp", "u")]))
   embedding = [("x_support", "phi_support", 1.0), ("x_query", "phi_query", 1.0), ("y", "y", 1.0),
                ("position", "position", 1.0)] + _flag_embedding()
@@ -600,8 +596,7 @@ def jacobi_support_state(feature_dim: int, num_steps: int, ridge: float,
                       ("z", 1), ("p", 1), ("Kp", 1), ("p_prev", 1), ("kq_p", 1), ("f", 1),
                       ("diag", 1), ("inv_diag", 1), ("newton_scratch", 1)]
                      + _scalar_channels(rho) + _flag_channels()),
-      holders=_holders([("phi_support", "supports"), ("phi_query", "queries"), ("y", "supports"),
-                        ("alpha", "supports"), ("r", "supports"), ("z", "supports"),
+      holders=_holders([("alpha", "supports"), ("r", "supports"), ("z", "supports"),
                         ("p", "supports"), ("Kp", "supports"), ("p_prev", "supports"),
                         ("kq_p", "queries"), ("f", "queries"), ("diag", "supports"),
                         ("inv_diag", "supports"), ("newton_scratch", "supports")]

@@ -92,7 +92,7 @@ def encode(layout: PromptLayout, x_support: jax.Array, y_support: jax.Array,
   x_support, y_support, x_query = validate_prompt(layout, x_support, y_support, x_query)
   dtype = x_support.dtype
   batch = x_support.shape[0]
-  k, q, d, r = layout.num_support, layout.num_query, layout.input_dim, layout.num_outputs
+  k, q = layout.num_support, layout.num_query
   if y_support.ndim == 2:
     y_support = y_support[..., None]
 
@@ -109,7 +109,6 @@ def encode(layout: PromptLayout, x_support: jax.Array, y_support: jax.Array,
   aggregator = block(1, "is_aggregator", jnp.ones((batch, 1, 1), dtype))
   query = block(q, "x_query", x_query)
   query = query.at[..., layout.feature_slice("is_query")].set(1)
-  del d, r
   return jnp.concatenate([support, aggregator, query], axis=1)
 
 

@@ -167,8 +167,7 @@ def _softmax_support_state(num_support, feature_dim, num_steps, ridge, temperatu
       channels=tuple([("phi_support", p), ("phi_query", p), ("y", 1)]
                      + [(n, 1) for n in per_token] + [(n, 1) for n in scalars + agg_scratch]
                      + _flag_channels()),
-      holders=_holders([("phi_support", "supports"), ("phi_query", "queries"), ("y", "supports"),
-                        ("f", "queries"), ("kq_p", "queries"), ("p_sum_s", "supports"),
+      holders=_holders([("f", "queries"), ("kq_p", "queries"), ("p_sum_s", "supports"),
                         ("p_sum_q", "queries")][:None if subtract else -2]
                        + [(f"{base}_{i}", "supports and queries") for i in range(h)
                           for base in ("inv_Z", "Z", "Z_scratch")]
