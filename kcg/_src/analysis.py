@@ -40,6 +40,13 @@ def _rms(x, axis=None):
   return np.sqrt(np.mean(np.square(np.asarray(x, np.float64)), axis=axis))
 
 
+def bound_per_step(phi_support, y_support, phi_query, ridge, num_steps, kernel=None) -> np.ndarray:
+  """The theorem's pointwise bound on |f_t - f*| at every t = 0..num_steps: [B, t+1, q]."""
+  kw = {} if kernel is None else {"kernel": kernel}
+  return np.stack([np.asarray(bounds.cg_error_bound(phi_support, y_support, phi_query, ridge, t, **kw))
+                   for t in range(num_steps + 1)], axis=1)
+
+
 def compare_steps(compiled, phi_support, y_support, phi_query, y_query) -> StepComparison:
   """Runs `compiled` (a kcg.CompiledCG on identity features) and the references on [B,...] prompts."""
   num_steps = compiled.num_steps
@@ -52,8 +59,7 @@ def compare_steps(compiled, phi_support, y_support, phi_query, y_query) -> StepC
   ref = np.asarray(ref)
   f_star = np.asarray(solvers.krr_predict(phi_support, y_support, phi_query, ridge))
   scale = max(float(_rms(f_star)), 1e-300)
-  bound = np.stack([np.asarray(bounds.cg_error_bound(phi_support, y_support, phi_query, ridge, t))
-                    for t in range(num_steps + 1)], axis=1)
+  bound = bound_per_step(phi_support, y_support, phi_query, ridge, num_steps)
   kappa = np.asarray(bounds.condition_number(phi_support, ridge))
   eps = float(jnp.finfo(f_BxTxQ.dtype).eps)
   floor = 10 * eps * float(kappa.max()) * float(np.abs(f_star).max())

@@ -10,14 +10,14 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from kcg._src import analysis
 from kcg._src import bounds
 from kcg._src import compiler
 from kcg._src import kernels
 from kcg._src import solvers
 
 
-def _rms(x, axis=None):
-  return np.sqrt(np.mean(np.square(np.asarray(x, np.float64)), axis=axis))
+_rms = analysis._rms  # pylint: disable=protected-access
 
 
 class MatvecError(NamedTuple):
@@ -103,9 +103,7 @@ def route_a_error(phi_support, y_support, phi_query, ridge, num_steps, temperatu
                                       kernel=kernel))
   f_star = np.asarray(solvers.krr_predict(phi_support, y_support, phi_query, ridge, kernel=kernel))
   scale = _rms(f_star)
-  bound = np.stack([np.asarray(bounds.cg_error_bound(phi_support, y_support, phi_query, ridge, t,
-                                                     kernel=kernel))
-                    for t in range(num_steps + 1)], axis=1)
+  bound = analysis.bound_per_step(phi_support, y_support, phi_query, ridge, num_steps, kernel)
   return RouteA(_rms(got - f_star[:, None], axis=(0, 2)) / scale,
                 _rms(ref - f_star[:, None], axis=(0, 2)) / scale,
                 _rms(got - ref, axis=(0, 2)) / scale, _rms(bound, axis=(0, 2)) / scale,
