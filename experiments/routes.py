@@ -17,8 +17,10 @@ import numpy as np
 
 from experiments import _cli
 
+import kcg
 from kcg._src import plotting
 from kcg._src import routes
+from kcg._src import sketch
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "routes.py")
 
@@ -28,6 +30,70 @@ def _problems(seed, batch, k, p, q, norm_spread=0.0):
   scale = np.exp(rng.uniform(-norm_spread, norm_spread, size=(batch, k, 1))) if norm_spread else 1.0
   return (rng.normal(size=(batch, k, p)) / np.sqrt(p) * scale, rng.normal(size=(batch, k)),
           rng.normal(size=(batch, q, p)) / np.sqrt(p))
+
+
+def _width_problems(seed, batch, k, p, q, decay):
+  """Features with second moment R diag(mu) R^T, mu_i = decay^(2i), R a rotation fixed by the seed."""
+  rng = np.random.default_rng(seed)
+  mu = decay ** (2 * np.arange(p, dtype=np.float64))
+  rotation, _ = np.linalg.qr(rng.standard_normal((p, p)))
+  draw = lambda n: rng.standard_normal((batch, n, p)) * np.sqrt(mu) @ rotation.T
+  return draw(k), rng.standard_normal((batch, k)), draw(q), rotation @ np.diag(mu) @ rotation.T, mu
+
+
+def _width(config, results) -> dict:
+  """Width m < p: compiled width-m models (principal sketch of the known second moment) vs m."""
+  xs, ys, xq, covariance, mu = _width_problems(config.seed + 2, config.batch, config.width_num_support,
+                                               config.width_feature_dim, config.num_query,
+                                               config.width_decay)
+  projections = [sketch.principal_projection(m, covariance=covariance) for m in config.widths]
+  w = routes.width_error(xs, ys, xq, config.width_ridge, projections, eigenvalues=mu,
+                         form=config.width_form, mask="prefix")
+  results["width"] = {"feature_dim": config.width_feature_dim, "ridge": config.width_ridge,
+                      "form": config.width_form, "full_width": w.full_width,
+                      **{n: [float(v) if np.isfinite(v) else None for v in getattr(w, n)]
+                         for n in w._fields if n != "full_width"}}  # None: NaN (nothing lost at m = p)
+  narrow = w.widths < config.width_feature_dim  # m = p is rounding level (in the JSON, not the plot)
+  return w.widths[narrow], {"measured: compiled width-m model": w.compiled_vs_full[narrow],
+                            "compiled vs sketched KRR (kcg.sketch)": w.compiled_vs_reference[narrow]}, {
+      "bound (each prompt's E)": w.bound[narrow], "sharp bound (||(I-P) w||)": w.sharp[narrow],
+      "tail estimate (E^2 = k sum_{i>m} mu_i)": w.tail_estimate[narrow]}
+
+
+def _multi_output(config, results) -> dict:
+  """r > 1: r independent CGs (shared mat-vec head) against block CG, error vs step and model size."""
+  rng = np.random.default_rng(config.seed + 3)
+  k, p = config.outputs_num_support, config.outputs_feature_dim
+  xs = rng.normal(size=(config.batch, k, p)) / np.sqrt(p)
+  xq = rng.normal(size=(config.batch, config.num_query, p)) / np.sqrt(p)
+  curves, results["multi_output"] = {}, []
+  for r in config.outputs:
+    ys = rng.normal(size=(config.batch, k, r))
+    for cost in routes.multi_output_cost(xs, ys, xq, config.ridge, config.outputs_num_steps):
+      curves[f"{cost.kind}, r={r} ({cost.layers_per_step} layers/step, {cost.num_heads} heads)"] = cost.error
+      results["multi_output"].append({
+          **{n: getattr(cost, n) for n in ("kind", "num_outputs", "layers_per_step", "num_layers",
+                                           "width", "num_heads", "mlp_hidden")},
+          "error": [float(v) for v in cost.error],
+          "compiled_vs_reference": [float(v) for v in cost.compiled_vs_reference]})
+  return curves
+
+
+def _prenorm(config, results) -> None:
+  """RMSNorm: bit-for-bit equal outputs; LayerNorm: where the compiled CG departs."""
+  xs, ys, xq = _problems(config.seed + 4, 1, config.num_support, config.feature_dim, config.num_query)
+  plain = kcg.compile_cg(config.num_support, config.feature_dim, config.num_steps, config.ridge,
+                         mask="causal")
+  normed = kcg.compile_cg(config.num_support, config.feature_dim, config.num_steps, config.ridge,
+                          mask="causal", norm="rmsnorm")
+  difference = np.abs(np.asarray(normed.predict_steps(xs, ys, xq))
+                      - np.asarray(plain.predict_steps(xs, ys, xq))).max()
+  departure = kcg.routes.layernorm_departure(config.num_support, config.feature_dim, config.num_steps,
+                                             config.ridge, xs, ys, xq, mask="causal")
+  results["prenorm"] = {"rmsnorm_max_abs_difference": float(difference),
+                        "rmsnorm_width": normed.config.width, "plain_width": plain.config.width,
+                        "layernorm_departure": {n: (v.item() if hasattr(v, "item") else v)
+                                                for n, v in departure._asdict().items()}}
 
 
 def run(config, workdir: str) -> dict:
@@ -75,6 +141,12 @@ def run(config, workdir: str) -> dict:
         "kappa_median": float(np.median(pre.kappa)),
         "kappa_preconditioned_median": float(np.median(pre.kappa_preconditioned)),
         "cg_rate": pre.cg_rate, "pcg_rate": pre.pcg_rate}
+    logging.info("Width: %d compiled width-m models.", len(config.widths))
+    width_x, width_curves, width_bounds = _width(config, results)
+    logging.info("Several outputs: independent CGs vs block CG for r in %s.", config.outputs)
+    output_curves = _multi_output(config, results)
+    logging.info("Pre-norm: RMSNorm and the LayerNorm departure.")
+    _prenorm(config, results)
     cheb = routes.chebyshev_vs_cg(xs, ys, xq, config.ridge, config.num_steps)
     results["chebyshev"] = {"chebyshev": [float(v) for v in cheb.chebyshev],
                             "cg": [float(v) for v in cheb.cg],
@@ -102,6 +174,15 @@ def run(config, workdir: str) -> dict:
       {f"Chebyshev ({cheb.chebyshev_layers_per_step} layer/step)": cheb.chebyshev,
        f"CG ({cheb.cg_layers_per_step} layers/step)": cheb.cg},
       ylabel="relative error vs KRR oracle", title="Compiled Chebyshev (exact bounds) vs compiled CG")
+  plotting.error_curves(
+      os.path.join(workdir, "width.png"), width_curves, dashed=width_bounds,
+      x=width_x, xlabel=f"width m < p of the feature channels (p = {config.width_feature_dim})",
+      ylabel="relative error vs full KRR",
+      title="Width m < p: compiled width-m model vs the sketch bound and the spectral tail")
+  plotting.error_curves(
+      os.path.join(workdir, "multi_output.png"), output_curves,
+      ylabel="relative error vs multi-output KRR",
+      title="r outputs: r independent CGs (shared mat-vec) vs block CG (r x r steps)")
   results["runtime_s"] = time.time() - start
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(results, f, indent=2, allow_nan=False)
@@ -115,6 +196,24 @@ def run(config, workdir: str) -> dict:
   print(f"PCG: median kappa {results['preconditioning']['kappa_median']:.3g} -> "
         f"{results['preconditioning']['kappa_preconditioned_median']:.3g}; "
         f"A-norm error at t={config.num_steps}: CG {pre.cg_error[-1]:.2e}, PCG {pre.pcg_error[-1]:.2e}")
+  width = results["width"]
+  print(f"Width (p = {width['feature_dim']}, ridge {width['ridge']:g}, {width['form']}; full model "
+        f"width {width['full_width']}): m, model width, measured, bound, ratio, tail estimate")
+  for i, m in enumerate(width["widths"]):
+    ratio = width["max_ratio"][i]
+    print(f"  m={int(m)}: width {int(width['model_width'][i])}, measured {width['compiled_vs_full'][i]:.2e}, "
+          f"bound {width['bound'][i]:.2e}, max measured/bound "
+          f"{'-' if ratio is None else f'{ratio:.3g}'}, tail estimate {width['tail_estimate'][i]:.2e}")
+  print("Several outputs (kind, r, layers/step, width, heads, error at t = 1..):")
+  for c in results["multi_output"]:
+    print(f"  {c['kind']:11s} r={c['num_outputs']}: {c['layers_per_step']} layers/step, width "
+          f"{c['width']}, {c['num_heads']} heads; error " + " ".join(f"{e:.0e}" for e in c["error"][1:]))
+  pre = results["prenorm"]
+  dep = pre["layernorm_departure"]
+  print(f"Pre-norm: RMSNorm max |difference| {pre['rmsnorm_max_abs_difference']:.1e} (width "
+        f"{pre['plain_width']} -> {pre['rmsnorm_width']}); LayerNorm departs at layer {dep['layer']} "
+        f"({dep['layer_name']}), {dep['role']}, channel {dep['channel']}: {dep['expected']:.3g} -> "
+        f"{dep['got']:.3g}; prediction error {dep['prediction_error']:.2g}")
   logging.info("Wrote %s in %.1f s.", workdir, results["runtime_s"])
   return results
 

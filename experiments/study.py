@@ -4,9 +4,11 @@
 
 Trains small in-context learners (linear attention and softmax, depth L) with `kcg.training`, compiles
 CG transformers with `kcg.compile_cg`, and runs the library functions of `kcg.study`, `kcg.probes`,
-`kcg.ablations` and `kcg.matching` on both: error vs depth against solvers at t = L, the depth, ridge,
-condition-number and temperature laws, failure modes, the feature-perturbation (S4) and width bounds,
-probes with controls, ablations against the damaged algorithms, and layer-wise algorithm matching.
+`kcg.ablations` and `kcg.matching` on both: error vs depth against compiled CG, PCG and Chebyshev
+and reference GD at t = L (also with models trained afresh across input condition numbers and
+ridges, `depth_sweeps`), the depth, ridge, condition-number and temperature laws, failure modes,
+the feature-perturbation (S4) and width bounds, probes with controls, ablations against the damaged
+algorithms (CG, PCG, Chebyshev, softmax Route A), and layer-wise algorithm matching.
 See experiments/configs/study.py for the scales and their runtimes. Analyses run in float64 (the
 models train in float32 and are evaluated in float64).
 """
@@ -24,8 +26,9 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-SECTIONS = ("depth_comparison", "depth_law", "ridge_sweep", "condition_sweep", "temperature_sweep",
-            "failure_modes", "feature_perturbation", "width_sweep", "compiled", "trained")
+SECTIONS = ("depth_comparison", "depth_sweeps", "depth_law", "ridge_sweep", "condition_sweep",
+            "temperature_sweep", "failure_modes", "feature_perturbation", "width_sweep", "compiled",
+            "trained")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Study config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for report.md, results.json and figures.")
@@ -46,9 +49,12 @@ def _task(config, batch_size: int):
                           condition_number=t.condition_number, input_rotation=t.input_rotation)
 
 
-def _train_config(config, attention: str, depth: int):
+def _train_config(config, attention: str, depth: int, *, num_steps: int | None = None,
+                  seed_offset: int = 0, **data_overrides):
+  """The training config of one model; `data_overrides` replace `DataSpec` fields (the task)."""
   from kcg._src import training  # pylint: disable=g-import-not-at-top
   t, tr = config.task, config.train
+  num_steps = tr.num_steps if num_steps is None else int(num_steps)
   model = training.ModelSpec(
       num_layers=depth, width=tr.width, num_heads=tr.num_heads, head_dim=tr.head_dim,
       mlp_hidden=tr.mlp_hidden, attention=attention, norm=None, qkv_init_scale=tr.qkv_init_scale,
@@ -58,10 +64,13 @@ def _train_config(config, attention: str, depth: int):
                            num_query=t.num_query, encoding="query", mask="prefix",
                            noise_std=t.noise_std, condition_number=t.condition_number,
                            input_rotation=t.input_rotation)
-  optim = training.OptimSpec(learning_rate=tr.learning_rate, warmup_steps=tr.warmup_steps)
-  return training.TrainConfig(model=model, data=data, optim=optim, num_steps=tr.num_steps,
-                              batch_size=tr.batch_size, seed=config.seed + depth, dtype="float32",
-                              log_every=max(1, tr.num_steps // 4), checkpoint_every=tr.num_steps,
+  data = dataclasses.replace(data, **data_overrides)
+  optim = training.OptimSpec(learning_rate=tr.learning_rate,
+                             warmup_steps=min(tr.warmup_steps, max(1, num_steps // 4)))
+  return training.TrainConfig(model=model, data=data, optim=optim, num_steps=num_steps,
+                              batch_size=tr.batch_size, seed=config.seed + depth + seed_offset,
+                              dtype="float32", log_every=max(1, num_steps // 4),
+                              checkpoint_every=num_steps,
                               keep_checkpoints=1, eval_batch_size=64, final_eval=False)
 
 
@@ -110,36 +119,149 @@ def _train(ctx: _Context, workdir: str) -> None:
 
 
 def _depth_comparison(ctx: _Context) -> None:
-  import kcg  # pylint: disable=g-import-not-at-top
   from kcg._src import probes  # pylint: disable=g-import-not-at-top
   from kcg._src import study  # pylint: disable=g-import-not-at-top
   t, report = ctx.config.task, ctx.report
   max_depth = max(d for _, d in ctx.trained)
-  compiled = kcg.compile_cg(t.num_support, t.input_dim, max_depth, ctx.ridge, mask="prefix")
+  # Chebyshev's interval from the fit prompts (a calibration batch of the same task).
+  compiled = study.compiled_solvers(t.num_support, t.input_dim, max_depth, ctx.ridge,
+                                    calibration_x_support=ctx.fit_prompts.x_support,
+                                    algorithms=ctx.config.compiled.depth_solvers)
   families = {}
   for (attention, depth), subject in ctx.trained.items():
     families.setdefault(f"{attention} attention", {})[depth] = probes.predict_fn(subject)
   cmp = report.add("depth_comparison", study.depth_comparison(
       families, ctx.eval_prompts, ctx.ridge, compiled=compiled,
       path=report.path("depth_vs_trained.png")))
-  report.section("Error vs depth: trained models and solvers at t = L")
+  report.section("Error vs depth: trained models and solvers at t = L", _SOLVERS_TEXT)
   report.figure("depth_vs_trained.png", "Test mse of trained models of depth L against t-step solvers "
-                "(compiled CG, reference PCG/GD/Chebyshev) with t = L; black: KRR oracle.")
+                "with t = L (compiled CG, PCG, Chebyshev; reference GD and reference CG/PCG/Chebyshev "
+                "dotted); black: KRR oracle.")
+  names = [n for n in study.DEPTH_SWEEP_SOLVERS if n in cmp["solvers"]]
   rows = []
   for fam, by_depth in cmp["models"].items():
     for depth, r in by_depth.items():
       i = cmp["depths"].index(int(depth))
-      rows.append([fam, depth, r["mse"], r["vs_oracle"], cmp["solvers"]["compiled_cg"]["mse"][i],
-                   cmp["solvers"]["gd"]["mse"][i], cmp["solvers"]["chebyshev"]["mse"][i],
-                   cmp["bound"][i]])
-  report.table(["model", "L", "mse", "mse vs oracle", "compiled CG_L mse", "GD_L mse",
-                "Chebyshev_L mse", "mean CG bound |f_L - f*|"], rows)
-  report.text(f"KRR oracle mse {cmp['oracle_mse']:.4g}.")
+      rows.append([fam, depth, r["mse"], r["vs_oracle"]]
+                  + [cmp["solvers"][n]["mse"][i] for n in names] + [cmp["bound"][i]])
+  report.table(["model", "L", "mse", "mse vs oracle"] + [f"{n}_L mse" for n in names]
+               + ["mean CG bound |f_L - f*|"], rows)
+  report.text(f"KRR oracle mse {cmp['oracle_mse']:.4g}." + _chebyshev_note(cmp))
   fam, depth, mse = min(((f, d, r["mse"]) for f, bd in cmp["models"].items() for d, r in bd.items()),
                         key=lambda x: x[2])
-  cg_mse = cmp["solvers"]["compiled_cg"]["mse"][cmp["depths"].index(int(depth))]
+  i = cmp["depths"].index(int(depth))
   ctx.summary.append(f"Best trained model: {fam} L={depth}, test mse {mse:.3g} (KRR oracle "
-                     f"{cmp['oracle_mse']:.3g}; compiled CG with t = L = {depth}: {cg_mse:.3g}).")
+                     f"{cmp['oracle_mse']:.3g}; with t = L = {depth}: " + ", ".join(
+                         f"{n} {cmp['solvers'][n]['mse'][i]:.3g}" for n in names) + ").")
+
+
+_SOLVERS_TEXT = ("Solvers with t = L steps: compiled CG (`kcg.compile_cg`, prefix mask), compiled PCG "
+                 "(Jacobi, M = diag(K) + ridge I), compiled Chebyshev (`kcg.compile_chebyshev`; one "
+                 "interval baked into the weights: [ridge, ridge + max ||Phi||_2^2] over a "
+                 "calibration batch of the same task, not per prompt) and gradient descent, which "
+                 "has no compiled version (reference `kcg.solvers.gd_predict`, step 2/(lam_min + "
+                 "lam_max) per prompt). The dotted reference Chebyshev uses each prompt's exact "
+                 "extreme eigenvalues.")
+
+
+def _chebyshev_note(cmp: dict) -> str:
+  if "chebyshev_eig_bounds" not in cmp:
+    return ""
+  lo, hi = cmp["chebyshev_eig_bounds"]
+  return (f" Compiled Chebyshev interval [{lo:.3g}, {hi:.3g}]; "
+          f"{100 * cmp['chebyshev_fraction_above_bounds']:.0f}% of the held-out prompts have "
+          "lambda_max(K + ridge I) above it.")
+
+
+def _depth_sweeps(ctx: _Context) -> None:
+  """Trained models and compiled solvers across input condition numbers and ridges (issue 6)."""
+  import math  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from kcg import tasks  # pylint: disable=g-import-not-at-top
+  from kcg._src import probes  # pylint: disable=g-import-not-at-top
+  from kcg._src import study  # pylint: disable=g-import-not-at-top
+  from kcg._src import training  # pylint: disable=g-import-not-at-top
+  config, report = ctx.config, ctx.report
+  t, sw = config.task, config.sweeps
+  d = t.input_dim
+  # condition number: the task's noise, so the ridge stays the study's; the covariance's eigenbasis
+  # is fixed (one data distribution a model can learn). ridge: the task's noise is set so that the
+  # Bayes ridge noise^2 d equals the value, and oracle and solvers use that ridge.
+  sweeps = {
+      "condition number": ("condition", [
+          (float(c), {"condition_number": float(c), "input_rotation": "fixed"}, ctx.ridge)
+          for c in sw.condition_numbers]),
+      "ridge": ("ridge", [
+          (float(lam), {"family": "noisy_linear", "noise_std": math.sqrt(float(lam) / d)}, float(lam))
+          for lam in sw.ridges]),
+  }
+  report.section("Error vs depth across input condition numbers and ridges", (
+      f"For each value a fresh set of models ({', '.join(sw.attentions)} attention, L = "
+      f"{', '.join(map(str, sw.depths))}, {sw.num_steps} steps each) is trained on the task at that "
+      f"value and evaluated on {sw.num_prompts} held-out prompts of the same task. Condition "
+      "number: of the input covariance (`kcg.tasks`, eigenbasis fixed: input_rotation='fixed'), "
+      f"task noise {t.noise_std}, ridge {ctx.ridge:g}. Ridge: the task's noise is set to "
+      "sqrt(ridge / d), so that the Bayes ridge noise^2 d equals the value, and the oracle and the "
+      f"solvers use it (input condition number {t.condition_number:g}). " + _SOLVERS_TEXT
+      + " Cells: test mse / mse against the KRR oracle; 'CG bound' is mean bound^2, which bounds "
+      "CG's mse against the oracle."))
+  results, timings = {}, {}
+  for knob, (tag, values) in sweeps.items():
+    if not values:
+      continue
+    panels = []
+    for i, (value, overrides, ridge) in enumerate(values):
+      eval_task = dataclasses.replace(_task(config, sw.num_prompts), **overrides)
+      calibration_task = dataclasses.replace(eval_task, batch_size=sw.num_calibration_prompts)
+      salt = 1000 + 100 * i + (0 if tag == "condition" else 50)
+      prompts = tasks.sample(jax.random.fold_in(ctx.keys["eval"], salt), eval_task)
+      calibration = tasks.sample(jax.random.fold_in(ctx.keys["fit"], salt), calibration_task)
+      families = {}
+      for attention in sw.attentions:
+        for depth in sw.depths:
+          tc = _train_config(config, attention, int(depth), num_steps=sw.num_steps,
+                             seed_offset=salt, **overrides)
+          began = time.perf_counter()
+          result = training.train(tc, None)
+          timings[f"{tag}={value:g} {attention} L={depth}"] = {
+              "seconds": time.perf_counter() - began,
+              "final_loss": result.history[-1].get("loss") if result.history else None}
+          subject = probes.subject_from_model(result.model, input_dim=d,
+                                              name=f"{attention} L={depth}")
+          families.setdefault(f"{attention} attention", {})[int(depth)] = probes.predict_fn(subject)
+      compiled = study.compiled_solvers(t.num_support, d, max(sw.depths), ridge,
+                                        calibration_x_support=calibration.x_support,
+                                        algorithms=config.compiled.depth_solvers)
+      panels.append(study.DepthPanel(value, families, prompts, ridge, compiled))
+    filename = f"depth_sweep_{tag}.png"
+    sweep = study.depth_sweep(knob, panels, path=report.path(filename))
+    results[tag] = sweep
+    report.text(f"### Sweep over the {knob}")
+    report.figure(filename, f"Error vs depth, one panel per {knob}: test mse (top) and mse against "
+                  "the KRR oracle with the CG bound (bottom).")
+    names = [n for n in study.DEPTH_SWEEP_SOLVERS if n in next(iter(sweep["panels"].values()))["solvers"]]
+    families = list(next(iter(sweep["panels"].values()))["models"])
+    rows, notes = [], []
+    for key, cmp in sweep["panels"].items():
+      for i, depth in enumerate(cmp["depths"]):
+        cell = lambda r, j=None: (f"{r['mse']:.3g} / {r['vs_oracle']:.2g}" if j is None else
+                                  f"{r['mse'][j]:.3g} / {r['vs_oracle'][j]:.2g}")
+        rows.append([key, depth, cmp["kappa_mean"]]
+                    + [cell(cmp["models"][f][depth]) if depth in cmp["models"][f] else "n/a"
+                       for f in families]
+                    + [cell(cmp["solvers"][n], i) for n in names]
+                    + [cmp["bound_mse"][i], cmp["oracle_mse"]])
+      notes.append(f"{knob} {key}:" + (_chebyshev_note(cmp) or " no compiled Chebyshev."))
+    report.table([knob, "L", "mean kappa(A)"] + [f"trained {f}" for f in families]
+                 + [f"{n}_L" for n in names] + ["CG bound (mse)", "oracle mse"], rows)
+    report.text(" ".join(notes))
+    deepest = max(sw.depths)
+    ctx.summary.append(f"Depth sweep over the {knob} (test mse at L = t = {deepest}; oracle): " + "; ".join(
+        f"{key}: " + ", ".join(f"{f} {cmp['models'][f][deepest]['mse']:.3g}" for f in families)
+        + ", " + ", ".join(f"{n} {cmp['solvers'][n]['mse'][-1]:.3g}" for n in names)
+        + f", oracle {cmp['oracle_mse']:.3g}" for key, cmp in sweep["panels"].items()) + ".")
+  results["training"] = timings
+  report.add("depth_sweeps", results)
 
 
 def _depth_law(ctx: _Context) -> None:
@@ -358,6 +480,68 @@ def _compiled(ctx: _Context) -> None:
         f"{min(r['damage_size'] for r in ops):.1e}..{max(r['damage_size'] for r in ops):.1e}; "
         "step ends match " + ", ".join(f"{m['name']} t={m['step']}" for m in at_ends[1:]) + ".")
   report.add("compiled", results)
+  if cc.ablation_extras and cc.num_steps >= 1:
+    _other_ablations(ctx, prompts)
+
+
+_ABLATION_EXTRAS = {
+    "pcg": "PCG (Jacobi preconditioner, `kcg.compile_cg(..., preconditioner='jacobi')`)",
+    "chebyshev": "Chebyshev (`kcg.compile_chebyshev`, per-support state; interval "
+                 "[ridge, ridge + max ||Phi||_2^2] of these prompts)",
+    "softmax": "softmax Route A (`kcg.compile_cg(..., attention='softmax', kernel='exponential')`)",
+}
+
+
+def _other_ablations(ctx: _Context, prompts) -> None:
+  """Ablation tables of the PCG, Chebyshev and softmax (Route A) programs against their references."""
+  import kcg  # pylint: disable=g-import-not-at-top
+  from kcg._src import study  # pylint: disable=g-import-not-at-top
+  config, report = ctx.config, ctx.report
+  t, cc = config.task, config.compiled
+  temperature = cc.softmax_temperature or float(t.input_dim)
+  # One step (not every step): removing the query update, the step or Route A's p.Ap at every step
+  # leaves f = 0, a trivially exact match.
+  steps = (min(cc.ablation_step, cc.num_steps - 1),)
+  report.text("### Ablations of PCG, Chebyshev and softmax Route A")
+  report.text(
+      "Each operation removed from the compiled model, against the algorithm without it "
+      "(`kcg.ablations`): PCG adds the preconditioner (its 1/d_i loses the Newton refinement, so "
+      "M^-1 is the ReLU guess, within 4.2%; the scaling z = r/d itself is an MLP unit of the "
+      "update layer and cannot be removed alone); Chebyshev has no reductions and no reciprocals "
+      "(its step sizes are weights), so only its mat-vec, its query update and a layer (= a step) "
+      "can go; Route A's p.Ap is one reduction head, whose removal triggers the breakdown guard "
+      f"(gamma_s = 0). Route A runs KRR with exp(<x, x'>/tau), tau = {temperature:g}; its mse "
+      "columns are against that kernel's oracle. 'step' removes every layer of the step. Each "
+      f"operation is removed at step {steps[0]} (0-based) only, the preconditioner at init. Match: "
+      "|damaged model - damaged reference| / |damaged reference| over all steps.")
+  results = {}
+  for name in cc.ablation_extras:
+    if name == "pcg":
+      compiled = kcg.compile_cg(t.num_support, t.input_dim, cc.num_steps, ctx.ridge, mask="prefix",
+                                preconditioner="jacobi")
+    elif name == "chebyshev":
+      compiled = kcg.compile_chebyshev(
+          t.num_support, t.input_dim, cc.num_steps, ctx.ridge, mask="prefix",
+          eig_bounds=study.chebyshev_eig_bounds(prompts.x_support, ctx.ridge))
+    elif name == "softmax":
+      compiled = kcg.compile_cg(t.num_support, t.input_dim, cc.num_steps, ctx.ridge, mask="prefix",
+                                attention="softmax", kernel="exponential", temperature=temperature)
+    else:
+      raise ValueError(f"unknown compiled.ablation_extras entry {name!r}; choose from "
+                       f"{sorted(_ABLATION_EXTRAS)}.")
+    filename = f"ablations_compiled_{name}.png"
+    abl = study.compiled_ablation_table(compiled, prompts, steps=steps, path=report.path(filename))
+    results[name] = abl
+    report.figure(filename, f"Ablations of {_ABLATION_EXTRAS[name]}: match and damage.")
+    report.table(["operation", "removed", "match", "damage", "mse vs oracle (healthy)",
+                  "mse vs oracle (damaged)"],
+                 [[op, r["removed"], r["match"], r["damage_size"], r["mse_vs_oracle_healthy"],
+                   r["mse_vs_oracle_damaged"]] for op, r in abl["operations"].items()])
+  report.add("compiled_ablations_other", results)
+  ctx.summary.append("Ablations of " + "; ".join(
+      f"{abl['construction']}: {len(abl['operations'])} operations match their damaged algorithm to "
+      f"{max(r['match'] for r in abl['operations'].values()):.1e}"
+      for abl in results.values()) + ".")
 
 
 def _trained(ctx: _Context) -> None:
@@ -455,6 +639,7 @@ def run(config, workdir: str) -> dict:
   timings = {}
   steps = [("train", lambda: _train(ctx, workdir)),
            ("depth_comparison", lambda: _depth_comparison(ctx)),
+           ("depth_sweeps", lambda: _depth_sweeps(ctx)),
            ("depth_law", lambda: _depth_law(ctx)),
            ("sweeps", lambda: _solver_sweeps(ctx, sections)),
            ("failure_modes", lambda: _failure_modes(ctx)),

@@ -7,6 +7,9 @@ Public API (implementation lives in `kcg._src`):
 * `kcg.Transformer`, `kcg.ModelConfig`: the one model class, compiled or trained.
 * `kcg.prompt`: prompt encoding (`make_layout`, `encode`, `query_outputs`).
 * `kcg.solvers`, `kcg.bounds`, `kcg.kernels`, `kcg.problems`: reference numerics.
+* `kcg.sketch`: width below the feature dimension (m < p): projections, sketched KRR f_m and its
+  error bound; `kcg.routes`: the beyond-CG routes measured (Route B error, PCG, Chebyshev, width,
+  multi-output cost, pre-norm).
 * `kcg.tasks`, `kcg.features`: in-context task ladder and feature maps.
 * `kcg.training`, `kcg.load_trained(DIR)`: training the same model class with optax; loading it back.
 * `kcg.baselines`, `kcg.evaluation`: reference in-context predictors and similarity measures.
@@ -26,6 +29,8 @@ from kcg import plotting
 from kcg import probes
 from kcg import problems
 from kcg import prompt
+from kcg import routes
+from kcg import sketch
 from kcg import solvers
 from kcg import study
 from kcg import tasks
@@ -47,6 +52,6 @@ __version__ = "0.1.0"
 __all__ = [
     "ablations", "analysis", "baselines", "evaluation", "matching", "plotting", "probes", "study",
     "CompiledCG", "CompiledState", "Dimensions", "ForwardOutput", "ModelConfig", "Transformer",
-    "bounds", "compile_cg", "compile_chebyshev", "dimensions", "features", "kernels", "problems", "prompt", "solvers",
+    "bounds", "compile_cg", "compile_chebyshev", "dimensions", "features", "kernels", "problems", "prompt", "routes", "sketch", "solvers",
     "tasks", "training", "TrainedModel", "load_trained",
 ]

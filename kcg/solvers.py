@@ -1,6 +1,9 @@
 """Reference KRR solvers: closed form (Cholesky) and iterative (CG, PCG, GD, Chebyshev) with traces."""
 
+from kcg._src.solvers import BlockCGTrace
 from kcg._src.solvers import SolverTrace
+from kcg._src.solvers import block_cg
+from kcg._src.solvers import block_cg_predict
 from kcg._src.solvers import cg
 from kcg._src.solvers import cg_predict
 from kcg._src.solvers import chebyshev
@@ -17,10 +20,15 @@ from kcg._src.solvers import pcg
 from kcg._src.solvers import pcg_predict
 from kcg._src.solvers import primal_cg
 from kcg._src.solvers import primal_cg_predict
+from kcg._src.solvers import scaled_pseudo_inverse
 from kcg._src.solvers import spectrum_bounds
 
 __all__ = (
+    "BlockCGTrace",
     "SolverTrace",
+    "block_cg",
+    "block_cg_predict",
+    "scaled_pseudo_inverse",
     "cg",
     "cg_predict",
     "chebyshev",

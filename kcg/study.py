@@ -1,9 +1,14 @@
 """The formal-vs-learned study's sweeps and laws as library functions (numbers + a figure each)."""
 
+from kcg._src.study import DEPTH_SWEEP_SOLVERS
+from kcg._src.study import DepthPanel
 from kcg._src.study import Report
+from kcg._src.study import chebyshev_eig_bounds
 from kcg._src.study import compiled_ablation_table
+from kcg._src.study import compiled_solvers
 from kcg._src.study import depth_comparison
 from kcg._src.study import depth_law
+from kcg._src.study import depth_sweep
 from kcg._src.study import failure_modes
 from kcg._src.study import feature_perturbation
 from kcg._src.study import fitted_rate
@@ -17,10 +22,15 @@ from kcg._src.study import trained_ablation
 from kcg._src.study import width_sweep
 
 __all__ = (
+    "DEPTH_SWEEP_SOLVERS",
+    "DepthPanel",
     "Report",
+    "chebyshev_eig_bounds",
     "compiled_ablation_table",
+    "compiled_solvers",
     "depth_comparison",
     "depth_law",
+    "depth_sweep",
     "failure_modes",
     "feature_perturbation",
     "fitted_rate",

@@ -6,6 +6,11 @@ reference differ only by the order of float64 sums: relative 1e-16 to 1e-14 meas
 well-conditioned problems (k = 6, kappa(A) < 50, t = 3). We require 1e-11, and that the ablation
 changed the model by much more (> 1e-3; the Newton layer, whose removal changes 1/x by
 e^(2^3) ~ 1e-11 relative, by > 100x the match).
+
+The same holds for PCG, Chebyshev and softmax Route A (measured: match <= 2e-15 for PCG and
+Chebyshev; <= 5e-14 for Route A, whose exponential kernel and 1/Z_i reciprocal add rounding, the level
+at which its healthy model equals textbook exponential-kernel CG). The PCG preconditioner ablation
+(M^-1 = the unrefined ReLU guess, within 4.2%) changes the model by ~1e-2.
 """
 
 import functools
@@ -26,28 +31,85 @@ CONSTRUCTIONS = {"support_state": ("dual", "prefix"), "aggregator_dual": ("dual"
                  "aggregator_primal": ("primal", "causal")}
 OPERATIONS = {
     "support_state": ("matvec", "query_matvec", "curvature_reduction", "ridge_reduction",
-                      "residual_norm", "newton"),
+                      "residual_norm", "newton", "step"),
     "aggregator_dual": ("matvec", "matvec_u", "curvature_reduction", "ridge_reduction",
-                        "residual_norm", "newton"),
-    "aggregator_primal": ("matvec", "query_matvec", "ridge_reduction", "residual_norm", "newton"),
+                        "residual_norm", "newton", "step"),
+    "aggregator_primal": ("matvec", "query_matvec", "ridge_reduction", "residual_norm", "newton",
+                          "step"),
 }
+# PCG, Chebyshev (eig_bounds: [ridge, ridge + max ||Phi||^2] of the test prompts, see _bounds) and
+# softmax Route A.
+OTHER = {
+    "jacobi_support_state": lambda: kcg.compile_cg(K, D, T, RIDGE, mask="prefix",
+                                                   preconditioner="jacobi"),
+    "chebyshev_support_state": lambda: kcg.compile_chebyshev(K, D, T, RIDGE, eig_bounds=_bounds(),
+                                                             mask="prefix"),
+    "chebyshev_aggregator_dual": lambda: kcg.compile_chebyshev(K, D, T, RIDGE, eig_bounds=_bounds(),
+                                                               mask="causal"),
+    "chebyshev_aggregator_primal": lambda: kcg.compile_chebyshev(
+        K, D, T, RIDGE, eig_bounds=_bounds(), mask="causal", form="primal"),
+    "exponential_support_state": lambda: kcg.compile_cg(K, D, T, RIDGE, mask="prefix",
+                                                        attention="softmax", kernel="exponential",
+                                                        temperature=2.0),
+}
+OPERATIONS.update({
+    "jacobi_support_state": ("matvec", "query_matvec", "curvature_reduction", "ridge_reduction",
+                             "residual_norm", "newton", "preconditioner", "step"),
+    "chebyshev_support_state": ("matvec", "query_matvec", "step"),
+    "chebyshev_aggregator_dual": ("matvec", "matvec_u", "query_matvec", "step"),
+    "chebyshev_aggregator_primal": ("matvec", "query_matvec", "step"),
+    "exponential_support_state": ("matvec", "query_matvec", "pap_reduction", "residual_norm",
+                                  "newton", "step"),
+})
 FAST = [("support_state", op) for op in OPERATIONS["support_state"]] + [
     ("aggregator_dual", "matvec_u"), ("aggregator_primal", "matvec"),
-    ("aggregator_primal", "ridge_reduction")]
+    ("aggregator_primal", "ridge_reduction"),
+    ("jacobi_support_state", "preconditioner"), ("jacobi_support_state", "residual_norm"),
+    ("chebyshev_support_state", "matvec"), ("chebyshev_support_state", "step"),
+    ("exponential_support_state", "pap_reduction"), ("exponential_support_state", "residual_norm"),
+    ("exponential_support_state", "newton")]
 SLOW = [(c, op) for c, ops in OPERATIONS.items() for op in ops if (c, op) not in FAST]
+
+
+def _bounds():
+  x = np.asarray(_prompts())
+  return RIDGE, RIDGE + float(np.max(np.linalg.norm(x, ord=2, axis=(1, 2)) ** 2))
 
 
 @functools.lru_cache(maxsize=None)
 def _compiled(construction):
+  if construction in OTHER:
+    return OTHER[construction]()
   form, mask = CONSTRUCTIONS[construction]
   return kcg.compile_cg(K, D, T, RIDGE, mask=mask, form=form)
 
 
-@pytest.fixture(scope="module")
-def prompts():
+def _prompts():
+  return _sample().x_support
+
+
+@functools.lru_cache(maxsize=None)
+def _sample():
   config = tasks.TaskConfig(family="noisy_linear", input_dim=D, num_support=K, num_query=Q,
                             batch_size=48, condition_number=10.0)
   return tasks.sample(jax.random.key(0), config)
+
+
+def _textbook(compiled, prompts):
+  """The healthy algorithm from kcg.solvers (independent of the damaged references)."""
+  args = (prompts.x_support, prompts.y_support, prompts.x_query, RIDGE, T)
+  if compiled.program.name == "jacobi_support_state":
+    return solvers.pcg_predict(*args)
+  if compiled.program.name.startswith("chebyshev"):
+    return solvers.chebyshev_predict(*args, compiled.eig_bounds)
+  if compiled.attention == "softmax":
+    return solvers.cg_predict(*args, kernel=kcg.kernels.ExponentialKernel(2.0))
+  return (solvers.cg_predict if compiled.form == "dual" else solvers.primal_cg_predict)(*args)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+  return _sample()
 
 
 def _check(construction, operation, prompts, steps):
@@ -57,17 +119,15 @@ def _check(construction, operation, prompts, steps):
   assert report.match < 1e-11, report.match
   threshold = 100 * report.match if operation == "newton" else 1e-3
   assert report.damage_size > threshold, (report.damage_size, report.match)
-  # The healthy model is CG as compiled, which is textbook CG to rounding.
-  ref = solvers.cg_predict if compiled.form == "dual" else solvers.primal_cg_predict
-  np.testing.assert_allclose(
-      np.asarray(report.healthy),
-      np.asarray(ref(prompts.x_support, prompts.y_support, prompts.x_query, RIDGE, T)),
-      rtol=1e-10, atol=1e-12)
+  # The healthy model is the algorithm as compiled, which is the textbook algorithm to rounding.
+  np.testing.assert_allclose(np.asarray(report.healthy), np.asarray(_textbook(compiled, prompts)),
+                             rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("construction,operation", FAST)
 def test_ablation_matches_damaged_cg(construction, operation, prompts):
-  _check(construction, operation, prompts, steps=(1,) if operation != "query_matvec" else None)
+  steps = None if operation in ("query_matvec", "preconditioner") else (1,)
+  _check(construction, operation, prompts, steps)
 
 
 @pytest.mark.slow
@@ -76,7 +136,41 @@ def test_ablation_matches_damaged_cg(construction, operation, prompts):
 def test_ablation_matches_damaged_cg_all(construction, operation, steps, prompts):
   if operation == "residual_norm" and steps == (T - 1,):
     pytest.skip("r.r of the last step is never used")
+  if operation == "preconditioner" and steps is not None:
+    pytest.skip("the preconditioner is formed before the first step")
   _check(construction, operation, prompts, steps)
+
+
+def test_every_construction_has_its_operations():
+  for construction, ops in OPERATIONS.items():
+    assert ablations.available_operations(_compiled(construction).program) == ops, construction
+
+
+def test_chebyshev_has_no_reductions_and_pcg_preconditioner_is_init(prompts):
+  program = _compiled("chebyshev_support_state").program
+  for op in ("curvature_reduction", "residual_norm", "newton"):
+    with pytest.raises(ValueError, match="no reductions"):
+      ablations.operation_ablation(program, op)
+  pcg = _compiled("jacobi_support_state").program
+  with pytest.raises(ValueError, match="steps=None"):
+    ablations.operation_ablation(pcg, "preconditioner", steps=(0,))
+  ablation, damage = ablations.operation_ablation(pcg, "preconditioner")
+  assert all(l < pcg.step_ends[0] for l in ablation.layers)  # init layers only
+  assert all(d.preconditioner_guess_only for d in damage)
+  # "step" removes every layer of the step.
+  ablation, _ = ablations.operation_ablation(pcg, "step", steps=(1,))
+  assert ablation.layers == tuple(ablations.step_layers(pcg, 1))
+
+
+def test_damaged_step_repeats_the_previous_prediction(prompts):
+  args = (prompts.x_support, prompts.y_support, prompts.x_query, RIDGE)
+  skip = (ablations.HEALTHY, ablations.Damage(skipped=True), ablations.HEALTHY)
+  for got in (ablations.damaged_cg_predict(*args, skip), ablations.damaged_pcg_predict(*args, skip)):
+    np.testing.assert_array_equal(np.asarray(got[:, 2]), np.asarray(got[:, 1]))
+    # After the skipped step the algorithm resumes: its third prediction is the healthy second.
+  healthy = ablations.damaged_cg_predict(*args, (ablations.HEALTHY,) * 2)
+  np.testing.assert_allclose(np.asarray(ablations.damaged_cg_predict(*args, skip)[:, 3]),
+                             np.asarray(healthy[:, 2]), rtol=1e-12, atol=1e-14)
 
 
 def test_heads_are_found_by_name():
@@ -173,3 +267,17 @@ def test_validation_errors(prompts):
   with pytest.raises(ValueError, match="NaN"):
     ablations.damaged_cg_predict(np.full((1, 2, 2), np.nan), np.zeros((1, 2)), np.zeros((1, 1, 2)),
                                  RIDGE, (ablations.HEALTHY,))
+  guess = ablations.Damage(preconditioner_guess_only=True)
+  with pytest.raises(ValueError, match="damaged_pcg_predict"):
+    ablations.damaged_cg_predict(*args, RIDGE, (guess,))
+  with pytest.raises(ValueError, match="every step or for none"):
+    ablations.damaged_pcg_predict(*args, RIDGE, (guess, ablations.HEALTHY))
+  with pytest.raises(ValueError, match="form='dual' only"):
+    ablations.damaged_cg_predict(*args, RIDGE, (ablations.HEALTHY,), form="primal",
+                                 kernel=kcg.kernels.ExponentialKernel(1.0))
+  with pytest.raises(ValueError, match="no reductions or reciprocals"):
+    ablations.damaged_chebyshev_predict(*args, RIDGE, (RIDGE, 10.0),
+                                        (ablations.Damage(residual_norm=True),))
+  with pytest.raises(ValueError, match="form"):
+    ablations.damaged_chebyshev_predict(*args, RIDGE, (RIDGE, 10.0), (ablations.HEALTHY,),
+                                        form="mixed")

@@ -45,17 +45,8 @@ def _arrays(case):
       float(prob.ridge),)
 
 
-def _rounding_spread(form, phi, y, query, ridge, num_steps, seed=0, draws=4):
-  """Running max over steps of how far the reference moves under eps-sized input perturbations."""
-  rng = np.random.default_rng(seed)
-  fn = _reference_fn(form)
-  ref = np.asarray(fn(phi, y, query, ridge, num_steps))
-  spread = np.zeros(num_steps + 1)
-  for _ in range(draws):
-    phi_p = phi * (1 + EPS64 * rng.standard_normal(phi.shape))
-    y_p = y * (1 + EPS64 * rng.standard_normal(y.shape))
-    spread = np.maximum(spread, np.abs(np.asarray(fn(phi_p, y_p, query, ridge, num_steps)) - ref).max(-1))
-  return ref, np.maximum.accumulate(spread)
+def _rounding_spread(form, phi, y, query, ridge, num_steps):
+  return kcg.analysis.rounding_spread(_reference_fn(form), phi, y, query, ridge, num_steps)
 
 
 @functools.lru_cache(maxsize=None)

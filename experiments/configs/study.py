@@ -4,7 +4,11 @@ Three scales (`--config=experiments/configs/study.py[:runlocal|:smoke]`):
 
 * default (full): noisy linear regression d = 8, k = 16, q = 4 (Bayes ridge 2.0); linear-attention and
   softmax models of depth L = 1..8 trained 10000 steps each (batch 128); compiled CG with t = 4 in
-  all three constructions; larger grids. Estimated runtime on 2 CPU cores: about 45-60 minutes.
+  all three constructions; larger grids. Depth sweeps (`depth_sweeps`): linear and softmax models of
+  depth 1, 2, 4, 8 trained 3000 steps afresh at input condition numbers 1, 10, 100, 1000 and at
+  ridges 0.02, 0.2, 2 (56 more models), against compiled CG / PCG / Chebyshev and reference GD.
+  Estimated runtime on 2 CPU cores: about 45-60 minutes without the depth sweeps, plus about
+  30-40 minutes for them (estimated from the rates below, not measured).
   Measured rates: training runs at ~250 steps/s (L = 1) down to ~40-60 steps/s (L = 8), i.e. ~35 min
   for the 16 models; the analyses of one L = 8 model take ~25 s (probes 12 s, matching with
   gradients 8 s, ablations 3 s), ~7 min for all; compiled models and laws a few more minutes.
@@ -13,13 +17,17 @@ Three scales (`--config=experiments/configs/study.py[:runlocal|:smoke]`):
       python -m experiments.study --config=experiments/configs/study.py --workdir=/tmp/study
 
 * `runlocal`: d = 4, k = 8, q = 4; linear attention L = 1, 2, 3 and softmax L = 2, 400 steps each;
-  compiled CG with t = 3; small grids. About 3 minutes on 2 CPU cores (measured 2 min 49 s on a
-  shared machine; the slow test runs it).
+  compiled CG with t = 3; depth sweeps over condition numbers 1, 100 and ridges 0.1, 1 (linear
+  L = 1, 2, 3, 500 steps: 12 more models); small grids. About 3 minutes on 2 CPU cores: measured
+  2 min 54 s with the machine otherwise idle (depth sweeps 47 s, compiled section 42 s, training
+  15 s) and 8 min 17 s while other jobs held both cores (load ~2.5); the slow test runs it (2 min
+  56 s). Peak memory ~6 GB.
 
       python -m experiments.study --config=experiments/configs/study.py:runlocal --workdir=/tmp/study_local
 
 * `smoke`: one linear model of depth 1 trained 20 steps, t = 1, two points per sweep, no gradients,
-  CG and GD only, and only the sections that exercise distinct code (no condition-number,
+  CG and GD only (compiled CG only in the depth comparison, no PCG / Chebyshev / Route A ablation
+  tables), and only the sections that exercise distinct code (no depth, condition-number,
   temperature, failure-mode and width sweeps): under a minute (the fast test runs it in-process).
 
 Every field can be overridden on the command line, e.g. `--config.train.depths=1,2`.
@@ -46,9 +54,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.scale = "full"
   config.seed = 0
   # Parts of the study to run (the trained models are always trained; see experiments/study.py).
-  config.sections = ("depth_comparison", "depth_law", "ridge_sweep", "condition_sweep",
-                     "temperature_sweep", "failure_modes", "feature_perturbation", "width_sweep",
-                     "compiled", "trained")
+  config.sections = ("depth_comparison", "depth_sweeps", "depth_law", "ridge_sweep",
+                     "condition_sweep", "temperature_sweep", "failure_modes", "feature_perturbation",
+                     "width_sweep", "compiled", "trained")
 
   config.task = ml_collections.ConfigDict()
   config.task.family = "noisy_linear"
@@ -77,6 +85,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.qkv_init_scale = 0.5
   config.train.save_models = True
 
+  # Error vs depth across tasks: models trained afresh at each input condition number (eigenbasis
+  # fixed) and at each ridge (task noise sqrt(ridge / d), so the Bayes ridge is the value; the
+  # oracle and solvers use it), against compiled solvers with t = L on held-out prompts.
+  config.sweeps = ml_collections.ConfigDict()
+  config.sweeps.condition_numbers = (1.0, 10.0, 100.0, 1000.0)
+  config.sweeps.ridges = (0.02, 0.2, 2.0)
+  config.sweeps.depths = (1, 2, 4, 8)
+  config.sweeps.attentions = ("linear", "softmax")
+  config.sweeps.num_steps = 3000
+  config.sweeps.num_prompts = 256
+  # Prompts whose largest ||Phi||_2^2 sets the compiled Chebyshev interval.
+  config.sweeps.num_calibration_prompts = 256
+
   config.eval = ml_collections.ConfigDict()
   config.eval.num_prompts = 256
   config.eval.num_fit_prompts = 256
@@ -85,6 +106,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.compiled.num_steps = 4
   config.compiled.constructions = ("dual/prefix", "dual/causal", "primal/causal")
   config.compiled.num_prompts = 64
+  # Compiled solvers of the depth comparisons ("cg", "pcg", "chebyshev"; GD has no compiled version).
+  config.compiled.depth_solvers = ("cg", "pcg", "chebyshev")
+  # Further constructions whose ablations are tabulated: "pcg", "chebyshev", "softmax" (Route A).
+  config.compiled.ablation_extras = ("pcg", "chebyshev", "softmax")
+  # Temperature of the Route A model (exp(<x, x'>/tau)); 0 = the input dimension d.
+  config.compiled.softmax_temperature = 0.0
+  # The CG step (0-based) at which those tables remove each operation.
+  config.compiled.ablation_step = 1
 
   config.probes = ml_collections.ConfigDict()
   config.probes.num_folds = 5
@@ -136,6 +165,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.compiled.num_steps = 3
     config.compiled.constructions = ("dual/prefix", "primal/causal")
     config.compiled.num_prompts = 48
+    config.sweeps.condition_numbers = (1.0, 100.0)
+    config.sweeps.ridges = (0.1, 1.0)
+    config.sweeps.depths = (1, 2, 3)
+    config.sweeps.attentions = ("linear",)
+    config.sweeps.num_steps = 500
+    config.sweeps.num_prompts = 64
+    config.sweeps.num_calibration_prompts = 64
     config.matching.max_steps = 8
     config.matching.feature_dim = 16
     config.laws.num_prompts = 16
@@ -169,6 +205,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.compiled.num_steps = 1
     config.compiled.constructions = ("dual/prefix",)
     config.compiled.num_prompts = 16
+    config.compiled.depth_solvers = ("cg",)
+    config.compiled.ablation_extras = ()
     config.probes.num_folds = 2
     config.matching.readouts = ("logit_lens",)
     config.matching.algorithms = ("cg", "gd")

@@ -28,9 +28,39 @@ refined by Newton steps, `kcg._src.reciprocal`), the prediction accumulated as
 * `"newton"` (one of the Newton layers of the reciprocal): `1/pAp` and `1/rr` at step s get one Newton
   refinement fewer (relative error `e^(2^3)` instead of `e^(2^4)`, e = 4.2%).
 
+* `"step"` (every layer of CG step s): the step is skipped: the state, and the prediction, stay as
+  they were after step s - 1, and step s + 1 runs as step s would have (Chebyshev: with the
+  coefficients baked into its own layers, so the step-s coefficients are lost).
+
 Removing the reduction head `r.r` alone (keeping the ReLU guess) would feed 0 into the reciprocal's
 guess, after which `pAp` leaves the reciprocal's range and the recurrence depends on rounding in the
 ramp above it; kcg ablates the whole layer instead, whose effect is exactly the restart above.
+
+The other constructions (`_TABLES` lists which operation is which head or layer in each):
+
+* PCG (`jacobi_support_state`, `kcg.compile_cg(..., preconditioner="jacobi")`): the same heads as
+  `support_state` (`matvec`, `query_matvec`, `curvature_reduction`, `ridge_reduction`), the layer
+  `rz_next = r.z` (`residual_norm`: `r.z` is never formed, the same restart) and `newton`; the
+  reference is PCG run as compiled (`damaged_pcg_predict`: `z = inv_diag * r`, `rho = r.z`).
+  `"preconditioner"`: the scaling `z = r / d_i` itself is a gated-MLP unit of the update layer, which
+  also updates alpha, r and f, so head and layer masks cannot remove it alone. What they can remove
+  is the computation of `1/d_i`, `d_i = phi_i . phi_i + ridge`: the init layers of its Newton
+  refinement. Then `M^-1` is the ReLU guess of `1/d_i` (relative error up to 4.2%): PCG with a
+  perturbed diagonal preconditioner, which still converges to the KRR solution.
+* Chebyshev (`chebyshev_*`, `kcg.compile_chebyshev`): the step sizes are weights, so there are no
+  reductions and no reciprocals to remove. `matvec` (`K p := 0` in the update, `A p = ridge p`),
+  `matvec_u` (aggregator_dual: `u = Phi^T p` feeds both `K p` and the query update),
+  `query_matvec` (`f` not updated at step s) and `step` (one layer per step in the support-state
+  and primal constructions, two in aggregator_dual); reference `damaged_chebyshev_predict`.
+* Softmax Route A (`exponential_support_state`, `kcg.compile_cg(..., attention="softmax",
+  kernel="exponential")`): `matvec` and `query_matvec` (the softmax heads that form `(K~ p)_i / Z_i`
+  and `k~(x_q) . p / Z_q`), `"pap_reduction"` (its one reduction head sums `p_i (A p)_i`: without
+  it `pAp = 0`, and the compiled breakdown guard `gamma *= clip(pAp / low, 0, 1)` makes
+  `gamma_s = 0`: alpha, r and f are not updated at step s, then `beta_s = r.r/r.r = 1`, so
+  `p_{s+1} = r + p_s`), `residual_norm` (the two layers `r_i^2` and `rr_next = sum r_i^2`: the same
+  restart as CG; removing only the second would leave `r_i^2` uncleared), `newton` (both gated
+  layers of the last Newton step, since the first step's second layer also forms the guard) and
+  `step`. The reference is `damaged_cg_predict` with the exponential kernel and the guard.
 
 For trained models the meaning of a head is unknown, so `degradation` takes any `(layer, head)` pairs
 and layers and reports how much the predictions and the error change (`degradation_map` does every head
@@ -40,7 +70,7 @@ and every layer).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -54,35 +84,80 @@ from kcg._src import reciprocal as recip
 Array = jax.Array
 
 OPERATIONS = ("matvec", "matvec_u", "query_matvec", "curvature_reduction", "ridge_reduction",
-              "residual_norm", "newton")
+              "pap_reduction", "residual_norm", "newton", "preconditioner", "step")
 
-# Head names per construction (as written in kcg._src.programs); a rename there fails loudly here.
-_HEAD_OPERATIONS = {
-    "support_state": {
-        "matvec": "(Kp)_i = sum_j (phi_i . phi_j) p_j",
-        "query_matvec": "k(x_q) . p",
-        "curvature_reduction": "p.Kp",
-        "ridge_reduction": "ridge p.p",
-    },
-    "aggregator_dual": {
+
+class _Table(NamedTuple):
+  """Which heads and layers of a construction perform which operation, and its reference.
+
+  Attributes:
+    reference: "cg", "pcg", "chebyshev" or "softmax" (which damaged reference applies).
+    heads: operation -> the name of the head (in every CG step) that performs it.
+    layers: operation -> block-name patterns; in each CG step the first layer matching each
+      pattern is removed (`_block_matches`: a pattern ending in a space is a substring, otherwise a
+      suffix). `{n}` stands for the reciprocal's number of Newton steps.
+    init_layers: operation -> patterns removed among the init layers (every match).
+  """
+
+  reference: str
+  heads: Mapping[str, str]
+  layers: Mapping[str, tuple[str, ...]] = {}
+  init_layers: Mapping[str, tuple[str, ...]] = {}
+
+
+_CG_LAYERS = {"residual_norm": ("rr_next = r.r",), "newton": ("newton ",)}
+_SUPPORT_HEADS = {
+    "matvec": "(Kp)_i = sum_j (phi_i . phi_j) p_j",
+    "query_matvec": "k(x_q) . p",
+    "curvature_reduction": "p.Kp",
+    "ridge_reduction": "ridge p.p",
+}
+# Head and block names as written in kcg._src.programs and kcg._src.softmax_programs; a rename there
+# fails loudly here (find_heads / find_layers name what they found instead).
+_TABLES = {
+    "support_state": _Table("cg", _SUPPORT_HEADS, _CG_LAYERS),
+    "aggregator_dual": _Table("cg", {
         "matvec": "Kp = sum_j (u . phi_j) e_j",
         "matvec_u": "u = sum_j p_j phi_j",
         "curvature_reduction": "p.Kp",
         "ridge_reduction": "ridge p.p",
-    },
-    "aggregator_primal": {
+    }, _CG_LAYERS),
+    "aggregator_primal": _Table("cg", {
         "matvec": "sum_j phi_j (phi_j . p)",
         "query_matvec": "f += gamma phi(x).p",
         "ridge_reduction": "ridge p",
-    },
+    }, _CG_LAYERS),
+    "jacobi_support_state": _Table(
+        "pcg", _SUPPORT_HEADS, {"residual_norm": ("rz_next = r.z",), "newton": ("newton ",)},
+        {"preconditioner": ("init: newton ",)}),
+    "chebyshev_support_state": _Table("chebyshev", {
+        "matvec": _SUPPORT_HEADS["matvec"],
+        "query_matvec": _SUPPORT_HEADS["query_matvec"],
+    }),
+    "chebyshev_aggregator_dual": _Table("chebyshev", {
+        "matvec": "Kp = sum_j (u . phi_j) e_j",
+        "matvec_u": "u = sum_j p_j phi_j",
+        "query_matvec": "f += gamma phi(x).u",
+    }),
+    "chebyshev_aggregator_primal": _Table("chebyshev", {
+        "matvec": "sum_j phi_j (phi_j . p)",
+        "query_matvec": "f += gamma phi(x).p",
+    }),
+    "exponential_support_state": _Table("softmax", {
+        "matvec": "sum_j e^(s_ij/tau_0) p_j / Z",
+        "query_matvec": "sum_j e^(s_qj/tau_0) p_j / Z",
+        "pap_reduction": "sum p_i (Ap)_i",
+    }, {"residual_norm": ("softmax-cg r_i^2", "rr_next = sum r_i^2"),
+        "newton": ("newton {n}/{n} (s x)", "newton {n}/{n} (x (2 - s x))")}),
 }
-# Layer operations: the suffix of the block name (after the construction's prefix such as "cg ").
-_LAYER_OPERATIONS = {"residual_norm": "rr_next = r.r", "newton": "newton "}
 
 
 @dataclasses.dataclass(frozen=True)
 class Damage:
-  """What one CG step of the damaged reference leaves out (see the module docstring)."""
+  """What one step of the damaged reference leaves out (see the module docstring).
+
+  `preconditioner_guess_only` (PCG) holds for every step or none: `1/d_i` is formed once, at init.
+  """
 
   kernel_matvec: bool = False
   query_matvec: bool = False
@@ -90,6 +165,8 @@ class Damage:
   ridge_term: bool = False
   residual_norm: bool = False
   newton_steps_removed: int = 0
+  skipped: bool = False
+  preconditioner_guess_only: bool = False
 
 
 HEALTHY = Damage()
@@ -182,20 +259,39 @@ def _block_matches(name: str, suffix: str) -> bool:
   return suffix in name if suffix.endswith(" ") else name.endswith(suffix)
 
 
-def _damage_for(program_name: str, operation: str) -> Damage:
-  if operation == "matvec":
-    return Damage(kernel_matvec=True)
-  if operation == "matvec_u":
-    return Damage(kernel_matvec=True, query_matvec=True)
-  if operation == "query_matvec":
-    return Damage(query_matvec=True)
-  if operation == "curvature_reduction":
-    return Damage(curvature=True)
-  if operation == "ridge_reduction":
-    return Damage(ridge_term=True)
-  if operation == "residual_norm":
-    return Damage(residual_norm=True)
-  return Damage(newton_steps_removed=1)
+_DAMAGE = {
+    "matvec": Damage(kernel_matvec=True),
+    "matvec_u": Damage(kernel_matvec=True, query_matvec=True),
+    "query_matvec": Damage(query_matvec=True),
+    "curvature_reduction": Damage(curvature=True),
+    "ridge_reduction": Damage(ridge_term=True),
+    "pap_reduction": Damage(curvature=True, ridge_term=True),
+    "residual_norm": Damage(residual_norm=True),
+    "newton": Damage(newton_steps_removed=1),
+    "preconditioner": Damage(preconditioner_guess_only=True),
+    "step": Damage(skipped=True),
+}
+
+
+def available_operations(program: programs.Program) -> tuple[str, ...]:
+  """The operations of `OPERATIONS` that `program` has a head or layer for (its ablation table)."""
+  table = _table(program)
+  return tuple(op for op in OPERATIONS
+               if op in table.heads or op in table.layers or op in table.init_layers or op == "step")
+
+
+def _table(program: programs.Program) -> _Table:
+  if program.name not in _TABLES:
+    raise ValueError(f"no ablation table for program {program.name!r}; known: {sorted(_TABLES)}.")
+  return _TABLES[program.name]
+
+
+def _init_layers(program: programs.Program, patterns: Sequence[str]) -> tuple[int, ...]:
+  found = tuple(l for l in range(program.step_ends[0])
+                if any(_block_matches(program.blocks[program.schedule[l]].name, p) for p in patterns))
+  if not found:
+    raise ValueError(f"no init layer matching {list(patterns)} in program {program.name!r}.")
+  return found
 
 
 def operation_ablation(program: programs.Program, operation: str, *,
@@ -203,28 +299,40 @@ def operation_ablation(program: programs.Program, operation: str, *,
   """The heads/layers that perform `operation` in CG `steps`, and the damaged reference's schedule.
 
   Returns `(ablation, damage)` with `damage[s]` the `Damage` of step s (`HEALTHY` outside `steps`). For
-  `"newton"` one Newton layer per step is removed (the first of the step).
+  `"newton"` one Newton refinement per step is removed (CG and PCG: the first Newton layer of the
+  step; softmax: both gated layers of the last). `"step"` removes every layer of each step in
+  `steps`. `"preconditioner"` (PCG) removes init layers, so it takes `steps=None` and damages every
+  step.
   """
   if operation not in OPERATIONS:
     raise ValueError(f"unknown operation {operation!r}; choose one of {', '.join(OPERATIONS)}.")
-  if program.name not in _HEAD_OPERATIONS:
-    raise ValueError(f"no ablation table for program {program.name!r}; known: {sorted(_HEAD_OPERATIONS)}.")
+  table = _table(program)
+  if operation not in available_operations(program):
+    why = (" (Chebyshev's step sizes are weights: it has no reductions and no reciprocals)"
+           if table.reference == "chebyshev" else "")
+    raise ValueError(f"operation {operation!r} has no head of its own in construction "
+                     f"{program.name!r}{why}; it has {list(available_operations(program))}.")
+  if operation in table.init_layers and steps is not None:
+    raise ValueError(f"operation {operation!r} removes init layers (before the first step), which "
+                     "every step reads; pass steps=None.")
   steps = _check_steps(program, steps)
   num_steps = len(program.step_ends) - 1
-  if operation in _LAYER_OPERATIONS:
-    layers = []
-    for s in steps:
-      found = find_layers(program, _LAYER_OPERATIONS[operation], steps=(s,))
-      layers.append(found[0])
+  if operation == "step":
+    layers = [l for s in steps for l in step_layers(program, s)]
+    ablation = Ablation((), tuple(layers), f"step: every layer of steps {list(steps)}")
+  elif operation in table.init_layers:
+    layers = list(_init_layers(program, table.init_layers[operation]))
+    ablation = Ablation((), tuple(layers), f"{operation}: init layers {layers}")
+    steps = tuple(range(num_steps))
+  elif operation in table.layers:
+    newton = program.reciprocal.newton_steps if program.reciprocal is not None else 0
+    patterns = [p.format(n=newton) for p in table.layers[operation]]
+    layers = [find_layers(program, p, steps=(s,))[0] for s in steps for p in patterns]
     ablation = Ablation((), tuple(layers), f"{operation}: layers {layers}")
   else:
-    table = _HEAD_OPERATIONS[program.name]
-    if operation not in table:
-      raise ValueError(f"operation {operation!r} has no head of its own in construction "
-                       f"{program.name!r}; it has {sorted(table) + sorted(_LAYER_OPERATIONS)}.")
-    heads = find_heads(program, table[operation], steps=steps)
-    ablation = Ablation(heads, (), f"{operation}: head {table[operation]!r} at {list(heads)}")
-  damage = _damage_for(program.name, operation)
+    heads = find_heads(program, table.heads[operation], steps=steps)
+    ablation = Ablation(heads, (), f"{operation}: head {table.heads[operation]!r} at {list(heads)}")
+  damage = _DAMAGE[operation]
   schedule = tuple(damage if s in steps else HEALTHY for s in range(num_steps))
   return ablation, schedule
 
@@ -257,9 +365,99 @@ def _dot(a: Array, b: Array) -> Array:
   return jnp.sum(a * b, axis=-1)
 
 
+def _prompt_arrays(phi_support, y_support, phi_query, ridge, damage):
+  """Validated `(phi [B,k,p], y [B,k], phi_q [B,q,p], damage tuple)` in one float dtype."""
+  checks.check_ridge(ridge)
+  dtype = checks.float_dtype(phi_support, y_support, phi_query)
+  phi = checks.as_array("phi_support", phi_support, dtype, min_ndim=3, shape_doc="[B, k, p]")
+  y = checks.as_array("y_support", y_support, dtype, min_ndim=2, shape_doc="[B, k]")
+  phi_q = checks.as_array("phi_query", phi_query, dtype, min_ndim=3, shape_doc="[B, q, p]")
+  if (phi.ndim != 3 or y.shape != phi.shape[:-1] or phi_q.ndim != 3 or phi_q.shape[0] != phi.shape[0]
+      or phi_q.shape[-1] != phi.shape[-1]):
+    raise ValueError(f"shapes must be phi_support [B, k, p], y_support [B, k], phi_query [B, q, p]; "
+                     f"got {phi.shape}, {y.shape}, {phi_q.shape}.")
+  damage = tuple(damage)
+  for d in damage:
+    if not isinstance(d, Damage):
+      raise ValueError(f"damage must be a sequence of Damage, got {type(d).__name__}.")
+  return phi, y, phi_q, damage
+
+
+def _einsum(spec: str, *arrays: Array) -> Array:
+  return jnp.einsum(spec, *arrays, precision=checks.HIGHEST)
+
+
+def _dual_operators(phi, phi_q, kernel):
+  """`(K p, k(x_q)^T p)` as functions of `p [B, k]`; `kernel(a, b) -> [B, n, m]` (None: linear)."""
+  if kernel is None:
+    gram, k_query = _einsum("bkp,bjp->bkj", phi, phi), _einsum("bqp,bkp->bqk", phi_q, phi)
+  else:
+    gram, k_query = kernel(phi, phi), kernel(phi_q, phi)
+  return (lambda v: _einsum("bkj,bj->bk", gram, v)), (lambda v: _einsum("bqk,bk->bq", k_query, v))
+
+
+def _krylov(matvec, query_dot, r, num_query_shape, ridge, damage, spec, *, inv_diag=None,
+            breakdown_guard=False, dual=True):
+  """CG (PCG when `inv_diag` is given) run as the compiled programs run it; `[B, T+1, q]`.
+
+  `rho = r.z` with `z = inv_diag * r` (CG: `z = r`), `gamma = rho * inv(pAp)`,
+  `beta = rho_next * inv(rho)`, `inv` the compiled reciprocal; `breakdown_guard` multiplies gamma by
+  `relu(1 - relu(1 - pAp / low))` and refines `1/pAp` on `relu(pAp)` (the softmax programs).
+  """
+  dtype = r.dtype
+  lam = jnp.asarray(ridge, dtype)
+  zero = jnp.zeros((), dtype)
+  precondition = (lambda v: v) if inv_diag is None else (lambda v: inv_diag * v)
+  z = precondition(r)
+  p = z
+  f = jnp.zeros(num_query_shape, dtype)
+  rho = _dot(r, z)
+  inv_rho_guess = _reciprocal(spec, rho)
+  outputs = [f]
+  for d in damage:
+    if d.skipped:
+      outputs.append(f)
+      continue
+    steps = spec.newton_steps - d.newton_steps_removed
+    kp = jnp.zeros_like(p) if d.kernel_matvec else matvec(p)
+    if dual:
+      p_ap = (zero if d.curvature else _dot(p, kp)) + (zero if d.ridge_term else lam * _dot(p, p))
+      a_p = kp + lam * p
+    else:
+      a_p = kp + (zero if d.ridge_term else lam) * p
+      if d.curvature:
+        raise ValueError("curvature damage is defined for form='dual' only (primal p.Ap has no "
+                         "ridge term left to fall back on).")
+      p_ap = _dot(p, a_p)
+    newton_on = jax.nn.relu(p_ap) if breakdown_guard else p_ap
+    inv_pap = _newton(_reciprocal(spec, p_ap), newton_on, steps)
+    inv_rho = _newton(inv_rho_guess, rho, steps)
+    gamma = rho * inv_pap
+    if breakdown_guard:
+      low = jnp.asarray(spec.low, dtype)
+      one = jnp.ones((), dtype)
+      gamma = gamma * jax.nn.relu(one - jax.nn.relu(one - p_ap / low))
+    if not d.query_matvec:
+      f = f + gamma[:, None] * query_dot(p)
+    r = r - gamma[:, None] * a_p
+    z = precondition(r)
+    if d.residual_norm:
+      rho_next = jnp.zeros_like(rho)
+      inv_rho_guess = jnp.zeros_like(rho)
+    else:
+      rho_next = _dot(r, z)
+      inv_rho_guess = _reciprocal(spec, rho_next)
+    beta = rho_next * inv_rho
+    rho = rho_next
+    p = z + beta[:, None] * p
+    outputs.append(f)
+  return jnp.stack(outputs, axis=1)
+
+
 def damaged_cg_predict(phi_support: Any, y_support: Any, phi_query: Any, ridge: float,
                        damage: Sequence[Damage], *, form: str = "dual",
-                       reciprocal_spec: recip.ReciprocalSpec | None = None) -> Array:
+                       reciprocal_spec: recip.ReciprocalSpec | None = None,
+                       kernel: Callable | None = None, breakdown_guard: bool = False) -> Array:
   """Predictions `[B, T+1, q]` of CG run as the compiled program runs it, with `damage[s]` at step s.
 
   `T = len(damage)`; all `HEALTHY` gives textbook CG (with the compiled reciprocal instead of a
@@ -271,67 +469,92 @@ def damaged_cg_predict(phi_support: Any, y_support: Any, phi_query: Any, ridge: 
     damage: one `Damage` per step.
     form: "dual" (CG on `K + ridge I`) or "primal" (CG on `Phi^T Phi + ridge I`).
     reciprocal_spec: the reciprocal used (default: `kcg._src.reciprocal.default_spec(dtype)`).
+    kernel: dual only, `kernel(a [B, n, p], b [B, m, p]) -> [B, n, m]` (e.g.
+      `kcg.kernels.ExponentialKernel(tau)` for softmax Route A); None: the linear kernel.
+    breakdown_guard: gamma times `relu(1 - relu(1 - pAp / low))`, as the softmax programs compute it.
   """
   if form not in ("dual", "primal"):
     raise ValueError(f"unknown form {form!r}; choose 'dual' or 'primal'.")
-  checks.check_ridge(ridge)
-  dtype = checks.float_dtype(phi_support, y_support, phi_query)
-  phi = checks.as_array("phi_support", phi_support, dtype, min_ndim=3, shape_doc="[B, k, p]")
-  y = checks.as_array("y_support", y_support, dtype, min_ndim=2, shape_doc="[B, k]")
-  phi_q = checks.as_array("phi_query", phi_query, dtype, min_ndim=3, shape_doc="[B, q, p]")
-  if y.shape != phi.shape[:-1] or phi_q.shape[0] != phi.shape[0] or phi_q.shape[-1] != phi.shape[-1]:
-    raise ValueError(f"shapes must be phi_support [B, k, p], y_support [B, k], phi_query [B, q, p]; "
-                     f"got {phi.shape}, {y.shape}, {phi_q.shape}.")
-  damage = tuple(damage)
-  for d in damage:
-    if not isinstance(d, Damage):
-      raise ValueError(f"damage must be a sequence of Damage, got {type(d).__name__}.")
-  spec = reciprocal_spec or recip.default_spec(dtype)
-  lam = jnp.asarray(ridge, dtype)
-  einsum = lambda s, *a: jnp.einsum(s, *a, precision=checks.HIGHEST)
-  zero = jnp.zeros((), dtype)
+  if kernel is not None and form != "dual":
+    raise ValueError("kernel is used by form='dual' only (the primal form works on phi itself).")
+  phi, y, phi_q, damage = _prompt_arrays(phi_support, y_support, phi_query, ridge, damage)
+  if any(d.preconditioner_guess_only for d in damage):
+    raise ValueError("preconditioner damage needs the PCG reference, damaged_pcg_predict.")
+  spec = reciprocal_spec or recip.default_spec(phi.dtype)
   if form == "dual":
-    gram = einsum("bkp,bjp->bkj", phi, phi)
-    k_query = einsum("bqp,bkp->bqk", phi_q, phi)
-    matvec = lambda v: einsum("bkj,bj->bk", gram, v)
-    query_dot = lambda v: einsum("bqk,bk->bq", k_query, v)
+    matvec, query_dot = _dual_operators(phi, phi_q, kernel)
     r = y
   else:
-    matvec = lambda v: einsum("bkp,bk->bp", phi, einsum("bkp,bp->bk", phi, v))
-    query_dot = lambda v: einsum("bqp,bp->bq", phi_q, v)
-    r = einsum("bkp,bk->bp", phi, y)
+    matvec = lambda v: _einsum("bkp,bk->bp", phi, _einsum("bkp,bp->bk", phi, v))
+    query_dot = lambda v: _einsum("bqp,bp->bq", phi_q, v)
+    r = _einsum("bkp,bk->bp", phi, y)
+  return _krylov(matvec, query_dot, r, phi_q.shape[:2], ridge, damage, spec,
+                 breakdown_guard=breakdown_guard, dual=form == "dual")
+
+
+def damaged_pcg_predict(phi_support: Any, y_support: Any, phi_query: Any, ridge: float,
+                        damage: Sequence[Damage], *,
+                        reciprocal_spec: recip.ReciprocalSpec | None = None) -> Array:
+  """Jacobi-preconditioned CG `[B, T+1, q]` run as `kcg.compile_cg(..., preconditioner="jacobi")` runs it.
+
+  `M = diag(d)`, `d_i = phi_i . phi_i + ridge`; `1/d_i` is the compiled reciprocal (ReLU guess and
+  Newton steps), or its guess alone when every step's damage has `preconditioner_guess_only`.
+  Otherwise as `damaged_cg_predict` (dual form) with `rho = r.z`, `z = r / d`.
+  """
+  phi, y, phi_q, damage = _prompt_arrays(phi_support, y_support, phi_query, ridge, damage)
+  flags = {d.preconditioner_guess_only for d in damage}
+  if len(flags) > 1:
+    raise ValueError("preconditioner_guess_only must hold for every step or for none: 1/d_i is "
+                     "formed once, before the first step.")
+  spec = reciprocal_spec or recip.default_spec(phi.dtype)
+  diag = jnp.sum(phi * phi, axis=-1) + jnp.asarray(ridge, phi.dtype)
+  newton_steps = 0 if flags == {True} else spec.newton_steps
+  inv_diag = _newton(_reciprocal(spec, diag), diag, newton_steps)
+  matvec, query_dot = _dual_operators(phi, phi_q, None)
+  return _krylov(matvec, query_dot, y, phi_q.shape[:2], ridge, damage, spec, inv_diag=inv_diag)
+
+
+def damaged_chebyshev_predict(phi_support: Any, y_support: Any, phi_query: Any, ridge: float,
+                              eig_bounds: tuple[float, float], damage: Sequence[Damage], *,
+                              form: str = "dual") -> Array:
+  """Chebyshev semi-iteration `[B, T+1, q]` with `damage[s]` at step s, as `kcg.compile_chebyshev` runs it.
+
+  `alpha += g_s p; r -= g_s (K p + ridge p); p = r + b_s p; f += g_s k(x)^T p` with the baked
+  coefficients `(g_s, b_s) = kcg._src.programs.chebyshev_coefficients(lo, hi, T)` (primal: on
+  `Phi^T Phi + ridge I`). Only `kernel_matvec`, `query_matvec` and `skipped` apply: Chebyshev has
+  no reductions and no reciprocals.
+  """
+  if form not in ("dual", "primal"):
+    raise ValueError(f"unknown form {form!r}; choose 'dual' or 'primal'.")
+  phi, y, phi_q, damage = _prompt_arrays(phi_support, y_support, phi_query, ridge, damage)
+  allowed = {"kernel_matvec", "query_matvec", "skipped"}
+  for d in damage:
+    extra = [f.name for f in dataclasses.fields(d)
+             if f.name not in allowed and getattr(d, f.name) != getattr(HEALTHY, f.name)]
+    if extra:
+      raise ValueError(f"Chebyshev has no reductions or reciprocals to damage; got {extra} "
+                       "(use kernel_matvec, query_matvec or skipped).")
+  gammas, betas = programs.chebyshev_coefficients(*(float(b) for b in eig_bounds), len(damage))
+  dtype = phi.dtype
+  lam = jnp.asarray(ridge, dtype)
+  if form == "dual":
+    matvec, query_dot = _dual_operators(phi, phi_q, None)
+    r = y
+  else:
+    matvec = lambda v: _einsum("bkp,bk->bp", phi, _einsum("bkp,bp->bk", phi, v))
+    query_dot = lambda v: _einsum("bqp,bp->bq", phi_q, v)
+    r = _einsum("bkp,bk->bp", phi, y)
   p = r
   f = jnp.zeros(phi_q.shape[:2], dtype)
-  rr = _dot(r, r)
-  inv_rr_guess = _reciprocal(spec, rr)
   outputs = [f]
-  for d in damage:
-    steps = spec.newton_steps - d.newton_steps_removed
-    kp = jnp.zeros_like(p) if d.kernel_matvec else matvec(p)
-    if form == "dual":
-      p_ap = (zero if d.curvature else _dot(p, kp)) + (zero if d.ridge_term else lam * _dot(p, p))
-      a_p = kp + lam * p
-    else:
-      a_p = kp + (zero if d.ridge_term else lam) * p
-      if d.curvature:
-        raise ValueError("curvature damage is defined for form='dual' only (primal p.Ap has no "
-                         "ridge term left to fall back on).")
-      p_ap = _dot(p, a_p)
-    inv_pap = _newton(_reciprocal(spec, p_ap), p_ap, steps)
-    inv_rr = _newton(inv_rr_guess, rr, steps)
-    gamma = rr * inv_pap
-    if not d.query_matvec:
-      f = f + gamma[:, None] * query_dot(p)
-    r = r - gamma[:, None] * a_p
-    if d.residual_norm:
-      rr_next = jnp.zeros_like(rr)
-      inv_rr_guess = jnp.zeros_like(rr)
-    else:
-      rr_next = _dot(r, r)
-      inv_rr_guess = _reciprocal(spec, rr_next)
-    beta = rr_next * inv_rr
-    rr = rr_next
-    p = r + beta[:, None] * p
+  for d, g, b in zip(damage, gammas, betas):
+    if not d.skipped:
+      g, b = jnp.asarray(g, dtype), jnp.asarray(b, dtype)
+      kp = jnp.zeros_like(p) if d.kernel_matvec else matvec(p)
+      if not d.query_matvec:
+        f = f + g * query_dot(p)
+      r = r - g * (kp + lam * p)
+      p = r + b * p
     outputs.append(f)
   return jnp.stack(outputs, axis=1)
 
@@ -381,8 +604,29 @@ def _predict_steps(subject: probes.Subject, compiled: Any, prompts: Any, head_ma
                         head_mask=head_mask, layer_mask=layer_mask)
   at_ends = out.residuals[jnp.asarray(compiled.program.step_ends)]
   column = compiled.program.layout.slice(compiled.program.readout).start
-  k = prompts.x_support.shape[1]
-  return jnp.moveaxis(at_ends[:, :, k + 1:, column], 0, 1)
+  first_query = compiled.prompt_layout.num_prefix
+  return jnp.moveaxis(at_ends[:, :, first_query:, column], 0, 1)
+
+
+def _kernel_of(compiled: Any) -> Callable | None:
+  """The kernel a compiled model runs KRR with (None: linear)."""
+  if getattr(compiled, "attention", "linear") == "softmax":
+    from kcg._src import kernels  # pylint: disable=g-import-not-at-top
+    return kernels.ExponentialKernel(compiled.temperature, compiled.projection)
+  return None
+
+
+def reference_predict(compiled: Any, prompts: Any, damage: Sequence[Damage]) -> Array:
+  """The damaged reference `[B, T+1, q]` for `compiled`'s construction (its `_TABLES` entry)."""
+  args = (prompts.x_support, prompts.y_support, prompts.x_query, compiled.ridge)
+  reference = _table(compiled.program).reference
+  if reference == "pcg":
+    return damaged_pcg_predict(*args, damage)
+  if reference == "chebyshev":
+    return damaged_chebyshev_predict(*args, compiled.eig_bounds, damage, form=compiled.form)
+  if reference == "softmax":
+    return damaged_cg_predict(*args, damage, kernel=_kernel_of(compiled), breakdown_guard=True)
+  return damaged_cg_predict(*args, damage, form=compiled.form)
 
 
 def ablate_compiled(compiled: Any, operation: str, prompts: Any, *,
@@ -390,8 +634,9 @@ def ablate_compiled(compiled: Any, operation: str, prompts: Any, *,
   """Removes `operation` at CG `steps` (None: every step) from `compiled` and compares with the reference.
 
   Args:
-    compiled: a `kcg.CompiledCG` (identity features: `x` is `phi`).
-    operation: one of `OPERATIONS` available in its construction.
+    compiled: a `kcg.CompiledCG` (identity features: `x` is `phi`): CG in any construction, PCG
+      (`preconditioner="jacobi"`), Chebyshev (`kcg.compile_chebyshev`) or softmax Route A.
+    operation: one of `available_operations(compiled.program)`.
     prompts: with `x_support [B,k,d]`, `y_support [B,k]`, `x_query [B,q,d]`.
     steps: CG steps (0-based) at which to remove it.
   """
@@ -402,10 +647,9 @@ def ablate_compiled(compiled: Any, operation: str, prompts: Any, *,
   head_mask, layer_mask = masks(compiled.config, ablation, dtype)
   healthy = _predict_steps(subject, compiled, prompts, None, None)
   damaged = _predict_steps(subject, compiled, prompts, head_mask, layer_mask)
-  args = (prompts.x_support, prompts.y_support, prompts.x_query, compiled.ridge)
-  ref_damaged = damaged_cg_predict(*args, damage, form=compiled.form)
-  ref_healthy = damaged_cg_predict(*args, (HEALTHY,) * len(damage), form=compiled.form)
-  oracle = _oracle(prompts, compiled.ridge)
+  ref_damaged = reference_predict(compiled, prompts, damage)
+  ref_healthy = reference_predict(compiled, prompts, (HEALTHY,) * len(damage))
+  oracle = _oracle(prompts, compiled.ridge, _kernel_of(compiled))
   return AblationReport(
       operation, ablation, damaged, healthy, ref_damaged, ref_healthy,
       match=_relative(damaged, ref_damaged), damage_size=_relative(damaged, healthy),
@@ -413,9 +657,12 @@ def ablate_compiled(compiled: Any, operation: str, prompts: Any, *,
       mse_damaged=float(jnp.mean(jnp.square(damaged[:, -1] - oracle))))
 
 
-def _oracle(prompts: Any, ridge: float) -> Array:
+def _oracle(prompts: Any, ridge: float, kernel: Callable | None = None) -> Array:
   from kcg._src import solvers  # pylint: disable=g-import-not-at-top
-  return solvers.krr_predict(prompts.x_support, prompts.y_support, prompts.x_query, ridge)
+  if kernel is None:
+    return solvers.krr_predict(prompts.x_support, prompts.y_support, prompts.x_query, ridge)
+  return solvers.krr_predict(prompts.x_support, prompts.y_support, prompts.x_query, ridge,
+                             kernel=kernel)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -504,6 +751,7 @@ def degradation_map(subject: probes.Subject, prompts: Any, *, targets: Any = Non
 
 __all__ = (
     "Ablation", "AblationReport", "Damage", "Degradation", "DegradationMap", "HEALTHY", "OPERATIONS",
-    "ablate_compiled", "damaged_cg_predict", "degradation", "degradation_map", "find_heads",
-    "find_layers", "masks", "operation_ablation", "step_layers",
+    "ablate_compiled", "available_operations", "damaged_cg_predict", "damaged_chebyshev_predict",
+    "damaged_pcg_predict", "degradation", "degradation_map", "find_heads", "find_layers", "masks",
+    "operation_ablation", "reference_predict", "step_layers",
 )

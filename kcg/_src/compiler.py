@@ -24,8 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kcg._src import block_programs
 from kcg._src import craft
 from kcg._src import model as model_lib
+from kcg._src import multi_output
 from kcg._src import programs
 from kcg._src import prompt as prompt_lib
 from kcg._src import reciprocal as recip
@@ -53,7 +55,9 @@ class Dimensions(NamedTuple):
 class CompiledState(NamedTuple):
   """CG state read from a compiled model's residual streams, batch-first.
 
-  alpha, r, p: [B, t+1, n] (n = k for dual, p for primal); gamma, beta: [B, t].
+  alpha, r, p: [B, t+1, n] (n = k for dual, p for primal); gamma, beta: [B, t]. With r > 1
+  outputs every field gets a trailing axis of size r (one CG per output); for block CG gamma and
+  beta are the r x r step matrices Lambda, Psi: [B, t, r, r].
   """
 
   alpha: jax.Array
@@ -137,7 +141,8 @@ def build_program(num_support, feature_dim, num_steps, ridge, *, mask="causal", 
 
 
 def model_config(program: programs.Program, prompt_layout: prompt_lib.PromptLayout, mask: str,
-                 param_dtype, attention: str = "linear") -> model_lib.ModelConfig:
+                 param_dtype, attention: str = "linear", norm: str | None = None
+                 ) -> model_lib.ModelConfig:
   """The smallest `ModelConfig` that carries the program (mask and attention as requested)."""
   req = craft.requirements(program.layout, program.blocks)
   return model_lib.ModelConfig(
@@ -145,7 +150,8 @@ def model_config(program: programs.Program, prompt_layout: prompt_lib.PromptLayo
       num_layers=len(program.schedule), param_layers=program.schedule, num_heads=req.num_heads, head_dim=req.head_dim,
       value_dim=req.value_dim, mlp_hidden=req.mlp_hidden, attention=attention,
       attention_scale=1.0, activation="reglu" if req.gated else "relu",
-      norm=None, mask=mask, output_dim=1, use_bias=True, precision="highest",
+      norm=norm, mask=mask, output_dim=program.layout.size(program.readout), use_bias=True,
+      precision="highest",
       param_dtype=param_dtype)
 
 
@@ -159,12 +165,42 @@ def lower(program: programs.Program, prompt_layout: prompt_lib.PromptLayout,
   for feature, channel, coef in program.embedding:
     rows = prompt_layout.feature_slice(feature)
     cols = program.layout.slice(channel)
-    embed[rows, cols] += coef * np.eye(rows.stop - rows.start, cols.stop - cols.start)
+    embed[rows, cols] += craft.as_matrix(coef, rows.stop - rows.start, cols.stop - cols.start)
   readout = np.zeros(shapes["readout"]["kernel"], np.float64)
-  readout[program.layout.slice(program.readout), 0] = 1.0
+  readout[program.layout.slice(program.readout), :] = np.eye(program.layout.size(program.readout))
   arrays["embed"] = {"kernel": embed, "bias": np.zeros(shapes["embed"]["bias"])}
   arrays["readout"] = {"kernel": readout, "bias": np.zeros(shapes["readout"]["bias"])}
+  if config.norm is not None:
+    _pin_norms(arrays, program, config)
   return arrays
+
+
+# Parameters that read the (normalised) residual stream: [..., D, n] with D on axis -2.
+_READS = ("query", "key", "value", "mlp_in", "mlp_value")
+
+
+def _pin_norms(arrays: dict, program: programs.Program, config: model_lib.ModelConfig) -> None:
+  """Pre-norm: gains that undo the pinned normaliser; zero-sum reads for LayerNorm's centring.
+
+  See `programs.with_norm_pins`: with gains M sqrt(n / D) every norm is the identity (RMSNorm) or
+  h - mean(h) (LayerNorm), and a read w with sum_c w_c = 0 sees w . h either way.
+  """
+  if program.norm_pin is None:
+    raise ValueError("A pre-norm model needs a program with pinning channels "
+                     "(programs.with_norm_pins).")
+  num_pins = program.layout.size("norm_pin")
+  gain = program.norm_pin * math.sqrt(num_pins / config.width)  # a power of two (norm_pin_count)
+  names = [name for name in arrays["blocks"] if name.endswith("norm_scale")]
+  for name in names:
+    arrays["blocks"][name][...] = gain
+  arrays["final_norm_scale"] = np.full((config.width,), gain)
+  if config.norm == "layernorm":
+    zero = program.layout.slice("norm_zero").start
+    reads = [arrays["blocks"][name] for name in _READS if name in arrays["blocks"]]
+    for w in reads + [arrays["readout"]["kernel"]]:
+      w[..., zero, :] = 0.0
+      w[..., zero, :] = -w.sum(axis=-2)
+    arrays["final_norm_bias"] = np.zeros((config.width,))
 
 
 def assemble(config: model_lib.ModelConfig, arrays: dict, dtype) -> model_lib.Transformer:
@@ -189,12 +225,15 @@ class CompiledCG:
     config: its `ModelConfig`.
     program: the construction (layout, blocks, where the CG state lives).
     num_support, feature_dim, num_steps, ridge, mask, form: what was compiled.
+    rank: the size of the feature channels: feature_dim, or m for a linear-attention projection
+      S [m, feature_dim] (sketched KRR on psi(x) = S phi(x)).
   """
 
   def __init__(self, *, num_support, feature_dim, num_steps, ridge, mask, form, state_placement,
                dtype, algorithm="cg", eig_bounds=None, features="identity",
                feature_params=None, preconditioner=None, attention="linear",
-               kernel="linear", temperature=None, projection=None, temperature_heads=1):
+               kernel="linear", temperature=None, projection=None, temperature_heads=1,
+               num_outputs=1, multi_output="independent", norm=None):
     self.num_support = num_support
     self.feature_dim = feature_dim
     self.num_steps = num_steps
@@ -208,7 +247,13 @@ class CompiledCG:
     self.kernel = kernel
     self.temperature = temperature
     self.projection = projection
+    # Linear attention with a projection S [m, p] runs on psi = S phi: the stream is m wide.
+    self.rank = (projection.shape[0] if (projection is not None and attention == "linear")
+                 else feature_dim)
     self.temperature_heads = temperature_heads
+    self.num_outputs = num_outputs
+    self.multi_output = multi_output
+    self.norm = norm
     self.features = features
     self.feature_params = (None if feature_params is None else
                            tuple(np.asarray(a, np.float64) for a in feature_params))
@@ -218,14 +263,15 @@ class CompiledCG:
     placement = _resolve_placement(form, mask, state_placement)
     self.state_placement = placement
     # One program for every dtype: only the reciprocal's table differs, never the architecture.
-    self.program = self._build(None)
+    self.program = self._build(None, jnp.float64)
     self.prompt_layout = prompt_lib.make_layout(num_support, 1, self.input_dim,
-                                                positional=_uses_position(self.program))
-    self.config = model_config(self.program, self.prompt_layout, mask, self.dtype, attention)
+                                                positional=_uses_position(self.program),
+                                                num_outputs=num_outputs)
+    self.config = model_config(self.program, self.prompt_layout, mask, self.dtype, attention, norm)
     self.model = self._model_for(self.dtype)
     self.params = nnx.state(self.model, nnx.Param)
 
-  def _build(self, spec) -> programs.Program:
+  def _build(self, spec, dtype) -> programs.Program:
     if self.attention == "softmax" and self.kernel == "exponential":
       program = softmax_programs.exponential_support_state(
           self.num_support, self.feature_dim, self.num_steps, self.ridge, self.temperature,
@@ -235,23 +281,34 @@ class CompiledCG:
       program = softmax_programs.dot_product_support_state(
           self.num_support, self.feature_dim, self.num_steps, self.ridge, temperatures,
           self.projection, spec or recip.default_spec(np.float64))
+    elif self.multi_output == "block" and self.num_outputs > 1:
+      program = block_programs.block_support_state(
+          self.rank, self.num_outputs, self.num_steps, self.ridge,
+          spec or recip.default_spec(np.float64))
     elif self.algorithm == "chebyshev":
-      program = build_chebyshev_program(self.num_support, self.feature_dim, self.num_steps,
+      program = build_chebyshev_program(self.num_support, self.rank, self.num_steps,
                                         self.ridge, self.eig_bounds, mask=self.mask,
                                         form=self.form, state_placement=self.state_placement)
     else:
-      program = build_program(self.num_support, self.feature_dim, self.num_steps, self.ridge,
+      program = build_program(self.num_support, self.rank, self.num_steps, self.ridge,
                               mask=self.mask, form=self.form,
                               state_placement=self.state_placement, reciprocal_spec=spec,
                               preconditioner=self.preconditioner)
+    if self.multi_output != "block":
+      program = multi_output.with_outputs(program, self.num_outputs)
+    sketch = self.projection if self.attention == "linear" else None
     if self.features == "random_relu":
-      program = programs.with_random_relu_features(program, *self.feature_params)
+      program = programs.with_random_relu_features(program, *self.feature_params, sketch)
+    elif sketch is not None:
+      program = programs.with_projection(program, sketch)
+    if self.norm is not None:
+      program = programs.with_norm_pins(program, norm_pin(dtype), self.norm == "layernorm")
     return program
 
   @functools.lru_cache(maxsize=4)
   def _model_for(self, dtype) -> model_lib.Transformer:
     dtype = jnp.dtype(dtype)
-    program = self._build(recip.default_spec(dtype))
+    program = self._build(recip.default_spec(dtype), dtype)
     arrays = lower(program, self.prompt_layout, self.config)
     return assemble(self.config, arrays, dtype)
 
@@ -294,15 +351,16 @@ class CompiledCG:
     return prompt_lib.query_outputs(layout, outputs)
 
   def predict_steps(self, x_support, y_support, x_query) -> jax.Array:
-    """f_t(x_query) for every t = 0..num_steps from one forward pass: [B, t+1, q].
+    """f_t(x_query) for every t = 0..num_steps from one forward pass: [B, t+1, q] ([.., r]).
 
     Read from the prediction channel of the query tokens after the layers of each step.
     """
     out = self.forward(x_support, y_support, x_query, return_residuals=True)
     at_step_ends = out.residuals[jnp.asarray(self.program.step_ends)]  # [t+1, B, T, D]
-    column = self.program.layout.slice(self.program.readout).start
+    columns = self.program.layout.slice(self.program.readout)
     first_query = self.prompt_layout.num_prefix
-    return jnp.moveaxis(at_step_ends[:, :, first_query:, column], 0, 1)
+    steps = jnp.moveaxis(at_step_ends[:, :, first_query:, columns], 0, 1)
+    return steps[..., 0] if self.num_outputs == 1 else steps
 
   def read_state(self, residuals_LxBxTxD: jax.Array) -> CompiledState:
     """The CG state after each step, read from the named channels of the residual streams."""
@@ -311,21 +369,28 @@ class CompiledCG:
     agg = self.prompt_layout.aggregator_index
     k = self.num_support
 
+    r = self.num_outputs
+    if self.multi_output == "block" and r > 1:  # Lambda and Psi are r x r: [B, t, r, r]
+      return CompiledState(*block_programs.read_state(self.program, residuals_LxBxTxD, k))
+
     def read(name):
       location = self.program.state[name]
       cols = self.program.layout.slice(location.channel)
       if location.tokens == "support":
-        values = at_step_ends[:, :, :k, cols.start]  # [t+1, B, k]
-      else:
-        values = at_step_ends[:, :, agg, cols]  # [t+1, B, n]
-      return jnp.moveaxis(values, 0, 1)
+        values = at_step_ends[:, :, :k, cols]  # [t+1, B, k, r]
+      else:  # output c in entries [c n, (c + 1) n): [t+1, B, r n] -> [t+1, B, n, r]
+        flat = at_step_ends[:, :, agg, cols]
+        values = jnp.swapaxes(flat.reshape(flat.shape[:2] + (r, flat.shape[-1] // r)), -1, -2)
+      values = jnp.moveaxis(values, 0, 1)
+      return values[..., 0] if r == 1 else values
 
     alpha = read("alpha")
     scalars = []
     for name in ("gamma", "beta"):
       if not isinstance(self.program.state[name], programs.StateLocation):  # baked (Chebyshev)
         constants = jnp.asarray(self.program.state[name], alpha.dtype)
-        scalars.append(jnp.broadcast_to(constants[None, :], (alpha.shape[0], len(constants))))
+        shape = (alpha.shape[0], len(constants)) + ((r,) if r > 1 else ())
+        scalars.append(jnp.broadcast_to(constants.reshape((1, -1) + (1,) * (r > 1)), shape))
       else:
         scalars.append(read(name)[:, 1:, 0])
     return CompiledState(alpha, read("r"), read("p"), *scalars)
@@ -336,6 +401,17 @@ def _apply(graphdef, state, tokens, num_prefix, return_residuals, head_mask, lay
   model = nnx.merge(graphdef, state)
   return model(tokens, num_prefix=num_prefix, return_residuals=return_residuals,
                head_mask=head_mask, layer_mask=layer_mask)
+
+
+def norm_pin(dtype) -> float:
+  """M of the pre-norm pinning channels, a power of two near sqrt(max float) / 2^8.
+
+  Large enough that |rest|^2 / (4 M^2) is below rounding even for the reciprocal channels
+  (up to ~1e40 in float64, 1e18 in float32); a power of two so that LayerNorm's mean absorbs
+  the signal in any partial sum holding +-M exactly and +M - M cancels exactly: 2^500 in
+  float64, 2^60 in float32 (see programs.with_norm_pins)."""
+  finfo = jnp.finfo(dtype)
+  return 2.0 ** (int(finfo.maxexp) // 2 - 12)
 
 
 def _uses_position(program) -> bool:
@@ -357,18 +433,22 @@ def build_chebyshev_program(num_support, feature_dim, num_steps, ridge, eig_boun
 def compile_chebyshev(num_support: int, feature_dim: int, num_steps: int, ridge: float, *,
                       eig_bounds, mask: str = "causal", form: str = "dual",
                       features: str = "identity", state_placement: str = "auto",
-                      input_dim: int | None = None, feature_params=None, dtype=None) -> CompiledCG:
+                      input_dim: int | None = None, feature_params=None, projection=None,
+                      num_outputs: int = 1, norm: str | None = None, dtype=None) -> CompiledCG:
   """Compiles t steps of Chebyshev semi-iteration for KRR, given eig(A) in eig_bounds = (lo, hi).
 
   A = K + ridge I (dual) or Phi^T Phi + ridge I (primal). The step sizes depend only on (lo, hi),
   so they are weights of each layer: no reductions, no division, one layer per step (two for the
   dual form under the causal mask). Worst-case rate 2 ((sqrt(kappa)-1)/(sqrt(kappa)+1))^t with
   kappa = hi/lo, CG's bound; unlike CG it needs the bounds and does not adapt to the spectrum.
-  Arguments and result as in `compile_cg`.
+  Arguments and result as in `compile_cg` (`projection` as for linear attention there).
   """
   num_support, feature_dim, num_steps, ridge = _validate(
       num_support, feature_dim, num_steps, ridge, mask, form, "linear", features, state_placement,
       input_dim, feature_params)
+  projection = None if projection is None else _check_projection(projection, feature_dim)
+  _validate_outputs(num_outputs, "independent", "linear", form, mask, None)
+  _validate_norm(norm)
   try:
     low, high = (float(b) for b in eig_bounds)
   except (TypeError, ValueError):
@@ -381,14 +461,16 @@ def compile_chebyshev(num_support: int, feature_dim: int, num_steps: int, ridge:
   return CompiledCG(num_support=num_support, feature_dim=feature_dim, num_steps=num_steps,
                     ridge=ridge, mask=mask, form=form, state_placement=state_placement,
                     dtype=dtype, algorithm="chebyshev", eig_bounds=(low, high), features=features,
-                    feature_params=feature_params)
+                    feature_params=feature_params, projection=projection,
+                    num_outputs=int(num_outputs), norm=norm)
 
 
 def dimensions(num_support: int, feature_dim: int, num_steps: int, *, mask: str = "causal",
                form: str = "dual", state_placement: str = "auto") -> Dimensions:
   """Depth and width of `compile_cg(...)` as explicit functions of k, p and t.
 
-  num_layers(t) = init_layers + t * layers_per_step; width(k, p) is the layout's size.
+  num_layers(t) = init_layers + t * layers_per_step; width(k, p) is the layout's size. A model
+  compiled with a projection S [m, p] (linear attention) has the dimensions of feature_dim = m.
   """
   _validate(num_support, feature_dim, num_steps, 1.0, mask, form, "linear", "identity",
             state_placement, None)
@@ -412,7 +494,9 @@ def compile_cg(num_support: int, feature_dim: int, num_steps: int, ridge: float,
                features: str = "identity", state_placement: str = "auto",
                input_dim: int | None = None, feature_params=None, preconditioner=None,
                kernel: str | None = None, temperature: float | None = None, projection=None,
-               temperature_heads: int = 2, dtype=None) -> CompiledCG:
+               temperature_heads: int = 2, num_outputs: int = 1,
+               multi_output: str = "independent", norm: str | None = None,
+               dtype=None) -> CompiledCG:
   """Compiles t-step CG for kernel ridge regression into a `kcg.Transformer`.
 
   Args:
@@ -432,7 +516,10 @@ def compile_cg(num_support: int, feature_dim: int, num_steps: int, ridge: float,
       tau, 2 tau, .., h tau combined by Richardson extrapolation, h = temperature_heads:
       sum_m w_m tau_m ((K~_{tau_m} p)_i - sum_j p_j) = (K p)_i + O(tau^-h); the mat-vec error
       eps(h, tau) is measured in BUILD.md).
-    projection: U [p', p] of the kernel (identity by default).
+    projection: U [m, p] of the kernel (identity by default). With attention="softmax" it sits
+      inside the exponential; with linear attention the model runs on psi(x) = U phi(x): KRR on
+      the rank-m sketch K_m = Phi U^T U Phi^T, in a residual stream sized for m features
+      (`kcg.dimensions(k, m, t)`), the construction for width below the feature dimension.
     temperature_heads: h for Route B (heads at tau, 2 tau, ..., h tau).
     features: "identity" (phi(x) = x) or "random_relu" (a first ReLU layer computes
       phi(x) = relu(W x + b) / sqrt(m), m = feature_dim, from `feature_params`).
@@ -443,6 +530,18 @@ def compile_cg(num_support: int, feature_dim: int, num_steps: int, ridge: float,
     preconditioner: None, or "jacobi" for PCG with M = diag(K) + ridge I (form="dual",
       mask="prefix": each support scales its residual by 1/M_ii; needs a gated MLP, so the
       model gets activation="reglu").
+    num_outputs: r, the number of targets per support (y_support [B, k, r]; predictions
+      [B, q, r]). Solves (K + ridge I) A = Y.
+    multi_output: with r > 1, "independent" (r CGs, one per column, in one model: the kernel
+      mat-vec head is shared by all columns, the reductions and step sizes are per column, so
+      heads per layer grow r-fold and depth does not; see kcg._src.multi_output) or "block"
+      (block CG: one r x r step matrix per step, converges in ~k/r steps; dual form, prefix mask).
+    norm: None or "rmsnorm": the pre-norm variant of the model (a norm before every attention
+      and MLP, and before the readout), as the trained models use. Pinning channels (+M, -M, ..)
+      make every token's normaliser the same power of two, which the norm gains undo: the
+      outputs equal norm=None's bit for bit (kcg._src.programs.with_norm_pins). "layernorm" is
+      refused with the reason (its centring breaks the reciprocal; see
+      `kcg.routes.layernorm_departure`); `compile_chebyshev` has no division and accepts it.
     dtype: parameter dtype of `.model`; default float64 when x64 is enabled, else float32.
       `predict` computes in the dtype of its inputs whatever this is.
 
@@ -466,15 +565,47 @@ def compile_cg(num_support: int, feature_dim: int, num_steps: int, ridge: float,
         "preconditioner='jacobi' is compiled for form='dual', mask='prefix' (per-support state): "
         "M^{-1} r is a scaling of each support token's own residual. With the state in the "
         "aggregator it would need k elementwise products per step; use mask='prefix'.")
+  _validate_outputs(num_outputs, multi_output, attention, form, mask, preconditioner)
+  _validate_norm(norm)
+  if norm == "layernorm":
+    raise ValueError(
+        "norm='layernorm' cannot carry CG: its division is a ReLU guess of 1/s whose units have "
+        "weights up to ~1e20 (the guess covers s in [1e-40, 1e20]) and stay off at non-aggregator "
+        "tokens only because their pre-activation is exactly 0 there. LayerNorm's mean subtraction "
+        "leaves ~eps |w| |token mean| absolute error in every read, so those units fire (measured: "
+        "~1e15 written into inv_rr at support tokens in the first layer), and the error spreads "
+        "through the token means. kcg.routes.layernorm_departure shows the step. Use "
+        "norm='rmsnorm' (exact, bit for bit equal to norm=None), or compile_chebyshev, which has no "
+        "division and runs under LayerNorm.")
   if dtype is None:
     dtype = jax.dtypes.canonicalize_dtype(jnp.float64)  # float64 iff x64 is enabled
   return CompiledCG(num_support=num_support, feature_dim=feature_dim, num_steps=num_steps,
                     ridge=ridge, mask=mask, form=form, state_placement=state_placement,
+                    num_outputs=int(num_outputs), multi_output=multi_output, norm=norm,
                     dtype=dtype, features=features, feature_params=feature_params,
                     preconditioner=preconditioner, attention=attention, kernel=kernel,
                     temperature=None if temperature is None else float(temperature),
                     projection=projection,
                     temperature_heads=temperature_heads if kernel == "linear" else 1)
+
+
+def _validate_norm(norm):
+  if norm not in model_lib.NORMS:
+    raise ValueError(f"norm={norm!r} is not one of {model_lib.NORMS} (None: no normalisation).")
+
+
+def _validate_outputs(num_outputs, multi_output, attention, form, mask, preconditioner):
+  if isinstance(num_outputs, bool) or not isinstance(num_outputs, (int, np.integer)) or num_outputs < 1:
+    raise ValueError(f"num_outputs must be a positive int (the number of targets per support), "
+                     f"got {num_outputs!r}.")
+  if multi_output not in ("independent", "block"):
+    raise ValueError(f"multi_output={multi_output!r} is not one of ('independent', 'block').")
+  if multi_output == "block" and (attention != "linear" or form != "dual" or mask != "prefix"
+                                  or preconditioner is not None):
+    raise ValueError("multi_output='block' (block CG) is compiled for linear attention, "
+                     "form='dual', mask='prefix' and no preconditioner (per-support state with the "
+                     "r x r step matrices in the aggregator). Use multi_output='independent' for "
+                     "the other constructions.")
 
 
 def _validate_kernel(attention, kernel, temperature, projection, feature_dim, mask, form,
@@ -484,9 +615,9 @@ def _validate_kernel(attention, kernel, temperature, projection, feature_dim, ma
     if kernel != "linear":
       raise ValueError(f"kernel={kernel!r} needs attention='softmax' (linear attention computes "
                        "the dot-product kernel).")
-    if temperature is not None or projection is not None:
-      raise ValueError("temperature and projection are options of attention='softmax'.")
-    return None
+    if temperature is not None:
+      raise ValueError("temperature is an option of attention='softmax'.")
+    return None if projection is None else _check_projection(projection, feature_dim)
   if kernel not in ("exponential", "linear"):
     raise ValueError(f"kernel={kernel!r} is not one of ('exponential', 'linear').")
   try:
@@ -500,8 +631,17 @@ def _validate_kernel(attention, kernel, temperature, projection, feature_dim, ma
                      "mask='prefix' and form='dual' (each support forms its own row of K~ p).")
   if preconditioner is not None or features != "identity":
     raise ValueError("attention='softmax' supports neither a preconditioner nor feature layers yet.")
-  projection = np.eye(feature_dim) if projection is None else np.asarray(projection, np.float64)
-  if projection.ndim != 2 or projection.shape[1] != feature_dim or not np.all(np.isfinite(projection)):
-    raise ValueError(f"projection must be a finite [p', feature_dim={feature_dim}] matrix, got shape "
+  return np.eye(feature_dim) if projection is None else _check_projection(projection, feature_dim)
+
+
+def _check_projection(projection, feature_dim: int) -> np.ndarray:
+  try:
+    projection = np.asarray(projection, np.float64)
+  except (TypeError, ValueError):
+    raise ValueError(f"projection must be a [m, feature_dim={feature_dim}] matrix.") from None
+  if projection.ndim != 2 or projection.shape[1] != feature_dim or projection.shape[0] < 1:
+    raise ValueError(f"projection must be a [m >= 1, feature_dim={feature_dim}] matrix, got shape "
                      f"{projection.shape}.")
+  if not np.all(np.isfinite(projection)):
+    raise ValueError("projection contains NaN or Inf.")
   return projection

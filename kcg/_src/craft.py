@@ -133,7 +133,8 @@ def product_units(layout: ResidualLayout, a: str, b: str, targets: Sequence[tupl
   return ReluUnits(pre, tuple(post), name or f"{a}*{b}", value)
 
 
-def _as_matrix(coef: Coefficient, rows: int, cols: int | None = None) -> np.ndarray:
+def as_matrix(coef: Coefficient, rows: int, cols: int | None = None) -> np.ndarray:
+  """A coefficient as a [rows, cols] matrix: a scalar times the (rectangular) identity, or itself."""
   if np.ndim(coef) == 0:
     cols = rows if cols is None else cols
     return float(coef) * np.eye(rows, cols)
@@ -213,16 +214,16 @@ def lower_blocks(layout: ResidualLayout, blocks: Sequence[Block], shapes: dict,
       for target, terms, dims in (("query", head.query, dk), ("key", head.key, dk),
                                   ("value", head.value, dv)):
         for channel, coef in terms:
-          arrays[target][l, h, layout.slice(channel), :dims] += _as_matrix(
+          arrays[target][l, h, layout.slice(channel), :dims] += as_matrix(
               coef, layout.size(channel), dims)
       for channel, coef in head.output:
-        m = _as_matrix(coef, dv, layout.size(channel)) if np.ndim(coef) == 0 else np.asarray(coef)
+        m = as_matrix(coef, dv, layout.size(channel)) if np.ndim(coef) == 0 else np.asarray(coef)
         arrays["attn_out"][l, h, :dv, layout.slice(channel)] += m
     offset = 0
     for group in block.units:
       n = group.num_units
       for channel, coef in group.pre:
-        arrays["mlp_in"][l, layout.slice(channel), offset:offset + n] += _as_matrix(
+        arrays["mlp_in"][l, layout.slice(channel), offset:offset + n] += as_matrix(
             coef, layout.size(channel), n)
       for channel, coef in group.post:
         arrays["mlp_out"][l, offset:offset + n, layout.slice(channel)] += np.asarray(coef)
@@ -232,7 +233,7 @@ def lower_blocks(layout: ResidualLayout, blocks: Sequence[Block], shapes: dict,
       if gated:
         for channel, coef in (group.value if group.value is not None else
                               tuple((c, np.full((1, n), w)) for c, w in ones)):
-          arrays["mlp_value"][l, layout.slice(channel), offset:offset + n] += _as_matrix(
+          arrays["mlp_value"][l, layout.slice(channel), offset:offset + n] += as_matrix(
               coef, layout.size(channel), n)
       offset += n
   return arrays

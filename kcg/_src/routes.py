@@ -1,4 +1,5 @@
-"""Measurements for the constructions beyond plain CG: softmax Routes A and B, Jacobi PCG, Chebyshev.
+"""Measurements for the constructions beyond plain CG: softmax Routes A and B, Jacobi PCG, Chebyshev,
+and width-m models below the feature dimension (`width_error`).
 
 Each function compiles the construction, runs it on a batch of problems and returns numbers (plain
 NumPy in NamedTuples) that experiments print, plot and save; tests check them.
@@ -14,6 +15,7 @@ from kcg._src import analysis
 from kcg._src import bounds
 from kcg._src import compiler
 from kcg._src import kernels
+from kcg._src import sketch
 from kcg._src import solvers
 
 
@@ -168,3 +170,145 @@ def chebyshev_vs_cg(phi_support, y_support, phi_query, ridge, num_steps) -> Cheb
                  axis=(0, 2)) / scale for c in (cheb, cg)]
   return ChebyshevVsCG(errors[0], errors[1], cheb.dimensions.layers_per_step,
                        cg.dimensions.layers_per_step)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Width below the feature dimension (m < p): compiled width-m models against the sketch bound.
+# ----------------------------------------------------------------------------------------------------
+
+
+class WidthError(NamedTuple):
+  """Compiled width-m models (`compile_cg(projection=S)`) against full KRR, one entry per sketch.
+
+  Errors are RMS over prompts and queries relative to RMS(f) of the full KRR f. compiled_vs_full:
+  the measured error of the compiled model; reference_vs_full: sketched KRR (`kcg.sketch`) vs f;
+  compiled_vs_reference: the compiled model against sketched KRR; bound and sharp:
+  `kcg.sketch.sketch_error_bound` with each prompt's own E (a bound at every query); tail_estimate:
+  the same formula with E^2 := k sum_{i>m} mu_i (an expected-value estimate; NaN without
+  eigenvalues); max_ratio: largest measured / bound over prompts and queries (<= 1);
+  kernel_distance: mean E^2 = ||K - K_m||_2; expected_tail: k sum_{i>m} mu_i; model_width: width
+  of each compiled model, full_width that of the compiled model on all p features.
+  """
+
+  widths: np.ndarray
+  compiled_vs_full: np.ndarray
+  reference_vs_full: np.ndarray
+  compiled_vs_reference: np.ndarray
+  bound: np.ndarray
+  sharp: np.ndarray
+  tail_estimate: np.ndarray
+  max_ratio: np.ndarray
+  kernel_distance: np.ndarray
+  expected_tail: np.ndarray
+  model_width: np.ndarray
+  full_width: int
+
+
+def converged_steps(rank: int, num_support: int, form: str) -> int:
+  """CG steps that take a width-m model to convergence: 2 m (primal) or 2 min(m + 1, k) (dual).
+
+  In exact arithmetic m steps (primal, m x m system) or m + 1 (dual: K_m + ridge I has at most
+  m + 1 distinct eigenvalues) suffice; float64 CG loses orthogonality on a decaying spectrum and
+  needs a few more (measured, m = 8, kappa = 140: 2.5e-5 relative at t = m, 5e-12 at m + 2,
+  4e-16 at m + 4), hence the factor 2.
+  """
+  return 2 * rank if form == "primal" else 2 * min(rank + 1, num_support)
+
+
+def width_error(phi_support, y_support, phi_query, ridge, projections, *, eigenvalues=None,
+                form: str = "primal", mask: str = "prefix") -> WidthError:
+  """Compiles one width-m model per projection S [m, p] and measures it against full KRR.
+
+  phi_support [B, k, p], y_support [B, k], phi_query [B, q, p]; each S [m, p] has orthonormal
+  rows. Each model runs `converged_steps(m, k, form)` CG steps on the m-dimensional construction.
+  `eigenvalues` (mu [p] of the second moment the principal projections were taken from) give the
+  spectral-tail estimate.
+  """
+  phi_support, y_support, phi_query = (np.asarray(a, np.float64) for a in
+                                       (phi_support, y_support, phi_query))
+  _, k, p = phi_support.shape
+  f_full = np.asarray(solvers.krr_predict(phi_support, y_support, phi_query, ridge))
+  scale = max(float(_rms(f_full)), 1e-300)
+  rows = []
+  for s in projections:
+    s = np.asarray(s, np.float64)
+    m = s.shape[0]
+    num_steps = converged_steps(m, k, form)
+    compiled = compiler.compile_cg(k, p, num_steps, ridge, mask=mask, form=form, projection=s)
+    got = np.asarray(compiled.predict(phi_support, y_support, phi_query))
+    ref = np.asarray(sketch.sketched_krr_predict(phi_support, y_support, phi_query, ridge, s))
+    own = sketch.sketch_error_bound(phi_support, y_support, phi_query, ridge, s)
+    measured = np.abs(got - f_full)
+    bound = np.asarray(own.bound)
+    resolved = bound > 1e-8 * np.max(np.abs(f_full))  # below: the sketch loses nothing (rounding)
+    ratio = float(np.max(measured[resolved] / bound[resolved])) if np.any(resolved) else float("nan")
+    if eigenvalues is None:
+      expected, tail = float("nan"), float("nan")
+    else:
+      expected = sketch.spectral_tail(eigenvalues, m, k)
+      estimate = sketch.sketch_error_bound(phi_support, y_support, phi_query, ridge, s,
+                                           kernel_distance=expected)
+      tail = float(_rms(np.asarray(estimate.bound))) / scale
+    rows.append((m, _rms(measured) / scale, _rms(ref - f_full) / scale, _rms(got - ref) / scale,
+                 _rms(bound) / scale, _rms(np.asarray(own.sharp)) / scale, tail, ratio,
+                 float(np.mean(np.asarray(own.kernel_distance))), expected,
+                 compiled.dimensions.width))
+  columns = [np.asarray(c) for c in zip(*rows)]
+  full_width = compiler.dimensions(k, p, converged_steps(p, k, form), mask=mask, form=form).width
+  return WidthError(*columns, full_width=int(full_width))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Several outputs (stub S3): r independent CGs sharing the mat-vec head, against block CG.
+# ----------------------------------------------------------------------------------------------------
+
+
+class MultiOutputCost(NamedTuple):
+  """Cost and accuracy of one way to solve (K + ridge I) A = Y, Y [k, r], in a compiled model.
+
+  Attributes:
+    kind: "independent" (r CGs in one model) or "block" (block CG).
+    num_outputs: r.
+    layers_per_step, num_layers, width, num_heads, mlp_hidden: the model's size.
+    error: [t+1] RMS over prompts, queries and outputs of f_t - f*, over the RMS of f*.
+    compiled_vs_reference: [t+1] the same for f_t(compiled) - f_t(reference solver).
+  """
+
+  kind: str
+  num_outputs: int
+  layers_per_step: int
+  num_layers: int
+  width: int
+  num_heads: int
+  mlp_hidden: int
+  error: np.ndarray
+  compiled_vs_reference: np.ndarray
+
+
+def multi_output_cost(phi_support, y_support, phi_query, ridge, num_steps,
+                      kinds: Sequence[str] = ("independent", "block")) -> list[MultiOutputCost]:
+  """Compiles each multi-output construction (dual, prefix mask) for y_support [B, k, r].
+
+  The reference is column-wise CG for "independent" and `solvers.block_cg_predict` for "block".
+  """
+  phi_support, y_support = np.asarray(phi_support), np.asarray(y_support)
+  batch, k, p = phi_support.shape
+  r = y_support.shape[-1]
+  f_star = np.asarray(solvers.krr_predict(phi_support, y_support, phi_query, ridge))  # [B, q, r]
+  scale = _rms(f_star)
+  out = []
+  for kind in kinds:
+    model = compiler.compile_cg(k, p, num_steps, ridge, mask="prefix", num_outputs=r,
+                                multi_output=kind)
+    steps = np.asarray(model.predict_steps(phi_support, y_support, phi_query))  # [B, t+1, q, r]
+    if kind == "block":
+      reference = np.asarray(solvers.block_cg_predict(phi_support, y_support, phi_query, ridge,
+                                                      num_steps))
+    else:
+      reference = np.asarray(solvers.cg_predict(phi_support, y_support, phi_query, ridge, num_steps))
+    dims = model.dimensions
+    out.append(MultiOutputCost(
+        kind, r, dims.layers_per_step, dims.num_layers, dims.width, dims.num_heads, dims.mlp_hidden,
+        _rms(steps - f_star[:, None], axis=(0, 2, 3)) / scale,
+        _rms(steps - reference, axis=(0, 2, 3)) / scale))
+  return out

@@ -10,6 +10,10 @@ Laws tested here:
   ||alpha*||_A`, `rho = (sqrt(kappa) - 1)/(sqrt(kappa) + 1)` (`kcg.bounds.cg_error_bound`). The fitted
   rate is `exp` of the least-squares slope of `log(error)` over the steps above the rounding floor;
   CG is superlinear, so the fitted rate is at most `rho` (and the bound must hold at every step).
+* Error vs depth (`depth_comparison`, `depth_sweep`): trained models of depth L against compiled CG,
+  PCG (Jacobi) and Chebyshev with t = L (`compiled_solvers`; Chebyshev's interval is
+  `chebyshev_eig_bounds` of a calibration batch, `[ridge, ridge + max ||Phi||_2^2]`) and reference GD
+  (no compiled version), on held-out prompts; one panel per input condition number or ridge.
 * Ridge and condition number (`solver_sweep`): error of t-step CG, PCG, GD and Chebyshev against the
   KRR oracle as the ridge or the condition number of the input covariance moves.
 * Failure modes (`failure_modes`): nearly collinear supports and very small ridge, where `kappa(A)`
@@ -43,7 +47,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -182,6 +186,121 @@ def depth_law(key: Any, *, num_support: int = 16, feature_dim: int = 16, num_que
   return out
 
 
+def chebyshev_eig_bounds(x_support: Any, ridge: float) -> tuple[float, float]:
+  """`(ridge, ridge + max_b ||Phi_b||_2^2)`: one interval holding `eig(K_b + ridge I)` for every prompt b.
+
+  `K = Phi Phi^T` is PSD with `lambda_max(K) = ||Phi||_2^2`, so the interval holds the spectrum of
+  every prompt of the batch `x_support [B, k, p]` (a calibration batch: a compiled Chebyshev model
+  bakes one interval into its weights). The lower end is attained when `k > p` (K singular). A
+  held-out prompt can exceed the upper end; `depth_comparison` reports how many do.
+  """
+  checks.check_ridge(ridge)
+  phi = np.asarray(x_support, np.float64)
+  if phi.ndim != 3 or not np.all(np.isfinite(phi)):
+    raise ValueError(f"x_support must be a finite [B, k, p] batch, got shape {phi.shape}.")
+  top = float(np.max(np.linalg.norm(phi, ord=2, axis=(1, 2)) ** 2))
+  return float(ridge), float(ridge) + top
+
+
+def compiled_solvers(num_support: int, input_dim: int, num_steps: int, ridge: float, *,
+                     calibration_x_support: Any,
+                     algorithms: Sequence[str] = ("cg", "pcg", "chebyshev")) -> dict:
+  """Compiled t-step solvers for error-vs-depth comparisons: `{"compiled_<name>": kcg.CompiledCG}`.
+
+  `"cg"`: `kcg.compile_cg(k, d, t, ridge, mask="prefix")`; `"pcg"`: the same with
+  `preconditioner="jacobi"` (`M = diag(K) + ridge I`); `"chebyshev"`: `kcg.compile_chebyshev` with
+  `eig_bounds = chebyshev_eig_bounds(calibration_x_support, ridge)`. Gradient descent has no compiled
+  version (only its reference, `kcg.solvers.gd_predict`).
+  """
+  from kcg._src import compiler  # pylint: disable=g-import-not-at-top
+
+  out = {}
+  for name in algorithms:
+    if name == "cg":
+      out["compiled_cg"] = compiler.compile_cg(num_support, input_dim, num_steps, ridge, mask="prefix")
+    elif name == "pcg":
+      out["compiled_pcg"] = compiler.compile_cg(num_support, input_dim, num_steps, ridge,
+                                                mask="prefix", preconditioner="jacobi")
+    elif name == "chebyshev":
+      out["compiled_chebyshev"] = compiler.compile_chebyshev(
+          num_support, input_dim, num_steps, ridge, mask="prefix",
+          eig_bounds=chebyshev_eig_bounds(calibration_x_support, ridge))
+    else:
+      raise ValueError(f"unknown compiled solver {name!r}; choose from 'cg', 'pcg', 'chebyshev' "
+                       "(gradient descent has no compiled version).")
+  return out
+
+
+def _depth_numbers(models: Mapping[str, Mapping[int, Callable]], prompts: Any, ridge: float,
+                   compiled: Any) -> dict:
+  """The numbers of `depth_comparison` (no figure)."""
+  xs, ys, xq = prompts.x_support, prompts.y_support, prompts.x_query
+  y = np.asarray(prompts.y_query, np.float64)
+  f = np.asarray(getattr(prompts, "f_query", prompts.y_query), np.float64)
+  depths = sorted({int(L) for fam in models.values() for L in fam})
+  if not depths:
+    raise ValueError("models is empty: pass {family: {depth L: predictor}} with at least one depth.")
+  max_depth = max(depths)
+  oracle = np.asarray(solvers.krr_predict(xs, ys, xq, ridge))
+  kappa = np.asarray(bounds.condition_number(xs, ridge))
+  out = {"depths": depths, "ridge": float(ridge), "kappa_mean": float(np.mean(kappa)),
+         "kappa_max": float(np.max(kappa)), "oracle_mse": _mse(oracle, y),
+         "oracle_mse_noiseless": _mse(oracle, f), "models": {}, "solvers": {}}
+  solver_traj = {alg: np.asarray(matching.trajectory(alg, max_depth, ridge)(xs, ys, xq))
+                 for alg in ("cg", "pcg", "gd", "chebyshev")}
+  if compiled is not None:
+    compiled = compiled if isinstance(compiled, Mapping) else {"compiled_cg": compiled}
+    for name, model in compiled.items():
+      if model.num_steps < max_depth:
+        raise ValueError(f"compiled solver {name!r} runs {model.num_steps} steps; the deepest model "
+                         f"has L = {max_depth}: compile with num_steps >= {max_depth}.")
+      solver_traj[name] = np.asarray(model.predict_steps(xs, ys, xq))
+      if getattr(model, "algorithm", "cg") == "chebyshev":
+        lam_max = np.linalg.norm(np.asarray(xs, np.float64), ord=2, axis=(1, 2)) ** 2 + ridge
+        out["chebyshev_eig_bounds"] = list(model.eig_bounds)
+        out["chebyshev_fraction_above_bounds"] = float(np.mean(lam_max > model.eig_bounds[1]))
+  for name, traj in solver_traj.items():
+    out["solvers"][name] = {"mse": [_mse(traj[:, L], y) for L in depths],
+                            "mse_noiseless": [_mse(traj[:, L], f) for L in depths],
+                            "vs_oracle": [_mse(traj[:, L], oracle) for L in depths]}
+  bound_t = [np.asarray(bounds.cg_error_bound(xs, ys, xq, ridge, L)) for L in depths]
+  out["bound"] = [float(np.mean(b)) for b in bound_t]
+  # mean(bound^2) >= mean((f_L - f*)^2): the bound on CG's mse against the oracle.
+  out["bound_mse"] = [float(np.mean(np.square(b))) for b in bound_t]
+  for fam, by_depth in models.items():
+    rows = {}
+    for L, fn in sorted(by_depth.items()):
+      pred = np.asarray(fn(xs, ys, xq), np.float64)
+      rows[int(L)] = {"mse": _mse(pred, y), "mse_noiseless": _mse(pred, f),
+                      "vs_oracle": _mse(pred, oracle)}
+    out["models"][fam] = rows
+  return out
+
+
+_DEPTH_STYLE = {"compiled_cg": "s-", "compiled_pcg": "^-", "compiled_chebyshev": "v-", "gd": "x--",
+                "cg": ".:", "pcg": ".:", "chebyshev": ".:"}
+
+
+def _plot_depth(axes, cmp: dict, field: str, solver_names: Sequence[str] | None = None,
+                legend: bool = True) -> None:
+  depths = cmp["depths"]
+  names = [n for n in (solver_names or cmp["solvers"]) if n in cmp["solvers"]]
+  for name in names:
+    axes.semilogy(depths, np.maximum(cmp["solvers"][name][field], 1e-17),
+                  _DEPTH_STYLE.get(name, ".--"), label=f"{name}_t, t = L")
+  for fam, rows in cmp["models"].items():
+    axes.semilogy(list(rows), [max(r[field], 1e-17) for r in rows.values()], "o-", linewidth=2,
+                  label=f"trained: {fam}")
+  if field == "vs_oracle":
+    axes.semilogy(depths, np.maximum(cmp["bound_mse"], 1e-17), "k--", linewidth=0.8,
+                  label="CG bound (mean bound^2)")
+  else:
+    axes.axhline(max(cmp["oracle_mse"], 1e-17), color="k", linewidth=0.8, label="KRR oracle")
+  axes.set_xlabel("depth L (trained) = steps t (solvers)")
+  if legend:
+    axes.legend(fontsize=6)
+
+
 def depth_comparison(models: Mapping[str, Mapping[int, Callable]], prompts: Any, ridge: float, *,
                      compiled: Any = None, path: str | None = None) -> dict:
   """Test error vs depth L for trained models and for the solvers with t = L steps.
@@ -190,46 +309,75 @@ def depth_comparison(models: Mapping[str, Mapping[int, Callable]], prompts: Any,
     models: `{family name: {depth L: predictor}}` (e.g. "linear attention": {1: f1, 2: f2}).
     prompts: held-out prompts with `y_query` (and `f_query`).
     ridge: the solvers' ridge.
-    compiled: a `kcg.CompiledCG` on the prompts' sizes with `num_steps >= max L` (its `predict_steps`
-      gives CG at every t), or None to use the reference CG only.
+    compiled: compiled solvers with `num_steps >= max L` whose `predict_steps` gives every t: a
+      `{name: kcg.CompiledCG}` mapping (e.g. `compiled_solvers(...)`), one `kcg.CompiledCG` (named
+      "compiled_cg"), or None. Reference CG, PCG, GD and Chebyshev (exact per-prompt bounds) are
+      always included.
 
   Returns: per family and depth the model's mse (vs y and vs the noiseless f), its agreement with the
-  oracle; per depth the solvers' mse at t = L and the theorem's bound.
+  oracle (mse against it); per solver and depth the same at t = L; the theorem's bound at t = L (mean
+  |bound| and mean bound^2, the latter bounding CG's mse against the oracle); the mean and largest
+  `cond(K + ridge I)`; for a compiled Chebyshev model its interval and the fraction of prompts whose
+  `lambda_max` lies above it.
   """
-  xs, ys, xq = prompts.x_support, prompts.y_support, prompts.x_query
-  y = np.asarray(prompts.y_query, np.float64)
-  f = np.asarray(getattr(prompts, "f_query", prompts.y_query), np.float64)
-  depths = sorted({int(L) for fam in models.values() for L in fam})
-  max_depth = max(depths) if depths else 1
-  oracle = np.asarray(solvers.krr_predict(xs, ys, xq, ridge))
-  out = {"depths": depths, "oracle_mse": _mse(oracle, y), "oracle_mse_noiseless": _mse(oracle, f),
-         "models": {}, "solvers": {}}
-  solver_traj = {alg: np.asarray(matching.trajectory(alg, max_depth, ridge)(xs, ys, xq))
-                 for alg in ("cg", "pcg", "gd", "chebyshev")}
-  if compiled is not None:
-    solver_traj["compiled_cg"] = np.asarray(compiled.predict_steps(xs, ys, xq))
-  for name, traj in solver_traj.items():
-    out["solvers"][name] = {"mse": [_mse(traj[:, L], y) for L in depths],
-                            "vs_oracle": [_mse(traj[:, L], oracle) for L in depths]}
-  out["bound"] = [float(np.mean(np.asarray(bounds.cg_error_bound(xs, ys, xq, ridge, L))))
-                  for L in depths]
+  out = _depth_numbers(models, prompts, ridge, compiled)
   figure, (axes,) = _figure()
-  for name, traj in out["solvers"].items():
-    axes.semilogy(depths, np.maximum(traj["mse"], 1e-17), "--", marker=".", label=f"{name}_t, t = L")
-  for fam, by_depth in models.items():
-    rows = {}
-    for L, fn in sorted(by_depth.items()):
-      pred = np.asarray(fn(xs, ys, xq), np.float64)
-      rows[int(L)] = {"mse": _mse(pred, y), "mse_noiseless": _mse(pred, f),
-                      "vs_oracle": _mse(pred, oracle)}
-    out["models"][fam] = rows
-    axes.semilogy(list(rows), [r["mse"] for r in rows.values()], "o-", linewidth=2,
-                  label=f"trained: {fam}")
-  axes.axhline(max(out["oracle_mse"], 1e-17), color="k", linewidth=0.8, label="KRR oracle")
-  axes.set_xlabel("depth L (trained) = steps t (solvers)")
+  _plot_depth(axes, out, "mse")
   axes.set_ylabel("test mse")
   axes.set_title("trained transformers vs solvers at matched depth", fontsize=9)
-  axes.legend(fontsize=6)
+  _save(figure, path)
+  return out
+
+
+class DepthPanel(NamedTuple):
+  """One panel of `depth_sweep`: the trained models, held-out prompts and solvers at one knob value.
+
+  Attributes:
+    value: the knob's value (a condition number, a ridge).
+    models: `{family: {depth L: predictor}}` trained on the task at this value.
+    prompts: held-out prompts of that task.
+    ridge: the solvers' (and oracle's) ridge.
+    compiled: compiled solvers, as `depth_comparison`'s `compiled`.
+  """
+
+  value: float
+  models: Mapping[str, Mapping[int, Callable]]
+  prompts: Any
+  ridge: float
+  compiled: Any = None
+
+
+DEPTH_SWEEP_SOLVERS = ("compiled_cg", "compiled_pcg", "compiled_chebyshev", "gd")
+
+
+def depth_sweep(knob: str, panels: Sequence[DepthPanel], *,
+                solver_names: Sequence[str] = DEPTH_SWEEP_SOLVERS, path: str | None = None) -> dict:
+  """`depth_comparison` at each value of `knob`; one figure, one column of panels per value.
+
+  Top row: test mse vs depth, one line per method (trained families; the solvers in `solver_names`
+  with t = L; the KRR oracle). Bottom row: mse against the KRR oracle, with the CG bound.
+
+  Returns `{"knob", "values", "panels": {f"{value:g}": depth_comparison numbers}}`.
+  """
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+
+  if not panels:
+    raise ValueError("depth_sweep needs at least one DepthPanel.")
+  out = {"knob": knob, "values": [float(p.value) for p in panels], "panels": {}}
+  figure = Figure(figsize=(4.2 * len(panels), 7.0))
+  FigureCanvasAgg(figure)
+  axes = figure.subplots(2, len(panels), squeeze=False)
+  for i, panel in enumerate(panels):
+    cmp = _depth_numbers(panel.models, panel.prompts, panel.ridge, panel.compiled)
+    out["panels"][f"{panel.value:g}"] = cmp
+    _plot_depth(axes[0, i], cmp, "mse", solver_names, legend=i == 0)
+    _plot_depth(axes[1, i], cmp, "vs_oracle", solver_names, legend=i == 0)
+    axes[0, i].set_title(f"{knob} = {panel.value:g} (ridge {panel.ridge:g}, mean kappa(A) "
+                         f"{cmp['kappa_mean']:.3g})", fontsize=8)
+  axes[0, 0].set_ylabel("test mse")
+  axes[1, 0].set_ylabel("mse vs KRR oracle")
+  figure.suptitle(f"error vs depth across {knob}", fontsize=9)
   _save(figure, path)
   return out
 
@@ -491,68 +639,110 @@ def feature_perturbation(key: Any, *, num_support: int = 16, feature_dim: int = 
   return out
 
 
-def _project(phi: Array, basis_BxPxM: Array) -> Array:
-  """phi P with P = V V^T for orthonormal columns V [B, p, m]."""
-  coords = jnp.einsum("bnp,bpm->bnm", phi, basis_BxPxM, precision=checks.HIGHEST)
-  return jnp.einsum("bnm,bpm->bnp", coords, basis_BxPxM, precision=checks.HIGHEST)
-
-
 def width_sweep(key: Any, widths: Sequence[int], *, num_support: int = 16, feature_dim: int = 16,
                 num_query: int = 4, ridge: float = 0.1, decay: float = 0.7, num_prompts: int = 16,
+                form: str = "primal", mask: str = "prefix",
                 low_rank_predictor: Callable[[int], Callable] | None = None,
                 path: str | None = None) -> dict:
-  """KRR through a width-m bottleneck against the spectral-tail bound, for m < p.
+  """Width law: compiled width-m models (m < p) against the sketch bound and the spectral tail.
 
-  Features `phi = g D` with `D = diag(decay^i)` (a decaying spectrum). A width-m model sees `P phi`; two
-  sketches: `"top"` (the best rank-m projection, top right singular vectors of each prompt's Phi, so
-  `||K - K^||_2 = sigma_{m+1}^2`) and `"random"` (a fixed random m-dimensional projection). The S4
-  bound (`perturbation_bound`) is evaluated for each. `low_rank_predictor(m)`, when given, is a predictor
-  `(x_support, y_support, x_query) -> [B, q]` of a width-m model (the hook for a compiler with m < p);
-  its error against the full KRR is reported next to the sketches.
+  Features `phi = g D` (g standard normal, `D = diag(decay^i)`), so the second moment is `diag(mu)`,
+  `mu_i = decay^(2i)`. Three sketches `S [m, p]` (`kcg.sketch`): `"principal"` (top-m eigenvectors of
+  that second moment: prompt-independent, compiled with `compile_cg(projection=S)`), `"random"` (the
+  first m rows of one Haar rotation, nested in m; compiled too) and `"top"` (each prompt's own top-m
+  right singular vectors, the best rank-m sketch, `E^2 = lambda_{m+1}(K)`; reference only, a model
+  cannot bake a per-prompt S). Per sketch, lists over `widths`: `"error"` (sketched KRR vs full KRR),
+  `"bound"` (`sketch_error_bound` with each prompt's own E: a bound at every query), `"sharp"`,
+  `"max_ratio"` (largest measured / bound, <= 1), `"kernel_distance"` (mean E^2); for the compiled
+  sketches `"compiled_error"` (the measured width-m model vs full KRR) and `"compiled_vs_reference"`;
+  for `"principal"` `"tail_estimate"` (the bound with `E^2 := k sum_{i>m} mu_i`, an expected-value
+  estimate, not a bound per prompt). Errors are RMS over prompts and queries relative to RMS(f).
+  Also `"spectral_tail"` (mean `lambda_{m+1}(K)`), `"expected_tail"` (`k sum_{i>m} mu_i`),
+  `"model_width"` (width of each compiled principal model) and `"full_width"` (on all p features).
+  `low_rank_predictor(m)`, when given, is another width-m predictor `(phi_support, y_support,
+  phi_query) -> [B, q]` (e.g. a trained model) whose error is reported as `"hook"`.
   """
+  from kcg._src import routes  # pylint: disable=g-import-not-at-top
+  from kcg._src import sketch  # pylint: disable=g-import-not-at-top
+
   dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+  for m in widths:
+    if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or not 1 <= m <= feature_dim:
+      raise ValueError(f"widths must be ints in [1, feature_dim={feature_dim}], got {m!r}.")
+  widths = [int(m) for m in widths]
   k1, k2, k3, k4 = jax.random.split(key, 4)
-  spectrum = jnp.asarray(decay ** np.arange(feature_dim), dtype)
-  phi = jax.random.normal(k1, (num_prompts, num_support, feature_dim), dtype) * spectrum[None, None]
-  phi_q = jax.random.normal(k2, (num_prompts, num_query, feature_dim), dtype) * spectrum[None, None]
+  mu = decay ** (2 * np.arange(feature_dim, dtype=np.float64))
+  scale_p = jnp.asarray(np.sqrt(mu), dtype)[None, None]
+  phi = jax.random.normal(k1, (num_prompts, num_support, feature_dim), dtype) * scale_p
+  phi_q = jax.random.normal(k2, (num_prompts, num_query, feature_dim), dtype) * scale_p
   y = jax.random.normal(k3, (num_prompts, num_support), dtype)
   full = np.asarray(solvers.krr_predict(phi, y, phi_q, ridge))
-  _, sing, vt = jnp.linalg.svd(phi, full_matrices=True)  # vt [B, p, p]: any m <= p has a basis
-  rotation, _ = jnp.linalg.qr(jax.random.normal(k4, (feature_dim, feature_dim), dtype))
-  out = {"widths": [int(m) for m in widths], "feature_dim": feature_dim, "spectral_tail": [],
-         "top": {"error": [], "bound": [], "kernel_distance": []},
-         "random": {"error": [], "bound": [], "kernel_distance": []}, "hook": None}
-  hook_errors = []
+  scale = max(float(_rms(full)), FLOOR)
+  rotation = sketch.gaussian_projection(k4, feature_dim, feature_dim, dtype)
+  sketches = {
+      "principal": [sketch.principal_projection(m, covariance=np.diag(mu)) for m in widths],
+      "random": [rotation[:m] for m in widths]}
+  out = {"widths": widths, "feature_dim": feature_dim, "ridge": ridge, "form": form, "mask": mask,
+         "spectral_tail": [], "expected_tail": [sketch.spectral_tail(mu, m, num_support)
+                                                for m in widths], "hook": None}
+  for name, projections in sketches.items():
+    w = routes.width_error(phi, y, phi_q, ridge, projections,
+                           eigenvalues=mu if name == "principal" else None, form=form, mask=mask)
+    out[name] = {"error": w.reference_vs_full.tolist(), "compiled_error": w.compiled_vs_full.tolist(),
+                 "compiled_vs_reference": w.compiled_vs_reference.tolist(),
+                 "bound": w.bound.tolist(), "sharp": w.sharp.tolist(),
+                 "max_ratio": w.max_ratio.tolist(), "kernel_distance": w.kernel_distance.tolist()}
+    if name == "principal":
+      out[name]["tail_estimate"] = w.tail_estimate.tolist()
+      out["model_width"] = w.model_width.tolist()
+      out["full_width"] = w.full_width
+  out["top"] = {"error": [], "bound": [], "sharp": [], "max_ratio": [], "kernel_distance": []}
   for m in widths:
-    m = int(m)
-    if not 1 <= m <= feature_dim:
-      raise ValueError(f"widths must lie in [1, feature_dim={feature_dim}], got {m}.")
-    tail = float(np.mean(np.asarray(sing[:, m] ** 2))) if m < min(num_support, feature_dim) else 0.0
-    out["spectral_tail"].append(tail)
-    bases = {"top": jnp.swapaxes(vt[:, :m, :], -1, -2),
-             "random": jnp.broadcast_to(rotation[:, :m], (num_prompts, feature_dim, m))}
-    for name, basis in bases.items():
-      r = perturbation_bound(phi, y, phi_q, _project(phi, basis), _project(phi_q, basis), ridge)
-      out[name]["error"].append(float(_rms(np.asarray(r["actual"])) / max(float(_rms(full)), FLOOR)))
-      out[name]["bound"].append(float(_rms(np.asarray(r["sharp"])) / max(float(_rms(full)), FLOOR)))
-      out[name]["kernel_distance"].append(float(np.mean(np.asarray(r["kernel_distance"]))))
-    if low_rank_predictor is not None:
-      pred = np.asarray(low_rank_predictor(m)(phi, y, phi_q))
-      hook_errors.append(float(_relative_rms(pred, full)))
+    s = sketch.prompt_projection(phi, m)
+    b = sketch.sketch_error_bound(phi, y, phi_q, ridge, s)
+    measured = np.abs(np.asarray(sketch.sketched_krr_predict(phi, y, phi_q, ridge, s)) - full)
+    bound = np.asarray(b.bound)
+    resolved = bound > 1e-8 * np.max(np.abs(full))  # below: nothing lost (rounding)
+    out["top"]["error"].append(float(_rms(measured)) / scale)
+    out["top"]["bound"].append(float(_rms(bound)) / scale)
+    out["top"]["sharp"].append(float(_rms(np.asarray(b.sharp))) / scale)
+    out["top"]["max_ratio"].append(float(np.max(measured[resolved] / bound[resolved]))
+                                   if np.any(resolved) else float("nan"))
+    out["top"]["kernel_distance"].append(float(np.mean(np.asarray(b.kernel_distance))))
+    out["spectral_tail"].append(out["top"]["kernel_distance"][-1])
   if low_rank_predictor is not None:
-    out["hook"] = hook_errors
-  figure, (axes,) = _figure()
-  widths_plot = out["widths"]
-  for name, style in (("top", "o-"), ("random", "s-")):
-    axes.semilogy(widths_plot, np.maximum(out[name]["error"], 1e-17), style, label=f"{name} sketch: error")
-    axes.semilogy(widths_plot, np.maximum(out[name]["bound"], 1e-17), style[0] + "--",
-                  label=f"{name} sketch: S4 bound")
+    out["hook"] = [float(_relative_rms(np.asarray(low_rank_predictor(m)(phi, y, phi_q)), full))
+                   for m in widths]
+  ratios = [r for name in ("principal", "random", "top") for r in out[name]["max_ratio"]
+            if math.isfinite(r)]
+  out["bound_holds"] = bool(all(r <= 1 + 1e-9 for r in ratios))
+
+  figure, (axes, width_axes) = _figure(2)
+  floor = lambda v: np.maximum(np.asarray(v, np.float64), 1e-17)
+  for name, marker in (("principal", "o"), ("random", "s")):
+    axes.semilogy(widths, floor(out[name]["compiled_error"]), marker + "-",
+                  label=f"{name}: compiled width-m model")
+    axes.semilogy(widths, floor(out[name]["bound"]), marker + "--", label=f"{name}: bound (own E)")
+  axes.semilogy(widths, floor(out["principal"]["tail_estimate"]), "o:",
+                label="principal: tail estimate (E^2 = k sum mu_i>m)")
+  axes.semilogy(widths, floor(out["top"]["error"]), "^-", label="top (per prompt): sketched KRR")
+  axes.semilogy(widths, floor(out["top"]["bound"]), "^--", label="top: bound")
   if out["hook"] is not None:
-    axes.semilogy(widths_plot, np.maximum(out["hook"], 1e-17), "k^-", label="width-m model (hook)")
-  axes.set_xlabel("width m (feature dimension p = %d)" % feature_dim)
+    axes.semilogy(widths, floor(out["hook"]), "kx-", label="width-m model (hook)")
+  narrow = [v for name in ("principal", "random", "top") for m, v in zip(widths, out[name]["error"])
+            if m < feature_dim and v > 0]
+  if narrow:  # m = p sits at rounding level (~1e-15): clip there rather than squash the m < p curves
+    axes.set_ylim(bottom=max(min(narrow) / 30, 1e-16))
+  axes.set_xlabel(f"width m of the feature channels (p = {feature_dim})")
   axes.set_ylabel("relative error vs full KRR")
-  axes.set_title("width bottleneck m < p vs the spectral-tail bound", fontsize=9)
+  axes.set_title("measured vs bound, side by side (m = p: rounding, clipped)", fontsize=9)
   axes.legend(fontsize=6)
+  width_axes.plot(widths, out["model_width"], "o-", label=f"compiled width-m model ({form}, {mask})")
+  width_axes.axhline(out["full_width"], color="k", linewidth=0.8, label="compiled on all p features")
+  width_axes.set_xlabel("m")
+  width_axes.set_ylabel("residual stream width")
+  width_axes.set_title("model width", fontsize=9)
+  width_axes.legend(fontsize=6)
   _save(figure, path)
   return out
 
@@ -620,17 +810,19 @@ def probe_study(subject: probes.Subject, prompts: Any, key: Any, *, ridge: float
 
 def compiled_ablation_table(compiled: Any, prompts: Any, *, operations: Sequence[str] | None = None,
                             steps: Sequence[int] | None = None, path: str | None = None) -> dict:
-  """`ablations.ablate_compiled` for every operation the construction has; a bar chart of match/damage."""
-  ops = []
-  for op in operations or ablations.OPERATIONS:
-    try:
-      ablations.operation_ablation(compiled.program, op, steps=steps)
-    except ValueError:
-      continue
-    ops.append(op)
+  """`ablations.ablate_compiled` for every operation the construction has; a bar chart of match/damage.
+
+  Works for every construction with an ablation table (`ablations.available_operations`): CG in its
+  three constructions, PCG, Chebyshev and softmax Route A. `steps` (None: all) are the CG steps at
+  which each operation is removed; operations of the init layers (the PCG preconditioner) damage
+  every step whatever `steps` is.
+  """
+  available = ablations.available_operations(compiled.program)
+  ops = [op for op in (operations or available) if op in available]
   rows = {}
   for op in ops:
-    rep = ablations.ablate_compiled(compiled, op, prompts, steps=steps)
+    at = None if op == "preconditioner" else steps
+    rep = ablations.ablate_compiled(compiled, op, prompts, steps=at)
     rows[op] = {"removed": rep.ablation.description, "match": rep.match,
                 "damage_size": rep.damage_size, "mse_vs_oracle_healthy": rep.mse_healthy,
                 "mse_vs_oracle_damaged": rep.mse_damaged}
@@ -643,10 +835,13 @@ def compiled_ablation_table(compiled: Any, prompts: Any, *, operations: Sequence
   axes.set_yscale("log")
   axes.set_xticks(pos)
   axes.set_xticklabels(ops, rotation=30, fontsize=7)
-  axes.set_title(f"ablations of {compiled.program.name} (t={compiled.num_steps})", fontsize=9)
+  where = "every step" if steps is None else f"steps {list(steps)}"
+  axes.set_title(f"ablations of {compiled.program.name} (t={compiled.num_steps}, at {where})",
+                 fontsize=9)
   axes.legend(fontsize=6)
   _save(figure, path)
-  return {"construction": compiled.program.name, "operations": rows}
+  return {"construction": compiled.program.name, "steps": None if steps is None else list(steps),
+          "operations": rows}
 
 
 def trained_ablation(subject: probes.Subject, prompts: Any, key: Any, *, ridge: float, max_steps: int,
@@ -767,7 +962,8 @@ class Report:
 
 
 __all__ = (
-    "Report", "compiled_ablation_table", "depth_comparison", "depth_law", "failure_modes",
+    "DEPTH_SWEEP_SOLVERS", "DepthPanel", "Report", "chebyshev_eig_bounds", "compiled_ablation_table",
+    "compiled_solvers", "depth_comparison", "depth_law", "depth_sweep", "failure_modes",
     "feature_perturbation", "fitted_rate", "jsonable", "matching_study", "perturbation_bound",
     "probe_study", "solver_sweep", "temperature_sweep", "trained_ablation", "width_sweep",
 )
