@@ -398,9 +398,9 @@ def _width(ctx: _Context) -> None:
       jax.random.fold_in(ctx.keys["laws"], 6), laws.widths, num_prompts=laws.num_prompts,
       feature_dim=p, num_support=p, path=report.path("width_sweep.png")))
   report.section("Width m < p: spectral-tail bound",
-                 "KRR on an m-dimensional projection of phi (best rank-m and random) against the S4 "
-                 "bound; the compiled models have width >= p, so the `low_rank_predictor` hook of "
-                 "`kcg.study.width_sweep` waits for a compiler with m < p.")
+                 "KRR on an m-dimensional projection of phi (best rank-m, principal and random) "
+                 "against the S4 bound, and the compiled width-m models (compile_cg(projection=S), "
+                 "width of the m-dimensional construction) beside kcg.sketch's bound.")
   report.figure("width_sweep.png", "Error of width-m sketches and the bound.")
   report.table(["m", "sigma_{m+1}^2 (mean)", "top: error", "top: bound", "random: error",
                 "random: bound"],

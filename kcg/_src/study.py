@@ -35,8 +35,8 @@ Laws tested here:
   `||K - K^||_2 <= ||E||_2 (2 ||Phi||_2 + ||E||_2)`.
 * Width (`width_sweep`): a width-m model sees at most an m-dimensional projection `P phi` of the
   features; KRR on `P phi` is KRR with `K^ = Phi P Phi^T`, so the S4 bound applies with
-  `||K - K^||_2 = sigma_{m+1}(Phi)^2` for the best rank-m projection (the spectral tail). The compiled
-  models are width >= p today; `low_rank_predictor` is the hook for a compiler with m < p.
+  `||K - K^||_2 = sigma_{m+1}(Phi)^2` for the best rank-m projection (the spectral tail). The
+  compiled width-m models (`compile_cg(projection=S)`) are measured beside `kcg.sketch`'s bound.
 * Temperature (`temperature_sweep`, Route A): CG on the exponential kernel `exp(<x, x'>/tau)` against
   its rate `rho(kappa(tau))^t`.
 """
