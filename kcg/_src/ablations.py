@@ -396,6 +396,16 @@ def _dual_operators(phi, phi_q, kernel):
   return (lambda v: _einsum("bkj,bj->bk", gram, v)), (lambda v: _einsum("bqk,bk->bq", k_query, v))
 
 
+def _operators(phi, y, phi_q, form, kernel=None):
+  """`(A v, query read-out of v, r_0)` for the dual system (v in R^k, r_0 = y) or the primal one
+  (A = Phi^T Phi without the ridge, v in R^p, r_0 = Phi^T y)."""
+  if form == "dual":
+    return _dual_operators(phi, phi_q, kernel) + (y,)
+  return (lambda v: _einsum("bkp,bk->bp", phi, _einsum("bkp,bp->bk", phi, v)),
+          lambda v: _einsum("bqp,bp->bq", phi_q, v),
+          _einsum("bkp,bk->bp", phi, y))
+
+
 def _krylov(matvec, query_dot, r, num_query_shape, ridge, damage, spec, *, inv_diag=None,
             breakdown_guard=False, dual=True):
   """CG (PCG when `inv_diag` is given) run as the compiled programs run it; `[B, T+1, q]`.
@@ -481,13 +491,7 @@ def damaged_cg_predict(phi_support: Any, y_support: Any, phi_query: Any, ridge: 
   if any(d.preconditioner_guess_only for d in damage):
     raise ValueError("preconditioner damage needs the PCG reference, damaged_pcg_predict.")
   spec = reciprocal_spec or recip.default_spec(phi.dtype)
-  if form == "dual":
-    matvec, query_dot = _dual_operators(phi, phi_q, kernel)
-    r = y
-  else:
-    matvec = lambda v: _einsum("bkp,bk->bp", phi, _einsum("bkp,bp->bk", phi, v))
-    query_dot = lambda v: _einsum("bqp,bp->bq", phi_q, v)
-    r = _einsum("bkp,bk->bp", phi, y)
+  matvec, query_dot, r = _operators(phi, y, phi_q, form, kernel)
   return _krylov(matvec, query_dot, r, phi_q.shape[:2], ridge, damage, spec,
                  breakdown_guard=breakdown_guard, dual=form == "dual")
 
@@ -537,13 +541,7 @@ def damaged_chebyshev_predict(phi_support: Any, y_support: Any, phi_query: Any, 
   gammas, betas = programs.chebyshev_coefficients(*(float(b) for b in eig_bounds), len(damage))
   dtype = phi.dtype
   lam = jnp.asarray(ridge, dtype)
-  if form == "dual":
-    matvec, query_dot = _dual_operators(phi, phi_q, None)
-    r = y
-  else:
-    matvec = lambda v: _einsum("bkp,bk->bp", phi, _einsum("bkp,bp->bk", phi, v))
-    query_dot = lambda v: _einsum("bqp,bp->bq", phi_q, v)
-    r = _einsum("bkp,bk->bp", phi, y)
+  matvec, query_dot, r = _operators(phi, y, phi_q, form)
   p = r
   f = jnp.zeros(phi_q.shape[:2], dtype)
   outputs = [f]
