@@ -10,7 +10,9 @@ e^(2^3) ~ 1e-11 relative, by > 100x the match).
 The same holds for PCG, Chebyshev and softmax Route A (measured: match <= 2e-15 for PCG and
 Chebyshev; <= 5e-14 for Route A, whose exponential kernel and 1/Z_i reciprocal add rounding, the level
 at which its healthy model equals textbook exponential-kernel CG). The PCG preconditioner ablation
-(M^-1 = the unrefined ReLU guess, within 4.2%) changes the model by ~1e-2.
+(M^-1 = the unrefined ReLU guess, within 4.2%) changes the model by ~1e-2. The compiler's variants
+(pre-norm, feature layer, projection, r outputs) match to <= 1.8e-14 (the rank-2 projection, whose
+features pass through S before the kernel; the others <= 3.9e-15).
 """
 
 import functools
@@ -139,6 +141,102 @@ def test_ablation_matches_damaged_cg_all(construction, operation, steps, prompts
   if operation == "preconditioner" and steps is not None:
     pytest.skip("the preconditioner is formed before the first step")
   _check(construction, operation, prompts, steps)
+
+
+# The compiler's variants keep the ablation tables: pre-norm pins, a random-ReLU feature layer, a
+# linear-attention projection S [m, d] and r independent outputs (every per-output copy removed).
+_S = np.random.default_rng(7).normal(size=(2, D)) / np.sqrt(D)
+_RELU = kcg.features.random_relu(5)
+VARIANTS = {
+    "support_state+prenorm": (lambda: kcg.compile_cg(K, D, T, RIDGE, mask="prefix", norm="rmsnorm"), 1),
+    "aggregator_primal+prenorm": (lambda: kcg.compile_cg(K, D, T, RIDGE, form="primal",
+                                                         norm="rmsnorm"), 1),
+    "support_state+rank2": (lambda: kcg.compile_cg(K, D, T, RIDGE, mask="prefix", projection=_S), 1),
+    "aggregator_dual+random_relu": (lambda: kcg.compile_cg(
+        K, 5, T, RIDGE, features="random_relu",
+        feature_params=_RELU.init(jax.random.key(3), D)), 1),
+    "support_state x2 outputs": (lambda: kcg.compile_cg(K, D, T, RIDGE, mask="prefix",
+                                                        num_outputs=2), 2),
+    "aggregator_dual x3 outputs": (lambda: kcg.compile_cg(K, D, T, RIDGE, num_outputs=3), 3),
+    "jacobi_support_state x2 outputs": (lambda: kcg.compile_cg(
+        K, D, T, RIDGE, mask="prefix", num_outputs=2, preconditioner="jacobi"), 2),
+    "chebyshev_support_state+prenorm": (lambda: kcg.compile_chebyshev(
+        K, D, T, RIDGE, eig_bounds=_bounds(), mask="prefix", norm="layernorm"), 1),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _variant(name):
+  make, num_outputs = VARIANTS[name]
+  compiled = make()
+  sample = _sample()
+  y = sample.y_support
+  if num_outputs > 1:  # more columns: y, and y pushed through a fixed nonlinearity per column
+    y = np.stack([np.asarray(y) * (c + 1) + np.sin(c * np.asarray(y)) for c in range(num_outputs)], -1)
+  return compiled, sample._replace(y_support=y)
+
+
+def _textbook_columns(compiled, prompts):
+  """Each column's textbook solver (kcg.solvers) on features built here, not by the compiled model."""
+  x_s, x_q = np.asarray(prompts.x_support), np.asarray(prompts.x_query)
+  if compiled.features == "random_relu":
+    params = _RELU.init(jax.random.key(3), D)
+    x_s, x_q = (np.asarray(_RELU.apply(params, x)) for x in (x_s, x_q))
+  if compiled.projection is not None:
+    x_s, x_q = x_s @ _S.T, x_q @ _S.T
+  y = np.asarray(prompts.y_support)
+  columns = [y] if y.ndim == 2 else [y[..., c] for c in range(y.shape[-1])]
+  out = []
+  for column in columns:
+    args = (x_s, column, x_q, RIDGE, T)
+    if compiled.preconditioner == "jacobi":
+      out.append(solvers.pcg_predict(*args))
+    elif compiled.algorithm == "chebyshev":
+      out.append(solvers.chebyshev_predict(*args, compiled.eig_bounds))
+    else:
+      out.append((solvers.cg_predict if compiled.form == "dual" else solvers.primal_cg_predict)(*args))
+  return np.stack(out, -1) if y.ndim == 3 else out[0]
+
+
+_SLOW_VARIANTS = ("aggregator_primal+prenorm", "aggregator_dual x3 outputs",
+                  "jacobi_support_state x2 outputs")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW_VARIANTS
+                                  else n for n in VARIANTS])
+def test_variants_keep_the_ablation_tables(name):
+  compiled, prompts = _variant(name)
+  assert compiled.program.name == name
+  ops = ablations.available_operations(compiled.program)
+  base = name.split(" x")[0].split("+")[0]
+  assert ops == OPERATIONS[base]
+  r = VARIANTS[name][1]
+  shape = (48, T + 1, Q) + ((r,) if r > 1 else ())
+  for op in ops:
+    steps = None if op in ("query_matvec", "preconditioner") else (1,)
+    report = ablations.ablate_compiled(compiled, op, prompts, steps=steps)
+    assert report.damaged.shape == shape
+    assert report.match < 1e-11, (op, report.match)
+    threshold = 100 * report.match if op == "newton" else 1e-3
+    assert report.damage_size > threshold, (op, report.damage_size, report.match)
+  np.testing.assert_allclose(np.asarray(report.healthy), _textbook_columns(compiled, prompts),
+                             rtol=1e-10, atol=1e-12)
+
+
+def test_kernel_features_are_the_features_the_model_reads():
+  compiled, prompts = _variant("aggregator_dual+random_relu")
+  expected = np.asarray(_RELU.apply(_RELU.init(jax.random.key(3), D), prompts.x_support))
+  np.testing.assert_allclose(np.asarray(compiled.kernel_features(prompts.x_support)), expected,
+                             rtol=1e-14, atol=1e-15)
+  compiled, prompts = _variant("support_state+rank2")
+  np.testing.assert_allclose(np.asarray(compiled.kernel_features(prompts.x_query)),
+                             np.asarray(prompts.x_query) @ _S.T, rtol=1e-14, atol=1e-15)
+
+
+def test_block_cg_has_no_ablation_table():
+  compiled = kcg.compile_cg(K, D, 1, RIDGE, mask="prefix", num_outputs=2, multi_output="block")
+  with pytest.raises(ValueError, match="no ablation table"):
+    ablations.available_operations(compiled.program)
 
 
 def test_every_construction_has_its_operations():

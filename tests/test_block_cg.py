@@ -350,14 +350,21 @@ def test_compiled_state_and_inverse_in_named_channels():
 def test_compiled_rank_deficient_targets_stay_finite_and_converge():
   """Y = [y1, y2, y1]: G is singular at every step. Newton-Schulz does not invert the null
   direction (x_n(0) = 0); P annihilates it. The block has two directions per step, so
-  ceil(8 / 2) = 4 steps converge (kappa = 10: 1e4 eps kappa, the bound of the reference test)."""
+  ceil(8 / 2) = 4 steps converge in exact arithmetic. That last step's Gram is ill-conditioned (the
+  residual is nearly spent) and 12 Newton-Schulz iterations invert scaled eigenvalues above ~2^-12
+  only, so it is incomplete: measured over 24 seeds, max relative error 4.9e-9 after step 4,
+  7.6e-11 after step 5 (median 7e-12), against 1e-14 for the reference's exact r x r solve. We
+  check step 4 to 1e-7 and step 5 to 1e-9 (the margins ~20x and ~13x absorb CPU-dependent rounding:
+  a 1e-10 bound at step 4 failed on an AVX-512 machine at 1.35x)."""
   k, p, kappa, r = COMPILED_CASES[0]
   phi, y, query, ridge = _problem(k, p, kappa, 2, seed=4)
   y = np.stack([y[:, 0], y[:, 1], y[:, 0]], 1)
-  _, _, out, got = _run(k, p, r, _steps_to_converge(k, r) + 1, phi, y, query, ridge)
+  converge = -(-k // 2)
+  _, _, out, got = _run(k, p, r, converge + 1, phi, y, query, ridge)
   assert np.all(np.isfinite(np.asarray(out.residuals)))
   krr = np.asarray(solvers.krr_predict(phi, y, query, ridge))
-  np.testing.assert_allclose(got[-1], krr, rtol=0, atol=1e-10 * np.abs(krr).max())
+  np.testing.assert_allclose(got[converge], krr, rtol=0, atol=1e-7 * np.abs(krr).max())
+  np.testing.assert_allclose(got[-1], krr, rtol=0, atol=1e-9 * np.abs(krr).max())
   np.testing.assert_allclose(got[-1][:, 0], got[-1][:, 2], rtol=0, atol=1e-14 * np.abs(krr).max())
 
 

@@ -62,6 +62,19 @@ def test_layers_per_step_and_state():
                                rtol=1e-12, atol=1e-12, err_msg=name)
 
 
+@pytest.mark.parametrize("form", ["dual", "primal"])
+def test_layer_names_count_steps(form):
+  # Chebyshev lists every step's blocks separately; the step label must still advance.
+  t = 4
+  compiled = kcg.compile_chebyshev(5, 2, t, 0.2, eig_bounds=(0.2, 9.0), form=form)
+  names = programs.layer_names(compiled.program)
+  ends = compiled.program.step_ends
+  for step in range(t):
+    for layer in range(ends[step], ends[step + 1]):
+      assert names[layer].startswith(f"step[{step}] "), (layer, names[layer])
+  assert not any(n.startswith("step[") for n in names[:ends[0]])
+
+
 def test_coefficients_give_the_chebyshev_residual_polynomial():
   """r_t = P_t(A) r_0 with P_t(lam) = T_t((theta - lam)/delta) / T_t(theta/delta)."""
   low, high, t = 0.3, 7.0, 5

@@ -206,6 +206,35 @@ def test_depth_and_width_are_the_documented_functions(form, mask):
       assert dims.layers_per_step == 12
 
 
+@pytest.mark.parametrize("options", [
+    dict(form="dual", mask="prefix", num_outputs=3),
+    dict(form="primal", mask="causal", num_outputs=2),
+    dict(form="dual", mask="prefix", num_outputs=2, multi_output="block"),
+    dict(form="dual", mask="causal", norm="rmsnorm"),
+    dict(form="dual", mask="prefix", preconditioner="jacobi"),
+], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_dimensions_of_the_variants_without_compiling(options):
+  k, p, t = 6, 3, 2
+  dims = kcg.dimensions(k, p, t, **options)
+  assert dims == kcg.compile_cg(k, p, t, 0.3, **options).dimensions
+  assert dims.num_layers == dims.init_layers + t * dims.layers_per_step
+  plain = kcg.dimensions(k, p, t, form=options["form"], mask=options["mask"])
+  assert dims.width > plain.width  # each variant adds channels
+
+
+def test_dimensions_rejects_what_compile_cg_rejects():
+  with pytest.raises(ValueError, match="num_outputs"):
+    kcg.dimensions(4, 2, 1, num_outputs=0)
+  with pytest.raises(ValueError, match="block"):
+    kcg.dimensions(4, 2, 1, num_outputs=2, multi_output="block", mask="causal")
+  with pytest.raises(ValueError, match="norm"):
+    kcg.dimensions(4, 2, 1, norm="batchnorm")
+  with pytest.raises(ValueError, match="preconditioner"):
+    kcg.dimensions(4, 2, 1, mask="prefix", preconditioner="ilu")
+  with pytest.raises(ValueError, match="jacobi"):
+    kcg.dimensions(4, 2, 1, mask="causal", preconditioner="jacobi")
+
+
 @pytest.mark.parametrize("form,mask", CONSTRUCTIONS + [("primal", "prefix")])
 def test_no_leakage_from_queries_to_supports(form, mask):
   """Support tokens' activations at every layer do not depend on the query tokens at all."""

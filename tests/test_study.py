@@ -220,7 +220,11 @@ def test_smoke_study_in_process(tmp_path):
   results = study_binary.run(config, str(tmp_path))
   report, saved = _check_report(str(tmp_path))
   assert set(saved["results"]) >= {"training", "depth_comparison", "depth_law", "compiled", "trained",
-                                   "ridge_sweep", "feature_perturbation"}
+                                   "ridge_sweep", "feature_perturbation", "depth_sweeps"}
+  for sweep in ("condition", "ridge"):
+    (panel,) = saved["results"]["depth_sweeps"][sweep]["panels"].values()
+    assert set(panel["solvers"]) >= {"compiled_cg", "gd"}
+    assert set(panel["models"]) == {"linear attention"}
   assert saved["results"]["feature_perturbation"]["bound_holds"]
   compiled = saved["results"]["compiled"]["dual_prefix"]
   # The compiled model's probes, ablations and matching find the known answers.

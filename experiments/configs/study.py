@@ -27,8 +27,9 @@ Three scales (`--config=experiments/configs/study.py[:runlocal|:smoke]`):
 
 * `smoke`: one linear model of depth 1 trained 20 steps, t = 1, two points per sweep, no gradients,
   CG and GD only (compiled CG only in the depth comparison, no PCG / Chebyshev / Route A ablation
-  tables), and only the sections that exercise distinct code (no depth, condition-number,
-  temperature, failure-mode and width sweeps): under a minute (the fast test runs it in-process).
+  tables), one point per depth sweep, and only the sections that exercise distinct code (no
+  condition-number, temperature, failure-mode and width sweeps of the reference solvers): under a
+  minute (the fast test runs it in-process).
 
 Every field can be overridden on the command line, e.g. `--config.train.depths=1,2`.
 """
@@ -186,8 +187,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.laws.widths = (1, 2, 4, 8, 16)
   elif "smoke" in options:
     config.scale = "smoke"
-    config.sections = ("depth_comparison", "depth_law", "ridge_sweep", "feature_perturbation",
-                       "compiled", "trained")
+    config.sections = ("depth_comparison", "depth_sweeps", "depth_law", "ridge_sweep",
+                       "feature_perturbation", "compiled", "trained")
     config.task.input_dim = 3
     config.task.num_support = 5
     config.task.num_query = 2
@@ -202,6 +203,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.save_models = False
     config.eval.num_prompts = 16
     config.eval.num_fit_prompts = 16
+    config.sweeps.condition_numbers = (10.0,)
+    config.sweeps.ridges = (1.0,)
+    config.sweeps.depths = (1,)
+    config.sweeps.attentions = ("linear",)
+    config.sweeps.num_steps = 20
+    config.sweeps.num_prompts = 8
+    config.sweeps.num_calibration_prompts = 8
     config.compiled.num_steps = 1
     config.compiled.constructions = ("dual/prefix",)
     config.compiled.num_prompts = 16

@@ -62,6 +62,14 @@ The other constructions (`_TABLES` lists which operation is which head or layer 
   layers of the last Newton step, since the first step's second layer also forms the guard) and
   `step`. The reference is `damaged_cg_predict` with the exponential kernel and the guard.
 
+The variants of these constructions carry the same tables. `norm="rmsnorm"` (`+prenorm`) adds pin
+channels and keeps every head and block; a random-ReLU feature layer (`+random_relu`) or a
+linear-attention projection S (`+rank{m}`) changes what the kernel reads, so the reference runs on
+`compiled.kernel_features(x)` (`S phi(x)`); r independent outputs (` x{r} outputs`) keep the shared heads as
+`"<name> [shared by r outputs]"` and copy the per-output ones as `"<name> [output c]"`, and an
+operation removes every copy, so each column's damaged model is the damaged reference on that column
+(`[B, T+1, q, r]`). Block CG (`block_support_state`) has no table.
+
 For trained models the meaning of a head is unknown, so `degradation` takes any `(layer, head)` pairs
 and layers and reports how much the predictions and the error change (`degradation_map` does every head
 and every layer).
@@ -70,6 +78,7 @@ and every layer).
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
@@ -229,12 +238,15 @@ def _check_steps(program: programs.Program, steps: Sequence[int] | None) -> tupl
 
 def find_heads(program: programs.Program, head_name: str, *,
                steps: Sequence[int] | None = None) -> tuple[tuple[int, int], ...]:
-  """Every `(layer, head)` whose head is named `head_name`, within the layers of CG `steps` (None: all)."""
+  """Every `(layer, head)` whose head is named `head_name` (or is a per-output copy of it), within CG `steps`."""
   layers = [l for s in _check_steps(program, steps) for l in step_layers(program, s)]
   found = []
   for layer in layers:
     block = program.blocks[program.schedule[layer]]
-    found += [(layer, h) for h, head in enumerate(block.heads) if head.name == head_name]
+    # With r outputs a head is shared ("<name> [shared by r outputs]") or copied per output
+    # ("<name> [output c]"): the operation is every copy.
+    found += [(layer, h) for h, head in enumerate(block.heads)
+              if head.name == head_name or head.name.startswith(head_name + " [")]
   if not found:
     known = sorted({h.name for b in program.blocks for h in b.heads})
     raise ValueError(f"no head named {head_name!r} in the CG steps of program {program.name!r}; "
@@ -280,10 +292,17 @@ def available_operations(program: programs.Program) -> tuple[str, ...]:
                if op in table.heads or op in table.layers or op in table.init_layers or op == "step")
 
 
+# Suffixes the program transforms append (multi_output.with_outputs, programs.with_random_relu_features
+# / with_projection, programs.with_norm_pins), in the order the compiler applies them.
+_VARIANT = re.compile(r"^(?P<base>[a-z_]+)( x\d+ outputs)?(\+random_relu|\+rank\d+)?(\+prenorm)?$")
+
+
 def _table(program: programs.Program) -> _Table:
-  if program.name not in _TABLES:
-    raise ValueError(f"no ablation table for program {program.name!r}; known: {sorted(_TABLES)}.")
-  return _TABLES[program.name]
+  match = _VARIANT.match(program.name)
+  if match is None or match.group("base") not in _TABLES:
+    raise ValueError(f"no ablation table for program {program.name!r}; known: {sorted(_TABLES)} and "
+                     "their ' x{r} outputs', '+random_relu', '+rank{m}' and '+prenorm' variants.")
+  return _TABLES[match.group("base")]
 
 
 def _init_layers(program: programs.Program, patterns: Sequence[str]) -> tuple[int, ...]:
@@ -601,9 +620,10 @@ def _predict_steps(subject: probes.Subject, compiled: Any, prompts: Any, head_ma
   out = subject.forward(prompts.x_support, prompts.y_support, prompts.x_query, return_residuals=True,
                         head_mask=head_mask, layer_mask=layer_mask)
   at_ends = out.residuals[jnp.asarray(compiled.program.step_ends)]
-  column = compiled.program.layout.slice(compiled.program.readout).start
+  columns = compiled.program.layout.slice(compiled.program.readout)
   first_query = compiled.prompt_layout.num_prefix
-  return jnp.moveaxis(at_ends[:, :, first_query:, column], 0, 1)
+  steps_BxTxQxR = jnp.moveaxis(at_ends[:, :, first_query:, columns], 0, 1)
+  return steps_BxTxQxR if compiled.num_outputs > 1 else steps_BxTxQxR[..., 0]
 
 
 def _kernel_of(compiled: Any) -> Callable | None:
@@ -615,8 +635,22 @@ def _kernel_of(compiled: Any) -> Callable | None:
 
 
 def reference_predict(compiled: Any, prompts: Any, damage: Sequence[Damage]) -> Array:
-  """The damaged reference `[B, T+1, q]` for `compiled`'s construction (its `_TABLES` entry)."""
-  args = (prompts.x_support, prompts.y_support, prompts.x_query, compiled.ridge)
+  """The damaged reference `[B, T+1, q]` (`[B, T+1, q, r]`) for `compiled`'s construction.
+
+  Runs on `compiled.kernel_features(x)` (the features its kernel reads) and on each of the r columns of
+  `y_support [B, k, r]` independently.
+  """
+  _table(compiled.program)  # no table, no reference
+  phi, phi_q = compiled.kernel_features(prompts.x_support), compiled.kernel_features(prompts.x_query)
+  y = jnp.asarray(prompts.y_support)
+  if compiled.num_outputs > 1:
+    return jnp.stack([_reference_column(compiled, phi, y[..., c], phi_q, damage)
+                      for c in range(y.shape[-1])], axis=-1)
+  return _reference_column(compiled, phi, y, phi_q, damage)
+
+
+def _reference_column(compiled: Any, phi, y, phi_q, damage: Sequence[Damage]) -> Array:
+  args = (phi, y, phi_q, compiled.ridge)
   reference = _table(compiled.program).reference
   if reference == "pcg":
     return damaged_pcg_predict(*args, damage)
@@ -632,10 +666,11 @@ def ablate_compiled(compiled: Any, operation: str, prompts: Any, *,
   """Removes `operation` at CG `steps` (None: every step) from `compiled` and compares with the reference.
 
   Args:
-    compiled: a `kcg.CompiledCG` (identity features: `x` is `phi`): CG in any construction, PCG
-      (`preconditioner="jacobi"`), Chebyshev (`kcg.compile_chebyshev`) or softmax Route A.
+    compiled: a `kcg.CompiledCG`: CG in any construction, PCG (`preconditioner="jacobi"`),
+      Chebyshev (`kcg.compile_chebyshev`) or softmax Route A, each also with `norm="rmsnorm"`,
+      random-ReLU features, a linear-attention projection or r independent outputs.
     operation: one of `available_operations(compiled.program)`.
-    prompts: with `x_support [B,k,d]`, `y_support [B,k]`, `x_query [B,q,d]`.
+    prompts: with `x_support [B,k,d]`, `y_support [B,k]` (`[B,k,r]`), `x_query [B,q,d]`.
     steps: CG steps (0-based) at which to remove it.
   """
   program = compiled.program
@@ -647,7 +682,7 @@ def ablate_compiled(compiled: Any, operation: str, prompts: Any, *,
   damaged = _predict_steps(subject, compiled, prompts, head_mask, layer_mask)
   ref_damaged = reference_predict(compiled, prompts, damage)
   ref_healthy = reference_predict(compiled, prompts, (HEALTHY,) * len(damage))
-  oracle = _oracle(prompts, compiled.ridge, _kernel_of(compiled))
+  oracle = _oracle(prompts, compiled.ridge, _kernel_of(compiled), compiled.kernel_features)
   return AblationReport(
       operation, ablation, damaged, healthy, ref_damaged, ref_healthy,
       match=_relative(damaged, ref_damaged), damage_size=_relative(damaged, healthy),
@@ -655,12 +690,14 @@ def ablate_compiled(compiled: Any, operation: str, prompts: Any, *,
       mse_damaged=float(jnp.mean(jnp.square(damaged[:, -1] - oracle))))
 
 
-def _oracle(prompts: Any, ridge: float, kernel: Callable | None = None) -> Array:
+def _oracle(prompts: Any, ridge: float, kernel: Callable | None = None,
+            features: Callable | None = None) -> Array:
   from kcg._src import solvers  # pylint: disable=g-import-not-at-top
+  features = features or (lambda x: x)
+  args = (features(prompts.x_support), prompts.y_support, features(prompts.x_query), ridge)
   if kernel is None:
-    return solvers.krr_predict(prompts.x_support, prompts.y_support, prompts.x_query, ridge)
-  return solvers.krr_predict(prompts.x_support, prompts.y_support, prompts.x_query, ridge,
-                             kernel=kernel)
+    return solvers.krr_predict(*args)
+  return solvers.krr_predict(*args, kernel=kernel)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from flax import nnx
 from kcg._src import block_programs
 from kcg._src import craft
 from kcg._src import model as model_lib
-from kcg._src import multi_output
+from kcg._src import multi_output as multi_output_lib
 from kcg._src import programs
 from kcg._src import prompt as prompt_lib
 from kcg._src import reciprocal as recip
@@ -216,6 +216,45 @@ def assemble(config: model_lib.ModelConfig, arrays: dict, dtype) -> model_lib.Tr
   return model
 
 
+def _build_program(spec, dtype, *, num_support, rank, num_steps, ridge, mask, form,
+                   state_placement, algorithm="cg", eig_bounds=None, preconditioner=None,
+                   attention="linear", kernel="linear", temperature=None, projection=None,
+                   temperature_heads=1, num_outputs=1, multi_output="independent", norm=None,
+                   features="identity", feature_params=None) -> programs.Program:
+  """Stage 1 for every option of `compile_cg` / `compile_chebyshev` (validated by the caller).
+
+  rank: the feature channels' size (feature_dim, or m for a linear-attention projection [m, p]);
+  spec=None takes float64's reciprocal table (the architecture never depends on it).
+  """
+  spec = spec or recip.default_spec(np.float64)
+  if attention == "softmax" and kernel == "exponential":
+    program = softmax_programs.exponential_support_state(
+        num_support, rank, num_steps, ridge, temperature, projection, spec)
+  elif attention == "softmax":
+    temperatures = tuple(temperature * (i + 1) for i in range(temperature_heads))
+    program = softmax_programs.dot_product_support_state(
+        num_support, rank, num_steps, ridge, temperatures, projection, spec)
+  elif multi_output == "block" and num_outputs > 1:
+    program = block_programs.block_support_state(rank, num_outputs, num_steps, ridge, spec)
+  elif algorithm == "chebyshev":
+    program = build_chebyshev_program(num_support, rank, num_steps, ridge, eig_bounds, mask=mask,
+                                      form=form, state_placement=state_placement)
+  else:
+    program = build_program(num_support, rank, num_steps, ridge, mask=mask, form=form,
+                            state_placement=state_placement, reciprocal_spec=spec,
+                            preconditioner=preconditioner)
+  if multi_output != "block":
+    program = multi_output_lib.with_outputs(program, num_outputs)
+  sketch = projection if attention == "linear" else None
+  if features == "random_relu":
+    program = programs.with_random_relu_features(program, *feature_params, sketch)
+  elif sketch is not None:
+    program = programs.with_projection(program, sketch)
+  if norm is not None:
+    program = programs.with_norm_pins(program, norm_pin(dtype), norm == "layernorm")
+  return program
+
+
 class CompiledCG:
   """A CG transformer: `.model` (kcg.Transformer with the compiled state), `.params`, `.predict`.
 
@@ -272,38 +311,14 @@ class CompiledCG:
     self.params = nnx.state(self.model, nnx.Param)
 
   def _build(self, spec, dtype) -> programs.Program:
-    if self.attention == "softmax" and self.kernel == "exponential":
-      program = softmax_programs.exponential_support_state(
-          self.num_support, self.feature_dim, self.num_steps, self.ridge, self.temperature,
-          self.projection, spec or recip.default_spec(np.float64))
-    elif self.attention == "softmax":
-      temperatures = tuple(self.temperature * (i + 1) for i in range(self.temperature_heads))
-      program = softmax_programs.dot_product_support_state(
-          self.num_support, self.feature_dim, self.num_steps, self.ridge, temperatures,
-          self.projection, spec or recip.default_spec(np.float64))
-    elif self.multi_output == "block" and self.num_outputs > 1:
-      program = block_programs.block_support_state(
-          self.rank, self.num_outputs, self.num_steps, self.ridge,
-          spec or recip.default_spec(np.float64))
-    elif self.algorithm == "chebyshev":
-      program = build_chebyshev_program(self.num_support, self.rank, self.num_steps,
-                                        self.ridge, self.eig_bounds, mask=self.mask,
-                                        form=self.form, state_placement=self.state_placement)
-    else:
-      program = build_program(self.num_support, self.rank, self.num_steps, self.ridge,
-                              mask=self.mask, form=self.form,
-                              state_placement=self.state_placement, reciprocal_spec=spec,
-                              preconditioner=self.preconditioner)
-    if self.multi_output != "block":
-      program = multi_output.with_outputs(program, self.num_outputs)
-    sketch = self.projection if self.attention == "linear" else None
-    if self.features == "random_relu":
-      program = programs.with_random_relu_features(program, *self.feature_params, sketch)
-    elif sketch is not None:
-      program = programs.with_projection(program, sketch)
-    if self.norm is not None:
-      program = programs.with_norm_pins(program, norm_pin(dtype), self.norm == "layernorm")
-    return program
+    return _build_program(
+        spec, dtype, num_support=self.num_support, rank=self.rank, num_steps=self.num_steps,
+        ridge=self.ridge, mask=self.mask, form=self.form, state_placement=self.state_placement,
+        algorithm=self.algorithm, eig_bounds=self.eig_bounds, preconditioner=self.preconditioner,
+        attention=self.attention, kernel=self.kernel, temperature=self.temperature,
+        projection=self.projection, temperature_heads=self.temperature_heads,
+        num_outputs=self.num_outputs, multi_output=self.multi_output, norm=self.norm,
+        features=self.features, feature_params=self.feature_params)
 
   @functools.lru_cache(maxsize=4)
   def _model_for(self, dtype) -> model_lib.Transformer:
@@ -321,6 +336,24 @@ class CompiledCG:
                       init_layers=ends[0], width=self.config.width,
                       num_heads=self.config.num_heads, head_dim=self.config.head_dim,
                       value_dim=self.config.resolved_value_dim, mlp_hidden=self.config.mlp_hidden)
+
+  def kernel_features(self, x) -> jax.Array:
+    """The features `[..., rank]` the model's kernel reads at inputs `x [..., d]`.
+
+    `S phi(x)`: phi the identity or the random-ReLU layer `relu(W x + b) / sqrt(m)`, S the
+    linear-attention projection (softmax routes keep U inside their kernel: phi(x) there). The
+    model's CG is KRR on these features, so this is what references and oracles take as `phi`.
+    """
+    x = jnp.asarray(x)
+    highest = jax.lax.Precision.HIGHEST
+    if self.feature_params is not None:
+      weights, bias = (jnp.asarray(a, x.dtype) for a in self.feature_params)
+      bias = bias.reshape((1,) * (x.ndim - 1) + bias.shape)
+      x = jax.nn.relu(jnp.matmul(x, weights.T, precision=highest) + bias) / jnp.sqrt(
+          jnp.asarray(weights.shape[0], x.dtype))
+    if self.projection is not None and self.attention == "linear":
+      x = jnp.matmul(x, jnp.asarray(self.projection, x.dtype).T, precision=highest)
+    return x
 
   def encode(self, x_support, y_support, x_query) -> tuple[jax.Array, prompt_lib.PromptLayout]:
     x_query = jnp.asarray(x_query)
@@ -466,21 +499,26 @@ def compile_chebyshev(num_support: int, feature_dim: int, num_steps: int, ridge:
 
 
 def dimensions(num_support: int, feature_dim: int, num_steps: int, *, mask: str = "causal",
-               form: str = "dual", state_placement: str = "auto") -> Dimensions:
-  """Depth and width of `compile_cg(...)` as explicit functions of k, p and t.
+               form: str = "dual", state_placement: str = "auto", preconditioner=None,
+               num_outputs: int = 1, multi_output: str = "independent",
+               norm: str | None = None) -> Dimensions:
+  """Depth and width of `compile_cg(...)` (linear attention) as explicit functions of k, p, t, r.
 
-  num_layers(t) = init_layers + t * layers_per_step; width(k, p) is the layout's size. A model
+  num_layers(t) = init_layers + t * layers_per_step; width(k, p, r) is the layout's size. A model
   compiled with a projection S [m, p] (linear attention) has the dimensions of feature_dim = m.
+  Builds the programs only (no weights), so it is cheap at any t.
   """
   _validate(num_support, feature_dim, num_steps, 1.0, mask, form, "linear", "identity",
             state_placement, None)
-  placement = _resolve_placement(form, mask, state_placement)
-  full = build_program(num_support, feature_dim, num_steps, 1.0, mask=mask, form=form,
-                       state_placement=placement)
-  one = build_program(num_support, feature_dim, 1, 1.0, mask=mask, form=form,
-                      state_placement=placement)
-  zero = build_program(num_support, feature_dim, 0, 1.0, mask=mask, form=form,
-                       state_placement=placement)
+  _validate_preconditioner(preconditioner, form, mask, state_placement)
+  _validate_outputs(num_outputs, multi_output, "linear", form, mask, preconditioner)
+  _validate_norm(norm)
+  options = dict(num_support=num_support, rank=feature_dim, ridge=1.0, mask=mask, form=form,
+                 state_placement=_resolve_placement(form, mask, state_placement),
+                 preconditioner=preconditioner, num_outputs=int(num_outputs),
+                 multi_output=multi_output, norm=norm)
+  full, one, zero = (_build_program(None, jnp.float64, num_steps=t, **options)
+                     for t in (num_steps, 1, 0))
   req = craft.requirements(full.layout, full.blocks)
   init_layers = len(zero.schedule)
   per_step = len(one.schedule) - init_layers
@@ -557,14 +595,7 @@ def compile_cg(num_support: int, feature_dim: int, num_steps: int, ridge: float,
     raise ValueError(f"temperature_heads must be an int in [1, 6], got {temperature_heads!r}.")
   projection = _validate_kernel(attention, kernel, temperature, projection, feature_dim, mask, form,
                                 preconditioner, features)
-  if preconditioner not in (None, "jacobi"):
-    raise ValueError(f"preconditioner={preconditioner!r} is not one of (None, 'jacobi').")
-  if preconditioner == "jacobi" and (form != "dual" or mask != "prefix"
-                                     or state_placement == "aggregator"):
-    raise ValueError(
-        "preconditioner='jacobi' is compiled for form='dual', mask='prefix' (per-support state): "
-        "M^{-1} r is a scaling of each support token's own residual. With the state in the "
-        "aggregator it would need k elementwise products per step; use mask='prefix'.")
+  _validate_preconditioner(preconditioner, form, mask, state_placement)
   _validate_outputs(num_outputs, multi_output, attention, form, mask, preconditioner)
   _validate_norm(norm)
   if norm == "layernorm":
@@ -587,6 +618,17 @@ def compile_cg(num_support: int, feature_dim: int, num_steps: int, ridge: float,
                     temperature=None if temperature is None else float(temperature),
                     projection=projection,
                     temperature_heads=temperature_heads if kernel == "linear" else 1)
+
+
+def _validate_preconditioner(preconditioner, form, mask, state_placement):
+  if preconditioner not in (None, "jacobi"):
+    raise ValueError(f"preconditioner={preconditioner!r} is not one of (None, 'jacobi').")
+  if preconditioner == "jacobi" and (form != "dual" or mask != "prefix"
+                                     or state_placement == "aggregator"):
+    raise ValueError(
+        "preconditioner='jacobi' is compiled for form='dual', mask='prefix' (per-support state): "
+        "M^{-1} r is a scaling of each support token's own residual. With the state in the "
+        "aggregator it would need k elementwise products per step; use mask='prefix'.")
 
 
 def _validate_norm(norm):

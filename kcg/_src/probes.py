@@ -119,24 +119,27 @@ def _encode_apply(state, x_support, y_support, x_query, head_mask, layer_mask, *
                head_mask=head_mask, layer_mask=layer_mask)
 
 
-def _forward_fn(model: model_lib.Transformer, input_dim: int, positional: bool) -> Callable:
+def _forward_fn(model: model_lib.Transformer, input_dim: int, positional: bool,
+                num_outputs: int = 1) -> Callable:
   graphdef, state = nnx.split(model)
   config = model.config
+  targets = "[B, k]" if num_outputs == 1 else f"[B, k, {num_outputs}]"
 
   def forward(x_support, y_support, x_query, *, return_residuals=False, head_mask=None,
               layer_mask=None):
     dtype = checks.float_dtype(x_support, y_support, x_query)
     x_support, y_support, x_query = (checks.as_array(n, a, dtype) for n, a in (
         ("x_support", x_support), ("y_support", y_support), ("x_query", x_query)))
-    if x_support.ndim != 3 or x_query.ndim != 3 or y_support.shape != x_support.shape[:2]:
-      raise ValueError(f"prompts must be x_support [B, k, d], y_support [B, k], x_query [B, q, d]; "
+    y_shape = x_support.shape[:2] + ((num_outputs,) if num_outputs > 1 else ())
+    if x_support.ndim != 3 or x_query.ndim != 3 or y_support.shape != y_shape:
+      raise ValueError(f"prompts must be x_support [B, k, d], y_support {targets}, x_query [B, q, d]; "
                        f"got {x_support.shape}, {y_support.shape}, {x_query.shape}.")
     for name, x in (("x_support", x_support), ("x_query", x_query)):
       if x.shape[-1] > input_dim:
         raise ValueError(f"{name} has {x.shape[-1]} input dimensions but the model reads input_dim="
                          f"{input_dim}; pass at most {input_dim}.")
     layout = prompt_lib.make_layout(x_support.shape[1], x_query.shape[1], input_dim,
-                                    positional=positional)
+                                    positional=positional, num_outputs=num_outputs)
     if layout.token_dim != config.token_dim:
       raise ValueError(f"the prompt encodes to {layout.token_dim} features per token but the model "
                        f"reads {config.token_dim}; check input_dim and positional (and, for a "
@@ -178,7 +181,7 @@ def subject_from_compiled(compiled: Any, name: str | None = None) -> Subject:
   positional = compiled.prompt_layout.positional
   # With a compiled feature layer (features="random_relu") the prompt holds x, not phi(x).
   input_dim = getattr(compiled, "input_dim", compiled.feature_dim)
-  direct = _forward_fn(compiled.model, input_dim, positional)
+  direct = _forward_fn(compiled.model, input_dim, positional, compiled.num_outputs)
 
   def forward(x_support, y_support, x_query, *, return_residuals=False, head_mask=None,
               layer_mask=None):

@@ -26,6 +26,7 @@ layer finishes which CG step.
 
 from __future__ import annotations
 
+import bisect
 from typing import NamedTuple
 
 import numpy as np
@@ -225,10 +226,12 @@ def _finish(name, layout, embedding, init_blocks, step_blocks, num_steps, state,
 
 def layer_names(program: Program) -> tuple[str, ...]:
   """A name for every layer, e.g. 'cg[3] mat-vec Kp'."""
-  names, num_init = [], program.step_ends[0]
+  # The step comes from `step_ends`, not from the block count: per-step programs (Chebyshev) list
+  # every step's blocks separately.
+  names = []
   for layer, block in enumerate(program.schedule):
-    step = (layer - num_init) // max(len(program.blocks) - num_init, 1)
-    prefix = "" if layer < num_init else f"step[{step}] "
+    step = bisect.bisect_right(program.step_ends, layer) - 1
+    prefix = "" if step < 0 else f"step[{step}] "
     names.append(prefix + program.blocks[block].name)
   return tuple(names)
 
