@@ -91,6 +91,7 @@ class _Context:
   fit_prompts: Any
   feature_map: Callable
   trained: dict
+  models_dir: str | None = None  # where trained models are checkpointed (None: not saved)
 
 
 def _train(ctx: _Context, workdir: str) -> None:
@@ -222,7 +223,9 @@ def _depth_sweeps(ctx: _Context) -> None:
           tc = _train_config(config, attention, int(depth), num_steps=sw.num_steps,
                              seed_offset=salt, **overrides)
           began = time.perf_counter()
-          result = training.train(tc, None)
+          model_dir = (os.path.join(ctx.models_dir, "sweeps", f"{tag}{value:g}_{attention}_L{depth}")
+                       if ctx.models_dir else None)
+          result = training.train(tc, model_dir)
           timings[f"{tag}={value:g} {attention} L={depth}"] = {
               "seconds": time.perf_counter() - began,
               "final_loss": result.history[-1].get("loss") if result.history else None}
@@ -635,7 +638,8 @@ def run(config, workdir: str) -> dict:
                  eval_prompts=tasks.sample(keys["eval"], _task(config, config.eval.num_prompts)),
                  fit_prompts=tasks.sample(keys["fit"], _task(config, config.eval.num_fit_prompts)),
                  feature_map=functools.partial(fm.apply, fm.init(keys["features"], t.input_dim)),
-                 trained={})
+                 trained={},
+                 models_dir=os.path.join(workdir, "models") if config.train.save_models else None)
   timings = {}
   steps = [("train", lambda: _train(ctx, workdir)),
            ("depth_comparison", lambda: _depth_comparison(ctx)),

@@ -39,7 +39,7 @@ def _subject(form, mask):
 def test_step_end_layers_match_cg_t(form, mask, expected, prompts):
   subject = _subject(form, mask)
   result = matching.match_subject(subject, prompts, jax.random.key(1), ridge=RIDGE, max_steps=T + 1,
-                                  readout="prediction_channel", gradients=form == "dual")
+                                  readout="prediction_channel", gradients=True)
   assert len(result.layers) == subject.num_layers + 1
   for t, layer in enumerate(subject.program.step_ends):
     m = result.layers[layer]
@@ -49,15 +49,46 @@ def test_step_end_layers_match_cg_t(form, mask, expected, prompts):
     else:
       assert (m.name, m.step) == (expected, t), (t, m)
       assert m.r2 > 1 - 1e-10 and m.error_cosine > 1 - 1e-10
-      if form == "dual":
-        # Induced weights d f / d x_query: the compiled model's are CG's w_t = X^T alpha_t.
-        assert m.weight_cosine > 1 - 1e-10 and m.sensitivity_cosine > 1 - 1e-10
-        assert m.weight_relative_distance < 1e-8
+      # Induced weights d f / d x_query: the compiled model's are CG's w_t (= X^T alpha_t in dual
+      # form); the causal mask takes the path that keeps the Jacobian's diagonal over queries.
+      assert m.weight_cosine > 1 - 1e-10 and m.sensitivity_cosine > 1 - 1e-10
+      assert m.weight_relative_distance < 1e-8
   # Before convergence (t = 2 < p = 4) every other candidate's best distance is far larger.
   mid = subject.program.step_ends[2]
   others = [d[mid] for n, d in result.best_distance.items() if n != expected]
   assert min(others) > 1e6 * max(result.layers[mid].squared_difference, 1e-30)
   assert "| layer |" in result.table()
+
+
+def test_implicit_weights_steps_keep_each_querys_own_gradient(prompts):
+  """Forward mode against reverse mode (`jax.jacrev`), and the Jacobian's diagonal over queries.
+
+  Both modes differentiate the same float64 program, so they agree to rounding (1e-12).
+  """
+  subject = _subject("primal", "causal")
+  predictor = matching.layer_predictor(subject, "prediction_channel")
+  steps = lambda xs, ys, xq: jnp.moveaxis(predictor(xs, ys, xq), 0, 1)  # [B, N, q]
+  got = matching.implicit_weights_steps(steps, prompts)
+  xs, ys, xq = prompts.x_support, prompts.y_support, prompts.x_query
+  jac = jax.jacrev(lambda x: jnp.sum(steps(xs, ys, x), axis=0))(xq)  # [N, q, B, q, d]
+  want = jnp.moveaxis(jnp.swapaxes(jnp.diagonal(jac, axis1=1, axis2=3), -1, -2), 0, 1)
+  assert got.shape == (xq.shape[0], subject.num_layers + 1, Q, D)
+  np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+  w = np.arange(1.0, D + 1)
+  coupling = 0.5
+
+  def interacting(xs, ys, xq):  # output n: n (w^T x_j + c sum_i x_i[0]); every query sees the others
+    f = jnp.einsum("bqd,d->bq", xq, w) + coupling * jnp.sum(xq[..., 0], axis=-1, keepdims=True)
+    return f[:, None, :] * jnp.arange(3.0)[None, :, None]
+
+  own = np.array(w)
+  own[0] += coupling
+  got = matching.implicit_weights_steps(interacting, prompts)
+  want = np.arange(3.0)[None, :, None, None] * own[None, None, None, :]
+  np.testing.assert_allclose(got, np.broadcast_to(want, got.shape), rtol=1e-12, atol=1e-12)
+  summed = matching.implicit_weights_steps(interacting, prompts, independent_queries=True)
+  np.testing.assert_allclose(summed[:, 1, :, 0], w[0] + Q * coupling, rtol=1e-12)
 
 
 def test_logit_lens_is_the_prediction_channel_for_compiled_models(prompts):
