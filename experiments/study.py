@@ -94,6 +94,14 @@ class _Context:
   models_dir: str | None = None  # where trained models are checkpointed (None: not saved)
 
 
+def _final_loss(result, model_dir: str | None) -> float | None:
+  """The last logged training loss; a run resumed from a finished checkpoint logs nothing itself."""
+  from kcg._src import training  # pylint: disable=g-import-not-at-top
+  history = training.load_history(model_dir) if model_dir else result.history
+  losses = [h["loss"] for h in history if "loss" in h]
+  return losses[-1] if losses else None
+
+
 def _train(ctx: _Context, workdir: str) -> None:
   from kcg._src import probes  # pylint: disable=g-import-not-at-top
   from kcg._src import training  # pylint: disable=g-import-not-at-top
@@ -107,7 +115,7 @@ def _train(ctx: _Context, workdir: str) -> None:
       model_dir = os.path.join(workdir, "models", f"{attention}_L{depth}")
       began = time.perf_counter()
       result = training.train(tc, model_dir if config.train.save_models else None)
-      loss = result.history[-1].get("loss") if result.history else None
+      loss = _final_loss(result, model_dir if config.train.save_models else None)
       name = f"{attention} L={depth}"
       ctx.trained[(attention, int(depth))] = probes.subject_from_model(
           result.model, input_dim=config.task.input_dim, name=name)
@@ -115,7 +123,7 @@ def _train(ctx: _Context, workdir: str) -> None:
   ctx.report.section("Trained models", "`kcg.training`, query encoding, prefix mask, no MLP and no "
                      "norm (the class of the compiled models); checkpoints under `models/` when saved "
                      "(load with `kcg.training.load_trained`).")
-  ctx.report.table(["model", "steps", "final train loss", "seconds"], rows)
+  ctx.report.table(["model", "steps", "final train loss", "seconds (this run; ~0 when resumed)"], rows)
   ctx.report.add("training", {r[0]: {"steps": r[1], "final_loss": r[2], "seconds": r[3]} for r in rows})
 
 
@@ -227,8 +235,7 @@ def _depth_sweeps(ctx: _Context) -> None:
                        if ctx.models_dir else None)
           result = training.train(tc, model_dir)
           timings[f"{tag}={value:g} {attention} L={depth}"] = {
-              "seconds": time.perf_counter() - began,
-              "final_loss": result.history[-1].get("loss") if result.history else None}
+              "seconds": time.perf_counter() - began, "final_loss": _final_loss(result, model_dir)}
           subject = probes.subject_from_model(result.model, input_dim=d,
                                               name=f"{attention} L={depth}")
           families.setdefault(f"{attention} attention", {})[int(depth)] = probes.predict_fn(subject)

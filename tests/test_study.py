@@ -245,6 +245,21 @@ def test_study_rejects_unknown_section(tmp_path):
     study_binary.run(config, str(tmp_path))
 
 
+def test_study_resumes_saved_models_and_reports_their_final_loss(tmp_path):
+  # A rerun into the same workdir restores the finished checkpoints instead of training; the
+  # report must still carry the loss logged by the run that trained them.
+  config = study_config.get_config("smoke")
+  with config.unlocked():
+    config.sections = ("depth_law",)
+    config.train.save_models = True
+  first = study_binary.run(config, str(tmp_path))["training"]
+  second = study_binary.run(config, str(tmp_path))["training"]
+  (name,) = first
+  assert first[name]["final_loss"] is not None
+  assert second[name]["final_loss"] == first[name]["final_loss"]
+  assert second[name]["seconds"] < first[name]["seconds"]
+
+
 @pytest.mark.slow
 def test_runlocal_study_binary(tmp_path):
   """The contract of issue 6: the runlocal study finishes (minutes on 2 cores) and writes the report."""

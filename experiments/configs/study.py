@@ -7,11 +7,12 @@ Three scales (`--config=experiments/configs/study.py[:runlocal|:smoke]`):
   all three constructions; larger grids. Depth sweeps (`depth_sweeps`): linear and softmax models of
   depth 1, 2, 4, 8 trained 3000 steps afresh at input condition numbers 1, 10, 100, 1000 and at
   ridges 0.02, 0.2, 2 (56 more models), against compiled CG / PCG / Chebyshev and reference GD.
-  Estimated runtime on 2 CPU cores: about 45-60 minutes without the depth sweeps, plus about
-  30-40 minutes for them (estimated from the rates below, not measured).
-  Measured rates: training runs at ~250 steps/s (L = 1) down to ~40-60 steps/s (L = 8), i.e. ~35 min
-  for the 16 models; the analyses of one L = 8 model take ~25 s (probes 12 s, matching with
-  gradients 8 s, ablations 3 s), ~7 min for all; compiled models and laws a few more minutes.
+  Measured on 2 CPU cores (machine otherwise idle): about 95 minutes from scratch, peak memory
+  4.6 GB. Per section: training the 16 models 2687 s (~250 steps/s at L = 1 down to ~35 steps/s for
+  softmax L = 8), depth sweeps 2540 s (56 models), depth comparison 12 s, laws and reference sweeps
+  ~60 s, compiled models 173 s (layer matching with gradients on the 49-layer causal model 61 s),
+  trained analyses 207 s. Trained models (main and depth-sweep ones) are checkpointed under
+  `WORKDIR/models`, so a rerun into the same workdir resumes them and takes ~8 minutes.
   Other input conditioning: add `--config.task.condition_number=100 --config.task.input_rotation=fixed`.
 
       python -m experiments.study --config=experiments/configs/study.py --workdir=/tmp/study
