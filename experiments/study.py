@@ -464,9 +464,15 @@ def _compiled(ctx: _Context) -> None:
         end = ends[step]
         rows.append([combo, step, end, r["cosine"][end][step], r["r2"][end][step],
                      r["shuffled_cosine"][end][step], r["control_cosine"][end][step],
-                     r["best_control_cosine"][step], bool(r["trivial"][end][step])])
+                     r["best_control_cosine"][step], bool(r["trivial"][end][step]),
+                     r["rows_per_feature"][end][step]])
     report.table(["state @ site", "t", "layer (step end)", "cosine", "R^2", "shuffled cos",
-                  "random-init cos", "best random-init cos (any layer)", "trivial"], rows)
+                  "random-init cos", "best random-init cos (any layer)", "trivial",
+                  "train rows / varying feature"], rows)
+    if min(row[-1] for row in rows) < 1:
+      report.text(f"Some probes above had fewer training rows than varying features (underdetermined): "
+                  f"their cosine is limited by the {cc.num_prompts} prompts "
+                  "(`config.compiled.num_prompts`), not by the model.")
     report.figure(f"ablations_compiled_{tag}.png", "Removing an operation: the damaged model against "
                   "CG with the same operation removed (match), and against the intact model (damage).")
     report.table(["operation", "removed", "match", "damage", "mse vs oracle (healthy)",
@@ -482,9 +488,12 @@ def _compiled(ctx: _Context) -> None:
     alpha = probe_res["combos"]["alpha@" + combos[0][1]]
     last = cc.num_steps
     ops = abl["operations"].values()
+    rows_per_feature = alpha["rows_per_feature"][ends[last]][last]
     ctx.summary.append(
         f"Compiled {tag}: probe of alpha_{last} at its step end: cosine "
-        f"{alpha['cosine'][ends[last]][last]:.6f} (random-init control, best layer: "
+        f"{alpha['cosine'][ends[last]][last]:.6f}"
+        + (f" (underdetermined: {rows_per_feature:.2f} training rows per feature)"
+           if rows_per_feature < 1 else "") + " (random-init control, best layer: "
         f"{alpha['best_control_cosine'][last]:.3f}); ablations match the damaged CG to "
         f"{max(r['match'] for r in ops):.1e} while changing the model by "
         f"{min(r['damage_size'] for r in ops):.1e}..{max(r['damage_size'] for r in ops):.1e}; "

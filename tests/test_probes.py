@@ -34,8 +34,8 @@ def _compiled(form, mask):
   return kcg.compile_cg(K, D, T, RIDGE, mask=mask, form=form)
 
 
-@pytest.fixture(scope="module", params=[("dual", "prefix"), ("primal", "causal")],
-                ids=["support_state", "aggregator_primal"])
+@pytest.fixture(scope="module", params=[("dual", "prefix"), ("dual", "causal"), ("primal", "causal")],
+                ids=["support_state", "aggregator_dual", "aggregator_primal"])
 def compiled(request):
   return _compiled(*request.param)
 
@@ -107,6 +107,25 @@ def test_primal_weights_probe(prompts):
   dual = probes.state_targets(prompts.x_support, prompts.y_support, RIDGE, T, form="dual")
   np.testing.assert_allclose(np.asarray(dual.w), np.einsum(
       "btk,bkp->btp", np.asarray(dual.alpha), np.asarray(prompts.x_support)), rtol=1e-12)
+
+
+def test_too_few_prompts_for_the_aggregator_features_is_reported(prompts):
+  """The dual/causal state sits in 22 varying aggregator columns: one row per prompt, so 16 prompts
+  (12-13 training rows per fold) underdetermine the probe and its cosine drops with nothing wrong in
+  the model; 48 prompts recover alpha_2 exactly."""
+  compiled = _compiled("dual", "causal")
+  _, h, _ = _residual_pair(compiled, prompts)
+  targets = probes.state_targets(prompts.x_support, prompts.y_support, RIDGE, T, form="dual")
+  features = probes.site_features(h, "aggregator", K)[compiled.program.step_ends[2]]
+  target = probes.site_targets(np.asarray(targets.alpha)[:, 2], "aggregator", Q)
+  few = probes.cross_validated_probe(features[:16], target[:16], jax.random.key(1), ridge=1e-8)
+  enough = probes.cross_validated_probe(features, target, jax.random.key(1), ridge=1e-8)
+  assert few.rows_per_feature < 1 and few.cosine < 0.9, few[:3] + few[4:]
+  assert enough.rows_per_feature > 1 and enough.cosine > 0.999, enough[:3] + enough[4:]
+  # A per-token site has one row per token: the support site of dual/prefix is far from the limit.
+  per_token = probes.cross_validated_probe(np.ones((16, K, 4)) + np.arange(16 * K * 4).reshape(
+      16, K, 4) % 7, np.ones((16, K, 1)), jax.random.key(1))
+  assert per_token.rows_per_feature == pytest.approx(12 * K / 4)
 
 
 def test_shuffled_control_flags_trivial_low_dimensional_target():

@@ -10,7 +10,7 @@ Three scales (`--config=experiments/configs/study.py[:runlocal|:smoke]`):
   Measured on 2 CPU cores (machine otherwise idle): about 95 minutes from scratch, peak memory
   4.6 GB. Per section: training the 16 models 2687 s (~250 steps/s at L = 1 down to ~35 steps/s for
   softmax L = 8), depth sweeps 2540 s (56 models), depth comparison 12 s, laws and reference sweeps
-  ~60 s, compiled models 173 s (layer matching with gradients on the 49-layer causal model 61 s),
+  ~60 s, compiled models ~150 s (layer matching with gradients on the 49-layer causal model 61 s),
   trained analyses 207 s. Trained models (main and depth-sweep ones) are checkpointed under
   `WORKDIR/models`, so a rerun into the same workdir resumes them and takes ~8 minutes.
   Other input conditioning: add `--config.task.condition_number=100 --config.task.input_rotation=fixed`.
@@ -107,7 +107,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.compiled = ml_collections.ConfigDict()
   config.compiled.num_steps = 4
   config.compiled.constructions = ("dual/prefix", "dual/causal", "primal/causal")
-  config.compiled.num_prompts = 64
+  # Probe prompts: the aggregator site has one row per prompt, and the dual/causal construction keeps
+  # the state in ~50 varying aggregator columns (k = 16), so 5-fold probes need > 64 prompts.
+  config.compiled.num_prompts = 256
   # Compiled solvers of the depth comparisons ("cg", "pcg", "chebyshev"; GD has no compiled version).
   config.compiled.depth_solvers = ("cg", "pcg", "chebyshev")
   # Further constructions whose ablations are tabulated: "pcg", "chebyshev", "softmax" (Route A).

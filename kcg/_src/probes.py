@@ -23,6 +23,13 @@ has high cosine with a constant. So every probe is repeated (a) with targets shu
 a randomly initialised model of the same architecture (`random_init_like`; it reads the inputs, so
 whatever is a linear function of them, such as `alpha_1 = gamma_0 y`, is recovered there too).
 `ProbeResult.trivial` flags a probe whose controls already reach the cosine threshold.
+
+Sample size. The probe has one coefficient per feature column that varies on the training folds; with
+fewer training rows than such columns (`ProbeScore.rows_per_feature < 1`) the ridge fit interpolates its
+training rows and the held-out cosine drops for lack of data, not of information: the compiled dual/causal
+CG (k = 16, d = 8) keeps alpha_4 in 52 varying aggregator columns, and 64 prompts (51 training rows per
+fold) give a held-out cosine of 0.995 where 256 give 1 - 1e-12. One token per prompt (the aggregator)
+is where this bites; a per-token site has S rows per prompt.
 """
 
 from __future__ import annotations
@@ -367,12 +374,15 @@ class ProbeScore(NamedTuple):
     cosine_std: standard deviation of that cosine over prompts.
     r2: pooled held-out `1 - SSE / SST` (NaN for constant targets).
     predictions: the held-out predictions `[B, S, M]` (NumPy, in the inputs' dtype).
+    rows_per_feature: training rows per varying feature column, the smallest over folds; below 1 the
+      fit is underdetermined and a low score may only mean too few prompts (see module doc).
   """
 
   cosine: float
   cosine_std: float
   r2: float
   predictions: np.ndarray
+  rows_per_feature: float
 
 
 class ProbeResult(NamedTuple):
@@ -439,8 +449,10 @@ def _fold_ids(key: Any, num_prompts: int, num_folds: int) -> np.ndarray:
 
 
 def _cross_validated_predictions(features_BxSxD: np.ndarray, targets_BxSxM: np.ndarray,
-                                 fold_B: np.ndarray, ridge: float, num_folds: int) -> np.ndarray:
-  """Held-out predictions [B, S, M] of k-fold ridge probes on standardised features."""
+                                 fold_B: np.ndarray, ridge: float,
+                                 num_folds: int) -> tuple[np.ndarray, float]:
+  """Held-out predictions [B, S, M] of k-fold ridge probes on standardised features, and the fewest
+  training rows per varying feature column over the folds."""
   b, s, d = features_BxSxD.shape
   m = targets_BxSxM.shape[-1]
   dtype = features_BxSxD.dtype
@@ -454,6 +466,7 @@ def _cross_validated_predictions(features_BxSxD: np.ndarray, targets_BxSxM: np.n
   x = x / np.where(peak > 0, peak, 1).astype(dtype)[None, :]
   eps = np.finfo(dtype).eps
   held_out = np.zeros_like(y)
+  rows_per_feature = math.inf
   for f in range(num_folds):
     train = fold_rows != f
     n = np.count_nonzero(train)
@@ -463,6 +476,7 @@ def _cross_validated_predictions(features_BxSxD: np.ndarray, targets_BxSxM: np.n
     std = np.sqrt(np.mean(np.square(centred[train]), axis=0))
     # Columns constant on the training folds (to rounding) are dropped, not blown up to unit scale.
     keep = std > 1e3 * eps * np.max(std)
+    rows_per_feature = min(rows_per_feature, n / max(int(np.count_nonzero(keep)), 1))
     z = centred * np.where(keep, 1 / np.where(keep, std, 1), 0).astype(dtype)[None, :]
     gram = z[train].T @ z[train] + dtype.type(ridge * n) * np.eye(d, dtype=dtype)
     rhs = z[train].T @ (y[train] - mean_y[None, :])
@@ -470,7 +484,7 @@ def _cross_validated_predictions(features_BxSxD: np.ndarray, targets_BxSxM: np.n
     coef = evecs @ ((evecs.T @ rhs) / evals[:, None])
     test = ~train
     held_out[test] = z[test] @ coef + mean_y[None, :]
-  return held_out.reshape(b, s, m)
+  return held_out.reshape(b, s, m), rows_per_feature
 
 
 def _scores(predictions_BxSxM: np.ndarray, targets_BxSxM: np.ndarray):
@@ -504,9 +518,10 @@ def cross_validated_probe(features: Any, targets: Any, key: Any, *, num_folds: i
   num_folds = checks.check_positive_int("num_folds", num_folds)
   folds = np.asarray(_fold_ids(key, features.shape[0], num_folds))
   feats, targs = np.asarray(features), np.asarray(targets)
-  predictions = _cross_validated_predictions(feats, targs, folds, float(ridge), num_folds)
+  predictions, rows_per_feature = _cross_validated_predictions(feats, targs, folds, float(ridge),
+                                                               num_folds)
   cos, cos_std, r2 = _scores(predictions, targs)
-  return ProbeScore(cos, cos_std, r2, predictions)
+  return ProbeScore(cos, cos_std, r2, predictions, rows_per_feature)
 
 
 def probe(features: Any, targets: Any, key: Any, *, control_features: Any = None, num_folds: int = 5,
@@ -542,6 +557,7 @@ class LayerProbes(NamedTuple):
   control_cosine: np.ndarray
   control_r2: np.ndarray
   trivial: np.ndarray
+  rows_per_feature: np.ndarray
 
 
 def probe_layers(features_LxBxSxD: Any, targets: Any, key: Any, *,
@@ -566,9 +582,11 @@ def probe_layers(features_LxBxSxD: Any, targets: Any, key: Any, *,
     ctrl = res.control
     rows.append((float(res.score.cosine), float(res.score.r2), float(res.shuffled.cosine),
                  float(res.shuffled.r2), math.nan if ctrl is None else float(ctrl.cosine),
-                 math.nan if ctrl is None else float(ctrl.r2), res.trivial))
+                 math.nan if ctrl is None else float(ctrl.r2), res.trivial,
+                 res.score.rows_per_feature))
   cols = list(zip(*rows))
-  return LayerProbes(*(np.asarray(c, np.float64) for c in cols[:6]), np.asarray(cols[6], bool))
+  return LayerProbes(*(np.asarray(c, np.float64) for c in cols[:6]), np.asarray(cols[6], bool),
+                     np.asarray(cols[7], np.float64))
 
 
 class ProbeGrid(NamedTuple):
@@ -579,6 +597,7 @@ class ProbeGrid(NamedTuple):
   shuffled_cosine: np.ndarray
   control_cosine: np.ndarray
   trivial: np.ndarray
+  rows_per_feature: np.ndarray
 
 
 def probe_grid(features_LxBxSxD: Any, targets_TxBxSxM: Any, key: Any, *,
@@ -594,7 +613,7 @@ def probe_grid(features_LxBxSxD: Any, targets_TxBxSxM: Any, key: Any, *,
              for t in range(targets.shape[0])]
   stack = lambda field: np.stack([getattr(c, field) for c in columns], axis=1)
   return ProbeGrid(stack("cosine"), stack("r2"), stack("shuffled_cosine"), stack("control_cosine"),
-                   stack("trivial"))
+                   stack("trivial"), stack("rows_per_feature"))
 
 
 def probe_subject(subject: Subject, prompts: Any, targets_BxN: Any, site: str, key: Any, *,

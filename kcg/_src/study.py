@@ -763,8 +763,8 @@ def probe_study(subject: probes.Subject, prompts: Any, key: Any, *, ridge: float
   aggregator, w at the aggregator and the queries). Targets: `probes.state_targets` (reference CG with
   `ridge` on `phi(x)`). The control is `random_init_like(subject, control_seed)`.
 
-  Returns per combo the `[L+1, T+1]` grids (cosine, r2, shuffled cosine, control cosine, trivial) and,
-  per step t, the best layer and its scores.
+  Returns per combo the `[L+1, T+1]` grids (cosine, r2, shuffled cosine, control cosine, trivial,
+  training rows per varying feature) and, per step t, the best layer and its scores.
   """
   if combos is None:
     combos = (("alpha", "support"), ("r", "support"), ("p", "support"), ("alpha", "aggregator"),
@@ -789,6 +789,7 @@ def probe_study(subject: probes.Subject, prompts: Any, key: Any, *, ridge: float
     out["combos"][f"{quantity}@{site}"] = {
         "cosine": grid.cosine, "r2": grid.r2, "shuffled_cosine": grid.shuffled_cosine,
         "control_cosine": grid.control_cosine, "trivial": grid.trivial,
+        "rows_per_feature": grid.rows_per_feature,
         "best_layer": best_layer, "best_cosine": grid.cosine[best_layer, steps],
         "best_r2": grid.r2[best_layer, steps],
         "best_control_cosine": np.nanmax(grid.control_cosine, axis=0),
