@@ -102,7 +102,7 @@ def _final_loss(result, model_dir: str | None) -> float | None:
   return losses[-1] if losses else None
 
 
-def _train(ctx: _Context, workdir: str) -> None:
+def _train(ctx: _Context) -> None:
   from kcg._src import probes  # pylint: disable=g-import-not-at-top
   from kcg._src import training  # pylint: disable=g-import-not-at-top
   config = ctx.config
@@ -112,10 +112,11 @@ def _train(ctx: _Context, workdir: str) -> None:
               else config.train.depths)
     for depth in depths:
       tc = _train_config(config, attention, int(depth))
-      model_dir = os.path.join(workdir, "models", f"{attention}_L{depth}")
+      model_dir = (os.path.join(ctx.models_dir, f"{attention}_L{depth}") if ctx.models_dir
+                   else None)
       began = time.perf_counter()
-      result = training.train(tc, model_dir if config.train.save_models else None)
-      loss = _final_loss(result, model_dir if config.train.save_models else None)
+      result = training.train(tc, model_dir)
+      loss = _final_loss(result, model_dir)
       name = f"{attention} L={depth}"
       ctx.trained[(attention, int(depth))] = probes.subject_from_model(
           result.model, input_dim=config.task.input_dim, name=name)
@@ -489,11 +490,11 @@ def _compiled(ctx: _Context) -> None:
     last = cc.num_steps
     ops = abl["operations"].values()
     rows_per_feature = alpha["rows_per_feature"][ends[last]][last]
+    underdetermined = (f"underdetermined: {rows_per_feature:.2f} training rows per feature; "
+                       if rows_per_feature < 1 else "")
     ctx.summary.append(
         f"Compiled {tag}: probe of alpha_{last} at its step end: cosine "
-        f"{alpha['cosine'][ends[last]][last]:.6f}"
-        + (f" (underdetermined: {rows_per_feature:.2f} training rows per feature)"
-           if rows_per_feature < 1 else "") + " (random-init control, best layer: "
+        f"{alpha['cosine'][ends[last]][last]:.6f} ({underdetermined}random-init control, best layer: "
         f"{alpha['best_control_cosine'][last]:.3f}); ablations match the damaged CG to "
         f"{max(r['match'] for r in ops):.1e} while changing the model by "
         f"{min(r['damage_size'] for r in ops):.1e}..{max(r['damage_size'] for r in ops):.1e}; "
@@ -657,7 +658,7 @@ def run(config, workdir: str) -> dict:
                  trained={},
                  models_dir=os.path.join(workdir, "models") if config.train.save_models else None)
   timings = {}
-  steps = [("train", lambda: _train(ctx, workdir)),
+  steps = [("train", lambda: _train(ctx)),
            ("depth_comparison", lambda: _depth_comparison(ctx)),
            ("depth_sweeps", lambda: _depth_sweeps(ctx)),
            ("depth_law", lambda: _depth_law(ctx)),
