@@ -20,6 +20,7 @@ import kcg
 from kcg import study
 
 from experiments import study as study_binary
+from experiments._report import Report
 from experiments.configs import study as study_config
 
 
@@ -185,7 +186,7 @@ def test_compiled_ablation_table_for_chebyshev(tmp_path):
 
 
 def test_report_rejects_missing_figure(tmp_path):
-  report = study.Report(str(tmp_path), "title")
+  report = Report(str(tmp_path), "title")
   with pytest.raises(ValueError, match="not written"):
     report.figure("nothing.png", "caption")
 
