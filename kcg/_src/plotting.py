@@ -9,8 +9,8 @@ the size a report shows them:
   are `REFERENCE` (black, no marker), dashed.
 * `new_figure(nrows, ncols)`: an Agg figure and its `[nrows, ncols]` axes.
 * `integer_ticks(axes)`: integer tick positions on a layer, step or depth axis.
-* `add_legend(axes)`: a legend in the best place with a translucent frame, or outside the axes on
-  the right when it has many entries, at `LEGEND_FONTSIZE`; `add_figure_legend(figure, axes)`: one
+* `add_legend(axes)`: a legend in the best place with a translucent frame, or outside the axes
+  (right, above or below) when it has many entries, at `LEGEND_FONTSIZE`; `add_figure_legend(figure, axes)`: one
   legend right of several panels that draw the same methods alike.
 * `save_figure(figure, path)`: tight layout (legends outside the axes included), PNG at `DPI`.
 """
@@ -69,26 +69,37 @@ def integer_ticks(axes, axis: str = "x") -> None:
 
   if axis not in ("x", "y"):
     raise ValueError(f"axis must be 'x' or 'y', got {axis!r}.")
-  getattr(axes, f"{axis}axis").set_major_locator(MaxNLocator(integer=True))
+  # min_n_ticks=1: a single depth (range 0.95..1.05) still gets its one integer tick.
+  getattr(axes, f"{axis}axis").set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
 
 
-def add_legend(axes, *, outside: bool | None = None, ncol: int = 1, **kwargs: Any):
+_LEGEND_PLACES = {
+    "right": {"loc": "upper left", "bbox_to_anchor": (1.02, 1.0)},
+    "above": {"loc": "lower left", "bbox_to_anchor": (0.0, 1.02)},
+    "below": {"loc": "upper center", "bbox_to_anchor": (0.5, -0.2)},
+}
+
+
+def add_legend(axes, *, where: str = "auto", ncol: int = 1, **kwargs: Any):
   """A legend that does not hide data, readable at report size (`LEGEND_FONTSIZE`).
 
-  `outside=None` puts it outside the axes on the right when it has more than `LEGEND_INSIDE_MAX`
-  entries, else at matplotlib's "best" place with a translucent frame. Returns the Legend (None
-  when no line is labelled).
+  `where`: "best" (matplotlib's least-covering place, translucent frame), or outside the axes:
+  "right", "above" (give the figure a `suptitle` rather than the axes a title) or "below" (for a
+  panel with a neighbour on its right); "auto" is "right" for more than `LEGEND_INSIDE_MAX`
+  entries, else "best". Returns the Legend (None when no line is labelled).
   """
+  if where not in ("auto", "best", *_LEGEND_PLACES):
+    raise ValueError(f"where must be 'auto', 'best', 'right', 'above' or 'below', got {where!r}.")
   handles, labels = axes.get_legend_handles_labels()
   if not handles:
     return None
-  if outside is None:
-    outside = len(handles) > LEGEND_INSIDE_MAX
+  if where == "auto":
+    where = "right" if len(handles) > LEGEND_INSIDE_MAX else "best"
   kwargs.setdefault("fontsize", LEGEND_FONTSIZE)
-  if outside:
-    return axes.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0),
-                       borderaxespad=0.0, ncol=ncol, **kwargs)
-  return axes.legend(handles, labels, loc="best", framealpha=0.7, ncol=ncol, **kwargs)
+  if where == "best":
+    return axes.legend(handles, labels, loc="best", framealpha=0.7, ncol=ncol, **kwargs)
+  return axes.legend(handles, labels, borderaxespad=0.0, ncol=ncol, **_LEGEND_PLACES[where],
+                     **kwargs)
 
 
 def add_figure_legend(figure, axes: Iterable[Any]):
@@ -161,12 +172,14 @@ def residual_stream(residual_TxD: np.ndarray, layout, *, token_labels=None, titl
                                         max(3.0, 0.22 * values.shape[0] + 1.5)))
   image = axes.imshow(shown, aspect="auto", interpolation="nearest", cmap="viridis")
   figure.colorbar(image, ax=axes, label="log10 |value|")
-  ticks, labels = [], []
-  for name, size in layout.channels:
+  ticks, labels, borders = [], [], []
+  for name, _ in layout.channels:
     s = layout.slice(name)
     ticks.append((s.start + s.stop - 1) / 2)
     labels.append(name)
-    axes.axvline(s.start - 0.5, color="white", linewidth=0.5)
+    borders.append(s.start - 0.5)
+  # One collection of white borders between the named channels (not data lines).
+  axes.vlines(borders, -0.5, values.shape[0] - 0.5, color="white", linewidth=0.5)
   axes.set_xticks(ticks)
   axes.set_xticklabels(labels, rotation=90, fontsize=7)
   if token_labels is not None:

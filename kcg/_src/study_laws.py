@@ -474,7 +474,7 @@ def width_sweep(key: Any, widths: Sequence[int], *, num_support: int = 16, featu
   axes.set_xlabel(f"width m of the feature channels (p = {feature_dim})")
   axes.set_ylabel("relative error vs full KRR")
   axes.set_title("measured vs bound, side by side (m = p: rounding, clipped)", fontsize=9)
-  plotting.add_legend(axes)
+  plotting.add_legend(axes, where="below", ncol=2)
   width_axes.plot(widths, out["model_width"], "-", label=f"compiled width-m model ({form}, {mask})",
                   **plotting.line_style(0))
   width_axes.axhline(out["full_width"], linewidth=0.8, label="compiled on all p features",

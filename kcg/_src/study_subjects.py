@@ -97,7 +97,7 @@ def compiled_ablation_table(compiled: Any, prompts: Any, *, operations: Sequence
     rows[op] = {"removed": rep.ablation.description, "match": rep.match,
                 "damage_size": rep.damage_size, "mse_vs_oracle_healthy": rep.mse_healthy,
                 "mse_vs_oracle_damaged": rep.mse_damaged}
-  figure, ((axes,),) = plotting.new_figure(size=(6.4, 3.9))
+  figure, ((axes,),) = plotting.new_figure(size=(max(5.0, 0.75 * len(ops) + 2.0), 4.2))
   pos = np.arange(len(ops))
   axes.bar(pos - 0.2, [max(rows[o]["match"], plotting.PLOT_FLOOR) for o in ops], 0.4,
            color=plotting.PALETTE[0], label="match: |damaged model - damaged CG| / |damaged CG|")
@@ -105,13 +105,13 @@ def compiled_ablation_table(compiled: Any, prompts: Any, *, operations: Sequence
            color=plotting.PALETTE[1], hatch="//", label="damage: |damaged - healthy| / |healthy|")
   axes.set_yscale("log")
   axes.set_xticks(pos)
-  axes.set_xticklabels(ops, rotation=30, fontsize=plotting.LEGEND_FONTSIZE)
+  axes.set_xticklabels(ops, rotation=35, ha="right", fontsize=plotting.LEGEND_FONTSIZE)
   axes.set_xlabel("removed operation")
   axes.set_ylabel("relative difference of the predictions")
   where = "every step" if steps is None else f"steps {list(steps)}"
-  axes.set_title(f"ablations of {compiled.program.name} (t={compiled.num_steps}, at {where})",
-                 fontsize=9)
-  plotting.add_legend(axes, outside=True)
+  figure.suptitle(f"ablations of {compiled.program.name} (t={compiled.num_steps}, at {where})",
+                  fontsize=9)
+  plotting.add_legend(axes, where="above")
   plotting.save_figure(figure, path)
   return {"construction": compiled.program.name, "steps": None if steps is None else list(steps),
           "operations": rows}
@@ -178,10 +178,9 @@ def matching_study(subject: probes.Subject, prompts: Any, key: Any, *, ridge: fl
                   **plotting.line_style(i))
   for lm in m.layers:
     axes.annotate(str(lm.step), (lm.layer, max(lm.squared_difference, 1e-33)), fontsize=7)
-  axes.set_xlabel("layer")
-  axes.set_ylabel("min_t mean (f_layer - f_t)^2 (squared units of y)")
-  axes.set_title(f"layer-wise matching ({readout}): {subject.name}; numbers: best step t",
-                 fontsize=8)
+  axes.set_xlabel("layer (numbers: best-matching step t)")
+  axes.set_ylabel("min_t mean (f_layer - f_t)^2 (y^2)")
+  axes.set_title(f"layer-wise matching ({readout}): {subject.name}", fontsize=8)
   plotting.integer_ticks(axes, "x")
   plotting.add_legend(axes)
   plotting.save_figure(figure, path)
