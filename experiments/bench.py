@@ -1,4 +1,4 @@
-r"""Benchmark (issue 7): compiled CG transformer forwards against CG written directly in JAX.
+r"""Benchmark: compiled CG transformer forwards against CG written directly in JAX.
 
   python -m experiments.bench --workdir=/tmp/kcg/bench          # default grid, ~10 min on 2 cores
   python -m experiments.bench --smoke --workdir=/tmp/kcg/smoke  # ~30 s (run by the tests)

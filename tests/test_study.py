@@ -1,6 +1,6 @@
 """The study's laws as library functions, and the study binary at smoke (fast) and runlocal (slow) scale.
 
-Tolerances. The S4 bound is an inequality, checked with a 1e-9 relative slack for float64 rounding of
+Tolerances. The feature-perturbation bound is an inequality, checked with a 1e-9 relative slack for float64 rounding of
 the norms (the measured ratio actual/bound is below 1e-2). The depth law compares CG's fitted rate
 with rho = (sqrt(kappa) - 1)/(sqrt(kappa) + 1): CG contracts at least this fast in the A-norm (the
 theorem), so the fitted rate of the prediction error must not exceed rho by more than the slack of a
@@ -280,7 +280,7 @@ def test_study_resumes_saved_models_and_reports_their_final_loss(tmp_path):
 
 @pytest.mark.slow
 def test_runlocal_study_binary(tmp_path):
-  """The contract of issue 6: the runlocal study finishes (minutes on 2 cores) and writes the report."""
+  """The runlocal study finishes and writes the report with every section's figures."""
   workdir = str(tmp_path / "study")
   subprocess.run([sys.executable, "-m", "experiments.study",
                   "--config=experiments/configs/study.py:runlocal", f"--workdir={workdir}"],
