@@ -56,8 +56,8 @@ class Report:
 
   def write(self, config: Mapping[str, Any]) -> tuple[str, str]:
     """Appends the configuration and writes report.md and results.json; returns their paths."""
-    self.lines += ["## Configuration", "", "```json", json.dumps(kcg.study.jsonable(config), indent=2,
-                                                                  sort_keys=True), "```", ""]
+    config_json = json.dumps(kcg.study.jsonable(config), indent=2, sort_keys=True)
+    self.lines += ["## Configuration", "", "```json", config_json, "```", ""]
     report_path, results_path = self.path("report.md"), self.path("results.json")
     with open(report_path, "w") as f:
       f.write("\n".join(self.lines))

@@ -115,8 +115,8 @@ def _train(report: Report, config, models_dir: str | None) -> dict[tuple[str, in
           result.model, input_dim=config.task.input_dim, name=name)
       rows.append([name, tc.num_steps, loss, time.perf_counter() - began])
   report.section("Trained models", "`kcg.training`, query encoding, prefix mask, no MLP and no "
-                     "norm (the class of the compiled models); checkpoints under `models/` when saved "
-                     "(load with `kcg.training.load_trained`).")
+                 "norm (the class of the compiled models); checkpoints under `models/` when saved "
+                 "(load with `kcg.load_trained`).")
   report.table(["model", "steps", "final train loss", "seconds (this run; ~0 when resumed)"], rows)
   report.add("training", {r[0]: {"steps": r[1], "final_loss": r[2], "seconds": r[3]} for r in rows})
   return trained
@@ -278,10 +278,10 @@ def _depth_law(report: Report, laws, key) -> list[str]:
                 "max |compiled - reference| rel"],
                [[k, v["predicted_rate"], v.get("compiled_fitted_rate"), v["reference_fitted_rate"],
                  v["bound_holds"], v.get("compiled_vs_reference")] for k, v in law["kappa"].items()])
+  held = all(v["bound_holds"] for v in law["kappa"].values())
   return ["Depth law, fitted CG rates: " + ", ".join(
       f"kappa={k}: {_fmt(v.get('compiled_fitted_rate'))} (predicted {v['predicted_rate']:.3g})"
-      for k, v in law["kappa"].items()) + "; the bound held at every step: "
-      + str(all(v["bound_holds"] for v in law["kappa"].values())) + "."]
+      for k, v in law["kappa"].items()) + f"; the bound held at every step: {held}."]
 
 
 def _solver_sweeps(report: Report, config, key, ridge: float, sections: set[str]) -> list[str]:

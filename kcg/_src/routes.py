@@ -269,7 +269,7 @@ def width_error(phi_support, y_support, phi_query, ridge, projections, *, eigenv
 
 
 # ----------------------------------------------------------------------------------------------------
-# Several outputs (stub S3): r independent CGs sharing the mat-vec head, against block CG.
+# Several outputs: r independent CGs sharing the mat-vec head, against block CG.
 # ----------------------------------------------------------------------------------------------------
 
 
