@@ -195,4 +195,5 @@ class Checkpointer:
           f"model ({type(e).__name__}: {str(e)[:300]}). Does config.json match the checkpoint?") from e
 
   def close(self) -> None:
+    """Waits for pending saves and releases the checkpoint manager."""
     self.manager.close()

@@ -356,6 +356,7 @@ class CompiledCG:
     return x
 
   def encode(self, x_support, y_support, x_query) -> tuple[jax.Array, prompt_lib.PromptLayout]:
+    """The prompt's input tokens `[B, k + 1 + q, token_dim]` and their layout (q from x_query)."""
     x_query = jnp.asarray(x_query)
     num_query = x_query.shape[1] if x_query.ndim == 3 else 0
     if num_query < 1:

@@ -551,7 +551,9 @@ def pcg(A: Any, b: Any, num_steps: int, preconditioner: Any) -> SolverTrace:
   textbook as `cg` (0 for a zero denominator). `r` holds the unpreconditioned residual.
 
   Args:
-    A, b, num_steps: as in `cg`.
+    A: as in `cg`.
+    b: as in `cg`.
+    num_steps: as in `cg`.
     preconditioner: the diagonal `d > 0` of `M ~ A`, shape `[..., k]` (e.g. `jacobi_diagonal(A)`).
 
   Returns:
@@ -584,7 +586,9 @@ def gd(A: Any, b: Any, num_steps: int, step_size: Any) -> SolverTrace:
   `0 < eta < 2 / lam_max`; `optimal_gd_step` gives the best fixed step.
 
   Args:
-    A, b, num_steps: as in `cg`.
+    A: as in `cg`.
+    b: as in `cg`.
+    num_steps: as in `cg`.
     step_size: `eta > 0`, a scalar or batch-shaped `[...]`.
 
   Returns:
@@ -623,7 +627,9 @@ def chebyshev(A: Any, b: Any, num_steps: int, eig_bounds: Any) -> SolverTrace:
   after `t` steps is `T_t((theta - lam)/delta) / T_t(theta/delta)`.
 
   Args:
-    A, b, num_steps: as in `cg`.
+    A: as in `cg`.
+    b: as in `cg`.
+    num_steps: as in `cg`.
     eig_bounds: `(lo, hi)` with `0 < lo <= hi`, scalars or batch-shaped `[...]`.
 
   Returns:
