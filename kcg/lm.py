@@ -48,6 +48,7 @@ from kcg._src.lm.prompts import sample_classification
 from kcg._src.lm.prompts import Sequences
 from kcg._src.lm.prompts import TextFormat
 from kcg._src.lm.readout import READOUTS
+from kcg._src.lm.scores import class_scores
 from kcg._src.lm.scores import krr_on_layers
 from kcg._src.lm.scores import LayerAgreement
 from kcg._src.lm.scores import rbf_kernel
@@ -61,7 +62,7 @@ __all__ = (
     "ClassPrediction", "ClassificationPrompts", "FAMILIES", "LABEL_MODES", "LABEL_WORDS", "LEXICON",
     "LMFeatures", "LMRegressor", "LanguageModel", "LayerAgreement", "PLACEHOLDER", "Prediction",
     "READINGS", "READOUTS", "Sequences", "TOKENS", "TextFormat", "Tokenizer", "build_random",
-    "classify", "convert_huggingface", "from_huggingface_model", "krr_on_layers", "load",
+    "class_scores", "classify", "convert_huggingface", "from_huggingface_model", "krr_on_layers", "load",
     "random_like", "rbf_kernel", "read_class_features", "read_features", "read_input_features",
     "read_manifest", "regression_baselines", "sample_classification", "save", "tiny_config",
     "tiny_model", "train_tiny_tokenizer", "write_tiny_checkpoint",

@@ -25,6 +25,7 @@ from kcg import lm as kcg_lm  # noqa: E402
 from kcg._src.lm import model as model_lib  # noqa: E402
 from kcg._src.lm import prompts as prompts_lib  # noqa: E402
 from kcg._src.lm import readout as readout_lib  # noqa: E402
+from kcg._src.lm import scores as scores_lib  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +80,7 @@ def test_logits_and_hidden_states_equal_penzais_forward(lm):
   np.testing.assert_allclose(hidden, ref_hidden, atol=2e-5 * np.abs(ref_hidden).max())
 
 
+@pytest.mark.slow
 def test_float64_forward_matches_to_rounding():
   tiny = kcg_lm.tiny_model(1)
   config = dataclasses.replace(tiny.config, parameter_dtype=jnp.dtype("float64"),
@@ -324,8 +326,7 @@ def test_classification_numbers_and_words(lm):
     pred = kcg_lm.classify(lm, fmt, cp)
     assert pred.probs.shape == (3, 2, 3)
     np.testing.assert_allclose(pred.probs.sum(-1), 1.0, rtol=1e-12)
-    greedy = kcg_lm.classify(lm, fmt, cp, readout="greedy")
-    assert np.array_equal(greedy.predicted < 0, ~greedy.valid)
+    np.testing.assert_array_equal(pred.predicted, pred.probs.argmax(-1))
     feats = kcg_lm.read_class_features(lm, fmt, cp)
     assert feats.phi_support.shape == (lm.num_layers + 1, 3, 6, lm.width)
   with pytest.raises(ValueError, match="lexicon"):
@@ -338,10 +339,19 @@ def test_krr_on_layers_finds_the_layer_the_predictions_come_from():
   b, k, q, p = 16, 12, 4, 3
   phi_s, phi_q = rng.normal(size=(3, b, k, p)), rng.normal(size=(3, b, q, p))
   y = rng.normal(size=(b, k))
-  s_std, q_std = kcg_lm.krr_on_layers.__globals__["_standardise"](phi_s[1], phi_q[1])
+  s_std, q_std = scores_lib._standardise(phi_s[1], phi_q[1])
   lm_pred = np.asarray(kcg.solvers.krr_predict(s_std, y, q_std, 1.0 * p))  # ridge 1 is on the grid
   feats = kcg_lm.LMFeatures(phi_s, phi_q, y, lm_pred, np.ones((b, q)), "as_query", "shuffled", "last")
   scores = kcg_lm.krr_on_layers(feats, jax.random.key(0), num_bootstrap=200)
   assert scores[1].ridge == 1.0
   assert scores[1].r2 > 1 - 1e-10 and scores[1].relative_distance < 1e-10
   assert scores[0].r2 < 0.9 and scores[2].r2 < 0.9
+
+
+@pytest.mark.slow
+def test_greedy_classification_counts_invalid_words(lm):
+  fmt = kcg_lm.TextFormat()
+  cp = kcg_lm.sample_classification(np.random.default_rng(1), fmt, inputs="words", num_classes=3,
+                                    num_support=6, num_query=2, batch_size=3)
+  greedy = kcg_lm.classify(lm, fmt, cp, readout="greedy")
+  assert np.array_equal(greedy.predicted < 0, ~greedy.valid)

@@ -64,6 +64,23 @@ class _Both:
     return self._a.__exit__(*exc)
 
 
+def _final_norm_epsilon(model: Any, config: Any) -> Any:
+  """penzai 0.2.5 builds GPT-NeoX's final LayerNorm with its default epsilon 1e-6 instead of the
+  config's `layernorm_epsilon` (Hugging Face uses `layer_norm_eps`, 1e-5 for Pythia, in every norm).
+  Measured on a tiny random Pythia: 4e-3 in the log-probabilities. kcg sets the config's value."""
+  final_norm = model.body.sublayers[-2]
+  if not isinstance(final_norm, pz.nn.LayerNorm):
+    raise ValueError(f"Unexpected GPT-NeoX layout: {type(final_norm).__name__} where the final "
+                     "LayerNorm should be; is this penzai version supported?")
+  return (pz.select(model).at(lambda m: m.body.sublayers[-2]).at_instances_of(pz.nn.Standardize)
+          .apply(lambda layer: dataclasses.replace(layer, epsilon=config.layernorm_epsilon)))
+
+
+def _build(family: str, config: Any, key: Any) -> Any:
+  """penzai's model of `family` (parameter slots if `key` is None), with `_final_norm_epsilon`."""
+  return _final_norm_epsilon(_FAMILIES[family][1](config, init_base_rng=key), config)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Configs.
 # ----------------------------------------------------------------------------------------------------
@@ -180,20 +197,23 @@ class LanguageModel:
     if token_ids.size and (token_ids.min() < 0 or token_ids.max() >= self.config.vocab_size):
       raise ValueError(f"run: token ids must lie in [0, {self.config.vocab_size}); got "
                        f"[{token_ids.min()}, {token_ids.max()}] (tokenizer and model do not match).")
-    # Pad the chunk and the length to fixed sizes, so that a run compiles once per length bucket.
-    chunk = max(1, min(chunk_size, n))
-    t_pad = -(-t // 16) * 16
+    # Pad sizes to buckets (chunk: a power of two; length: 32s; positions: 8s), so that calls of
+    # similar sizes reuse one compilation.
+    chunk = min(int(chunk_size), 1 << max(0, (n - 1).bit_length()))
+    t_pad = -(-t // 32) * 32
+    p_pad = -(-positions.shape[1] // 8) * 8
     ids = np.zeros((-(-n // chunk) * chunk, t_pad), np.int32)
     ids[:n, :t] = token_ids
-    pos = np.zeros((ids.shape[0], positions.shape[1]), np.int32)
-    pos[:n] = positions
+    pos = np.zeros((ids.shape[0], p_pad), np.int32)
+    pos[:n, :positions.shape[1]] = positions
     log_probs, hidden = [], []
     for start in range(0, ids.shape[0], chunk):
       lp, h = _forward_at(self.model, jnp.asarray(ids[start:start + chunk]),
                           jnp.asarray(pos[start:start + chunk]))
       log_probs.append(np.asarray(lp))
       hidden.append(np.asarray(h))
-    return np.concatenate(log_probs)[:n], np.concatenate(hidden)[:n]
+    p = positions.shape[1]
+    return np.concatenate(log_probs)[:n, :p], np.concatenate(hidden)[:n, :, :p]
 
   def logits(self, token_ids: Any) -> np.ndarray:
     """Penzai's own forward pass, `model(tokens)`: logits `[N, T, V]` (the reference `run` is tested
@@ -241,12 +261,12 @@ def parameter_values(model: Any) -> list[Any]:
 def build_random(config: Any, tokenizer: tokenizer_lib.Tokenizer, key: Any, *, family: str = "gpt_neox",
                  source: str = "random init") -> LanguageModel:
   """The architecture of `config` at penzai's random initialisation (the untrained control)."""
-  builder = _FAMILIES[_check_family(family)][1]
+  _check_family(family)
   if tokenizer.vocab_size > config.vocab_size:
     raise ValueError(f"The tokenizer has {tokenizer.vocab_size} tokens but the model only "
                      f"{config.vocab_size}; they do not belong together.")
   with _penzai_numerics():
-    model = builder(config, init_base_rng=key)
+    model = _build(family, config, key)
   return LanguageModel(pz.freeze_params(model), tokenizer, family, config, True, source)
 
 
@@ -313,11 +333,10 @@ def load(path: str, *, activation_dtype: str | None = "float32") -> LanguageMode
   config = config_from_dict(family, manifest["config"])
   if activation_dtype is not None:
     config = dataclasses.replace(config, activation_dtype=jnp.dtype(activation_dtype))
-  builder = _FAMILIES[family][1]
   with _penzai_numerics():
-    model_def = builder(config, init_base_rng=None)
+    model_def = _build(family, config, None)
     expected = jax.eval_shape(
-        lambda key: parameter_values(builder(config, init_base_rng=key)), jax.random.key(0))
+        lambda key: parameter_values(_build(family, config, key)), jax.random.key(0))
   want = {p.label: p.value for p in expected}
   entries = manifest["params"]
   have_labels = [e["label"] for e in entries]
@@ -364,15 +383,32 @@ def convert_huggingface(hf_dir: str, out_dir: str, *, dtype: str = "float32") ->
   torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype)
   if torch_dtype is None:
     raise ValueError(f"dtype must be 'float32' or 'bfloat16' (what penzai converts), got {dtype!r}.")
-  hf_model = transformers.GPTNeoXForCausalLM.from_pretrained(hf_dir, torch_dtype=torch_dtype)
+  dtype_arg = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+  hf_model = transformers.GPTNeoXForCausalLM.from_pretrained(hf_dir, **{dtype_arg: torch_dtype})
   return save(out_dir, from_huggingface_model(hf_model, os.path.join(hf_dir, TOKENIZER_FILE),
                                               source=os.path.basename(os.path.normpath(hf_dir))))
 
 
+_HF_METADATA = ("_name_or_path", "dtype")
+
+
 def from_huggingface_model(hf_model: Any, tokenizer_file: str, *, source: str) -> LanguageModel:
   """An in-memory HF `GPTNeoXForCausalLM` as a `LanguageModel` (penzai's converter; needs torch)."""
-  model = gpt_neox.gpt_neox_from_huggingface_model(hf_model)
   hf = hf_model.config
+  if not hasattr(hf, "rotary_emb_base"):
+    raise ValueError("This Hugging Face config has no rotary_emb_base (transformers >= 5 moved it); "
+                     "penzai 0.2.5's converter needs transformers < 5: pip install 'transformers<5'.")
+  # penzai 0.2.5 refuses config attributes it does not know; transformers >= 5 adds two that are
+  # metadata only (the model's dtype is read from the model itself). Hide them during conversion.
+  metadata = {name: getattr(hf, name) for name in _HF_METADATA if hasattr(hf, name)}
+  defaults = type(hf)().to_dict()
+  try:
+    for name in metadata:
+      setattr(hf, name, defaults.get(name))
+    model = gpt_neox.gpt_neox_from_huggingface_model(hf_model)
+  finally:
+    for name, value in metadata.items():
+      setattr(hf, name, value)
   head_dim = hf.hidden_size // hf.num_attention_heads
   dtype = jnp.dtype({"torch.float32": "float32", "torch.bfloat16": "bfloat16"}[str(hf_model.dtype)])
   # The same config penzai's converter builds internally (it does not return it).
@@ -385,5 +421,6 @@ def from_huggingface_model(hf_model: Any, tokenizer_file: str, *, source: str) -
       rope_subset_size=int(hf.rotary_pct * head_dim), rope_wavelength=hf.rotary_emb_base,
       layernorm_epsilon=hf.layer_norm_eps, parameter_dtype=dtype, activation_dtype=dtype)
   tokenizer = tokenizer_lib.Tokenizer.from_file(tokenizer_file)
+  model = _final_norm_epsilon(model, config)
   return LanguageModel(pz.freeze_params(model), tokenizer, "gpt_neox", config, False, source)
 

@@ -1,0 +1,45 @@
+"""experiments.lm_icl at its runlocal size on the tiny random checkpoint, and kcg without the extra."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("penzai")
+pytest.importorskip("tokenizers")
+
+from experiments import lm_icl  # noqa: E402
+from experiments.configs import lm_icl as lm_icl_config  # noqa: E402
+
+
+def test_runlocal_writes_a_report_that_says_it_is_a_pipeline_check(tmp_path):
+  results = lm_icl.run(lm_icl_config.get_config("runlocal"), str(tmp_path))
+  saved = json.loads((tmp_path / "results.json").read_text())
+  report = (tmp_path / "report.md").read_text()
+  for name in ("error_vs_k.png", "krr_by_layer.png"):
+    assert (tmp_path / name).stat().st_size > 10_000
+  assert saved["model"]["random_init"] is True
+  # The warning comes before any number.
+  assert report.index("PIPELINE CHECK ONLY") < report.index("## Summary")
+  assert (tmp_path / "tiny_checkpoint" / "kcg_lm.json").exists()
+  # Every cell of the grid, both readouts, invalid greedy answers counted.
+  assert len(saved["regression"]) == 2 * 2 * 2
+  for cell in saved["regression"]:
+    g = cell["readouts"]["greedy"]
+    assert g["num_valid"] + g["num_invalid"] == 8 * 3
+    assert set(cell["baselines"]) == {"krr_rbf", "ridge", "gd_8", "knn_3", "mean"}
+  for family, sec in saved["features"].items():
+    assert [s["layer"] for s in sec["lm"]] == [0, 1, 2, 3]
+    assert len(sec["random_control"]) == len(sec["true_labels_control"]) == 4
+    assert sec["alignment"]["status"] == "pending"
+  assert {r["inputs"] for r in saved["classification"]} == {"numbers", "words"}
+  assert results["runtime_s"] > 0
+
+
+def test_kcg_imports_without_the_lm_extra():
+  code = ("import sys; sys.modules['penzai'] = None; import kcg; "
+          "assert 'kcg.lm' not in sys.modules\n"
+          "try:\n  kcg.lm\nexcept ImportError as e:\n  assert 'lm extra' in str(e)\n"
+          "else:\n  raise AssertionError('kcg.lm imported without penzai')")
+  subprocess.run([sys.executable, "-c", code], check=True, cwd=lm_icl.__file__.rsplit("/experiments/", 1)[0])
