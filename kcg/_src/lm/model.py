@@ -225,25 +225,32 @@ class LanguageModel:
 
 @jax.jit
 def _forward_at(model, tokens_NxT, positions_NxP):
-  """The body's sublayers one by one (they are penzai's), keeping the residual after each block."""
+  """The body's sublayers one by one (they are penzai's), keeping the residual after each block.
+
+  The layers after the last block (final norm, unembedding) act token by token, so they run on the
+  gathered positions only: `[N, P, V]` logits instead of `[N, T, V]`.
+  """
   with _penzai_numerics():
     n, t = tokens_NxT.shape
     token_positions = pz.nx.wrap(jnp.broadcast_to(jnp.arange(t), (n, t))).tag("batch", "seq")
     x = pz.nx.wrap(tokens_NxT).tag("batch", "seq")
     sublayers = list(model.body.sublayers)
-    first_block = next(i for i, s in enumerate(sublayers) if isinstance(s, model_parts.TransformerBlock))
+    blocks = [i for i, s in enumerate(sublayers) if isinstance(s, model_parts.TransformerBlock)]
     streams = []
-    for i, layer in enumerate(sublayers):
-      if i == first_block:
+    for i, layer in enumerate(sublayers[:blocks[-1] + 1]):
+      if i == blocks[0]:
         streams.append(x)
       x = layer(x, token_positions=token_positions)
       if isinstance(layer, model_parts.TransformerBlock):
         streams.append(x)
-    logits_NxTxV = x.unwrap("batch", "seq", "vocabulary").astype(jnp.float32)
     hidden_NxLxTxD = jnp.stack([s.unwrap("batch", "seq", "embedding") for s in streams], axis=1)
-  log_probs = jax.nn.log_softmax(jnp.take_along_axis(logits_NxTxV, positions_NxP[:, :, None], axis=1))
-  hidden = jnp.take_along_axis(hidden_NxLxTxD, positions_NxP[:, None, :, None], axis=2)
-  return log_probs, hidden
+    hidden = jnp.take_along_axis(hidden_NxLxTxD, positions_NxP[:, None, :, None], axis=2)
+    y = pz.nx.wrap(hidden[:, -1]).tag("batch", "seq", "embedding")
+    gathered_positions = pz.nx.wrap(positions_NxP).tag("batch", "seq")
+    for layer in sublayers[blocks[-1] + 1:]:
+      y = layer(y, token_positions=gathered_positions)
+    logits_NxPxV = y.unwrap("batch", "seq", "vocabulary").astype(jnp.float32)
+  return jax.nn.log_softmax(logits_NxPxV), hidden
 
 
 # ----------------------------------------------------------------------------------------------------
