@@ -10,16 +10,17 @@ from a Hugging Face GPT-NeoX / Pythia download; BUILD.md says how). Without it t
 tiny random GPT-NeoX into `WORKDIR/tiny_checkpoint` and runs on that: a pipeline check whose report
 says so at the top, never a finding about language models.
 
-Tiny variant (what the tests run; measured 1-2 min on 2 loaded CPU cores, limit 5 min):
+Tiny variant (what the tests run; measured 2.3-2.5 min wall, 45 s CPU, on 2 cores under a load of 16;
+limit 5 min):
 
   python -m experiments.lm_icl --workdir=/tmp/kcg/lm_icl_local \
       --config=experiments/configs/lm_icl.py:runlocal
 
 Default scale: 2 task families x d in {1, 2, 4} x k in {4, 8, 16, 32}, 32 prompts x 4 queries per
 cell, both readouts, the random-init control, features at k = 16, d = 2; classification with number
-and word inputs. Runtime on the tiny model: a few minutes on CPU. On Pythia-160m: estimated from
-FLOPs in BUILD.md (about 1e13 FLOPs in all: tens of minutes on 2 CPU cores, under a minute of compute
-on one GPU); not measured, no real weights were available where kcg is developed.
+and word inputs. On Pythia-160m (BUILD.md): ~5e6 tokens, ~1e15 FLOPs; measured 110 tokens/s for a
+model of that shape on 2 loaded CPU cores, so hours on CPU; about a minute of compute on one GPU
+(an estimate: no real weights or GPU run were available where kcg is developed).
 """
 
 import ml_collections
