@@ -262,10 +262,13 @@ def _report(results: dict[str, Any]) -> str:
     if scores:
       best = max(scores, key=lambda s: s["pooled_r2"])
       raw = sec["raw_x"]["pooled_r2"]
-      lines.append(f"- {family}: KRR on phi_l (labels withheld, {sec['reading']}) explains the LM best at "
+      verdict = ("explains the LM best at" if best["pooled_r2"] > 0 else
+                 "explains none of the LM's predictions (R^2 <= 0 at every layer); least badly at")
+      lines.append(f"- {family}: KRR on phi_l (labels withheld, {sec['reading']}) {verdict} "
                    f"layer {best['layer']} (pooled R^2 {_fmt(best['pooled_r2'])}; per-prompt R^2 "
                    f"{_fmt(best['r2'])} [{_fmt(best['r2_lower'])}, {_fmt(best['r2_upper'])}]); KRR on raw "
-                   f"x: {_fmt(raw)}.")
+                   f"x: {_fmt(raw)}; true-label (circular) control at that layer: "
+                   f"{_fmt(sec['true_labels_control'][best['layer']]['pooled_r2'])}.")
   for row in results["classification"]:
     acc = row["readouts"].get("expected", {}).get("accuracy")
     best = max(row["baselines"].items(), key=lambda kv: kv[1]["accuracy"] or 0)
