@@ -43,3 +43,12 @@ def test_kcg_imports_without_the_lm_extra():
           "try:\n  kcg.lm\nexcept ImportError as e:\n  assert 'lm extra' in str(e)\n"
           "else:\n  raise AssertionError('kcg.lm imported without penzai')")
   subprocess.run([sys.executable, "-c", code], check=True, cwd=lm_icl.__file__.rsplit("/experiments/", 1)[0])
+
+
+def test_lm_bench_runlocal(tmp_path):
+  from experiments import lm_bench
+  from experiments.configs import lm_bench as lm_bench_config
+  results = lm_bench.run(lm_bench_config.get_config("runlocal"), str(tmp_path))
+  assert json.loads((tmp_path / "results.json").read_text())["tokens_per_s"] > 0
+  tokens = results["lm_icl_default_tokens"]
+  assert tokens["total"] == tokens["regression"] + tokens["features"] + tokens["classification"] > 1e6

@@ -18,9 +18,10 @@ limit 5 min):
 
 Default scale: 2 task families x d in {1, 2, 4} x k in {4, 8, 16, 32}, 32 prompts x 4 queries per
 cell, both readouts, the random-init control, features at k = 16, d = 2; classification with number
-and word inputs. On Pythia-160m (BUILD.md): ~5e6 tokens, ~1e15 FLOPs; measured 110 tokens/s for a
-model of that shape on 2 loaded CPU cores, so hours on CPU; about a minute of compute on one GPU
-(an estimate: no real weights or GPU run were available where kcg is developed).
+and word inputs: 5.3e6 tokens through the model (`experiments.lm_bench` counts them). On a
+Pythia-160m-shaped model `experiments.lm_bench` measured 135 tokens/s on 2 loaded CPU cores (~11 h
+for this scale; Pythia-70m ~3.6 h); on one GPU, ~1e15 FLOPs are minutes (an estimate: no real
+weights or GPU were available where kcg is developed).
 """
 
 import ml_collections
