@@ -51,8 +51,11 @@ def alignment_instruments(regressor: kcg_lm.LMRegressor, features: kcg_lm.LMFeat
   """The alignment instruments on the LM (the place to call them once `kcg.alignment` exists).
 
   Inputs are what they need: `regressor(x_support [B,k,d], y_support [B,k], x_query [B,q,d]) -> [B,q]`
-  for the y-nonlinearity index and finite-difference smoother weights (steps must be multiples of
-  `regressor.fmt.resolution`: smaller changes of y are not written into the prompt), and
+  for the y-nonlinearity index and finite-difference smoother weights. The LM reads labels rounded to
+  `regressor.fmt.resolution` and clipped to the code range: finite-difference steps must be
+  multiples of the resolution (smaller changes are not written into the prompt), y_a and y_b of the
+  linearity index should be written labels (`regressor.fmt.written(y)`, so that y_a + y_b is
+  written exactly), and `regressor.predict(...).clipped_support_labels` says when a sum clipped. And
   `features.layer(l) -> (phi_support [B,k,p], phi_query [B,q,p])`, `features.y_support`,
   `features.predictions` for KRR on phi_l with bootstrap R^2, CKA and smoother weights against
   KRR's. Until then this returns what is pending; the report lists it.

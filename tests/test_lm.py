@@ -201,6 +201,9 @@ def test_label_codes_round_trip_and_count_clipping():
   np.testing.assert_array_equal(clipped, [False, False, False, True, True])
   np.testing.assert_allclose(fmt.decode_labels(codes[:3]), [0.0, 0.6, -1.2])
   assert fmt.resolution == 0.1
+  a, b = fmt.written([0.31, -1.26]), fmt.written([0.44, 0.52])
+  np.testing.assert_array_equal(fmt.encode_labels(a + b)[0], fmt.encode_labels(a)[0]
+                                + fmt.encode_labels(b)[0] - 50)
   for bad in (dict(label_scale=0.0), dict(label_max=0), dict(label_offset=200.0),
               dict(input_decimals=-1)):
     with pytest.raises(ValueError):

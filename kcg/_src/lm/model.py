@@ -21,6 +21,7 @@ activation-dtype cast), `hidden[:, l]` the stream after block `l` (1..L), before
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -46,22 +47,11 @@ FAMILIES = tuple(_FAMILIES)
 _DTYPE_FIELDS = ("parameter_dtype", "activation_dtype")
 
 
+@contextlib.contextmanager
 def _penzai_numerics():
   """penzai mixes int positions with float arrays and broadcasts by rank; kcg's tests run JAX strict."""
-  return _Both(jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"))
-
-
-class _Both:
-  def __init__(self, a, b):
-    self._a, self._b = a, b
-
-  def __enter__(self):
-    self._a.__enter__()
-    self._b.__enter__()
-
-  def __exit__(self, *exc):
-    self._b.__exit__(*exc)
-    return self._a.__exit__(*exc)
+  with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
+    yield
 
 
 def _final_norm_epsilon(model: Any, config: Any) -> Any:

@@ -104,6 +104,14 @@ class TextFormat:
     """`y = (code - offset) / scale` (float64; accepts fractional codes, e.g. expected values)."""
     return (np.asarray(codes, np.float64) - self.label_offset) / self.label_scale
 
+  def written(self, y) -> np.ndarray:
+    """The labels as the LM reads them, `decode(encode(y))`: y rounded to the resolution and clipped.
+
+    Sums of written labels are written exactly (until they clip), so the y-linearity index should
+    use written labels; otherwise rounding adds a nonlinearity that is the prompt's, not the LM's.
+    """
+    return self.decode_labels(self.encode_labels(y)[0])
+
   def label_values(self) -> np.ndarray:
     """Every code, `[label_max + 1]`."""
     return np.arange(self.label_max + 1)
