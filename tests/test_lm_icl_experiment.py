@@ -52,3 +52,15 @@ def test_lm_bench_runlocal(tmp_path):
   assert json.loads((tmp_path / "results.json").read_text())["tokens_per_s"] > 0
   tokens = results["lm_icl_default_tokens"]
   assert tokens["total"] == tokens["regression"] + tokens["features"] + tokens["classification"] > 1e6
+
+
+def test_checkpoint_flag_loads_that_checkpoint(tmp_path):
+  from kcg import lm as kcg_lm
+  path = kcg_lm.write_tiny_checkpoint(str(tmp_path / "ckpt"), seed=3)
+  config = lm_icl_config.get_config("runlocal")
+  config.model.checkpoint = path
+  lm = lm_icl._model(config, str(tmp_path / "work"))
+  assert lm.path == path and not (tmp_path / "work" / "tiny_checkpoint").exists()
+  config.model.checkpoint = str(tmp_path / "missing")
+  with pytest.raises(ValueError, match="not a kcg LM checkpoint"):
+    lm_icl._model(config, str(tmp_path / "work"))

@@ -15,7 +15,8 @@ Where features are read (`reading`):
 * `"as_query"` (default): every input, support or query, is asked as the query of a prompt whose
   supports are the prompt's supports, and phi is read at the asked input's tokens. Every input is
   then read in the same position and context, and with `labels="shuffled"` or `"placeholder"` the
-  context holds no label of the prompt: the features cannot carry the answer.
+  context holds no label of the prompt: the features cannot carry the answer. (A support asked
+  as query also appears earlier in its context, with a withheld label; a query does not.)
 * `"in_context"`: one pass per query prompt; phi of support i at its own tokens in the prompt (it
   sees supports 1..i-1 and their labels, by causality), phi of a query at its tokens.
 * `"context_free"`: the asked input alone, `"x: <input> -> y:"`, no supports.
