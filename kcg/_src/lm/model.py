@@ -187,11 +187,13 @@ class LanguageModel:
     if token_ids.size and (token_ids.min() < 0 or token_ids.max() >= self.config.vocab_size):
       raise ValueError(f"run: token ids must lie in [0, {self.config.vocab_size}); got "
                        f"[{token_ids.min()}, {token_ids.max()}] (tokenizer and model do not match).")
-    # Pad sizes to buckets (chunk: a power of two; length: 32s; positions: 8s), so that calls of
-    # similar sizes reuse one compilation.
-    chunk = min(int(chunk_size), 1 << max(0, (n - 1).bit_length()))
-    t_pad = -(-t // 32) * 32
-    p_pad = -(-positions.shape[1] // 8) * 8
+    # Pad sizes to buckets (chunk: always chunk_size; length: 64s; positions: a power of two >= 8),
+    # so that calls of similar sizes reuse one compilation (a compilation costs seconds).
+    chunk = int(chunk_size)
+    if chunk < 1:
+      raise ValueError(f"run: chunk_size must be >= 1, got {chunk_size}.")
+    t_pad = -(-t // 64) * 64
+    p_pad = max(8, 1 << (positions.shape[1] - 1).bit_length())
     ids = np.zeros((-(-n // chunk) * chunk, t_pad), np.int32)
     ids[:n, :t] = token_ids
     pos = np.zeros((ids.shape[0], p_pad), np.int32)
