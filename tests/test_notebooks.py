@@ -47,7 +47,7 @@ def test_install_cell_runs_pip_only_on_colab(path, monkeypatch):
   exec(compile(source, path.name, "exec"), {})  # pylint: disable=exec-used
   (args,) = calls
   assert args[1:4] == ["-m", "pip", "install"]
-  assert args[-1] == f"kcg @ git+https://github.com/{repository}"
+  assert re.fullmatch(rf"kcg(\[\w+\])? @ git\+https://github\.com/{re.escape(repository)}", args[-1])
 
 
 def test_readme_opens_every_notebook_in_colab_from_the_install_cells_repository():
