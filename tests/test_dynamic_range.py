@@ -276,8 +276,8 @@ def test_divided_quantities_stay_under_their_bounds(name, channels, slack):
 
 
 def test_floor_covers_what_reference_runs_need():
-  """STALL_TOLERANCE: before a run in the dtype itself is within 10x of its final error (or 1e-13
-  / 1e-6), its recursively updated r.r (r.z) stays above the floor the range check demands."""
+  """STALL_TOLERANCE: until a run in the dtype itself is within 10x of its final error (or 1e-13
+  / 1e-6), its recursively updated r.r (r.z) stays 100x above the floor the range check demands."""
   rng = np.random.default_rng(1)
   k = 16
   worst = {}
@@ -309,4 +309,4 @@ def test_floor_covers_what_reference_runs_need():
         margin = rho[:needed].min() / floor
         worst[dtype, solver] = min(worst.get((dtype, solver), np.inf), margin)
   assert len(worst) == 4
-  assert all(m >= 1 for m in worst.values()), worst
+  assert all(m >= 100 for m in worst.values()), worst  # measured 2.3e3 .. 1e5
