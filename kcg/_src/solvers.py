@@ -413,10 +413,12 @@ def pcg(A: Any, b: Any, num_steps: int, preconditioner: Any) -> SolverTrace:
   `z_s = M^{-1} r_s`, `p_0 = z_0`, `gamma_s = (r_s.z_s)/(p_s.A p_s)`,
   `alpha_{s+1} = alpha_s + gamma_s p_s`, `r_{s+1} = r_s - gamma_s A p_s`,
   `beta_s = (r_{s+1}.z_{s+1})/(r_s.z_s)`, `p_{s+1} = z_{s+1} + beta_s p_s`. Same differences from the
-  textbook as `cg` (0 for a zero denominator). `r` holds the unpreconditioned residual.
+  textbook as `cg` (breakdown stops the run). `r` holds the unpreconditioned residual.
 
   Args:
-    A, b, num_steps: as in `cg`.
+    A: as in `cg`.
+    b: as in `cg`.
+    num_steps: as in `cg`.
     preconditioner: the diagonal `d > 0` of `M ~ A`, shape `[..., k]` (e.g. `jacobi_diagonal(A)`).
 
   Returns:
@@ -449,7 +451,9 @@ def gd(A: Any, b: Any, num_steps: int, step_size: Any) -> SolverTrace:
   `0 < eta < 2 / lam_max`; `optimal_gd_step` gives the best fixed step.
 
   Args:
-    A, b, num_steps: as in `cg`.
+    A: as in `cg`.
+    b: as in `cg`.
+    num_steps: as in `cg`.
     step_size: `eta > 0`, a scalar or batch-shaped `[...]`.
 
   Returns:
@@ -488,7 +492,9 @@ def chebyshev(A: Any, b: Any, num_steps: int, eig_bounds: Any) -> SolverTrace:
   after `t` steps is `T_t((theta - lam)/delta) / T_t(theta/delta)`.
 
   Args:
-    A, b, num_steps: as in `cg`.
+    A: as in `cg`.
+    b: as in `cg`.
+    num_steps: as in `cg`.
     eig_bounds: `(lo, hi)` with `0 < lo <= hi`, scalars or batch-shaped `[...]`.
 
   Returns:
