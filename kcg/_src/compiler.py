@@ -368,7 +368,10 @@ class CompiledCG:
 
   def forward(self, x_support, y_support, x_query, *, return_residuals=False, head_mask=None,
               layer_mask=None) -> model_lib.ForwardOutput:
-    """Runs the model on encoded prompts; see `kcg.Transformer.__call__`."""
+    """Runs the model on encoded prompts; see `kcg.Transformer.__call__`.
+
+    Unlike `predict`, no dynamic-range check: the residual streams of any prompt can be read.
+    """
     tokens, layout = self.encode(x_support, y_support, x_query)
     graphdef, state = self._split_for(tokens.dtype)
     return _apply(graphdef, state, tokens, layout.num_prefix, return_residuals, head_mask,
