@@ -34,8 +34,13 @@ features, E0 = y^T A^-1 y = ||e_0||_A^2 the initial error in the A-norm):
   [1/w, w], w = M sqrt(2 n PIN_DAMPING) (9e14 in float32: M = 2^52, 2 pins). At supports and
   queries rho differs from token to token, which perturbs K itself (a bias ~kappa rho): the
   stored vectors (alpha, r, p, A p, f) are capped at M sqrt(2 n eps) (2.8e12 in float32). Float64
-  (M = 2^500) has no such constraint. Below the floor the aggregator's reads shrink further,
-  which only stalls a converged run.
+  (M = 2^500) has no such constraint. A floor (of r.r, p.Ap) may lie FLOOR_MARGIN below 1/w: a
+  run is done before it comes within that factor of its floor (measured), so the reciprocals it
+  still needs stay below w. Below that the aggregator's reads shrink, which only stalls a done run.
+
+Conditioning: a prompt with cond(A) > 1 / (n eps) (n unknowns) is refused too: that is where the
+reference solvers' CG breaks down in the dtype (kcg._src.solvers) and stops; the compiled model
+would return noise (measured: 170% off in float32 at cond 1.8e9). Rescaling cannot change it.
 
 Rescaling. KRR is scale covariant: x -> c x, ridge -> c^2 ridge, y -> s y gives f -> s f. The ridge
 is a weight of a compiled model, so only y can be rescaled at predict time (a model for inputs
@@ -69,6 +74,9 @@ from kcg._src import reciprocal as recip
 # its r.r (r.z) stayed above this floor by 2.3e3 (float32 PCG) to 1e5 (float32 CG); the test
 # asserts a margin of 100.
 STALL_TOLERANCE = {np.dtype(np.float64): 1e-14, np.dtype(np.float32): 1e-7}
+# What the floor test asserts of the measured margin above (a run is done before its r.r comes
+# within this factor of the floor).
+FLOOR_MARGIN = 100.0
 # Headroom between the exact-arithmetic upper bounds and H, for rounding in the model's own dtype.
 MARGIN = 2.0
 # Pre-norm models: largest relative change of a token's squared normaliser while CG needs exact
@@ -77,11 +85,16 @@ PIN_DAMPING = 1e-2
 
 
 class Interval(NamedTuple):
-  """Where divided quantities must stay ([low, high]) and the cap on every other channel."""
+  """Where divided quantities must stay ([low, high]) and the cap on every other channel.
+
+  `floor` is the lowest value a y-dependent quantity's floor (`Bound.low` of r.r, p.Ap, ...) may
+  reach; it equals `low` except in pre-norm models (see `interval`).
+  """
 
   low: float
   high: float
   cap: float
+  floor: float
 
 
 class Bound(NamedTuple):
@@ -93,8 +106,9 @@ class Bound(NamedTuple):
       needed before CG converges to STALL_TOLERANCE. Columns with y = 0 hold 0 (nothing divides).
     y_power: how it scales with y (2 for r.r, p.Ap; 1 for alpha; 0 for Z_i, d_i).
     kind: "divisor" (the model divides by it), "intermediate" (a product formed on the way to a
-      divisor, which must not underflow) -- both must lie in the interval -- or "stored" (only
-      kept in a channel: must stay below the cap).
+      divisor, which must not underflow) -- both must lie in the interval --, "stored" (only
+      kept in a channel: must stay below the cap) or "condition" (cond(A) n eps, which must stay
+      below 1: beyond, CG in the dtype breaks down, where the reference solvers stop).
   """
 
   name: str
@@ -105,7 +119,7 @@ class Bound(NamedTuple):
 
   @property
   def in_interval(self) -> bool:
-    return self.kind != "stored"
+    return self.kind in ("divisor", "intermediate")
 
 
 class RangeModel(NamedTuple):
@@ -159,11 +173,14 @@ def interval(model: RangeModel, dtype) -> Interval:
   spec = recip.default_spec(dtype)
   cap = float(np.finfo(dtype).max) / 1e3
   if model.norm_pin is None:
-    return Interval(spec.low, spec.high, cap)
+    return Interval(spec.low, spec.high, cap, spec.low)
   pin_for, count = model.norm_pin
   window = min(cap, pin_for(dtype) * np.sqrt(2 * count * PIN_DAMPING))
   stored = min(cap, pin_for(dtype) * np.sqrt(2 * count * STALL_TOLERANCE[dtype]))
-  return Interval(max(spec.low, 1 / window), min(spec.high, window), stored)
+  # A floor is reached only once the run is done to 100x (FLOOR_MARGIN, measured): until then
+  # the reciprocals stay FLOOR_MARGIN below `window`, so the pins allow floors that much lower.
+  return Interval(max(spec.low, 1 / window), min(spec.high, window), stored,
+                  max(spec.low, 1 / (window * FLOOR_MARGIN)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,6 +250,12 @@ def _cg_bounds(spectrum: _Spectrum, eps: float, rho: str = "r.r",
   return bounds
 
 
+def _condition(spectrum: _Spectrum, size: int, dtype) -> Bound:
+  """cond(A) (as `low`) and size eps cond(A) (as `high`), [B, 1]: the solvers' breakdown test."""
+  kappa = (spectrum.lam_hi / spectrum.lam_lo)[:, None]
+  return Bound("cond(A)", kappa, size * float(np.finfo(dtype).eps) * kappa, 0, "condition")
+
+
 def _query_gain(kernel_QxK: np.ndarray) -> np.ndarray:
   """max over queries of ||k(x_q)|| for kernel rows [B, q, k]."""
   return np.sqrt(np.max(np.sum(kernel_QxK ** 2, axis=-1), axis=-1))
@@ -283,23 +306,25 @@ def _prompt_bounds(model: RangeModel, x_support, y_support, x_query, dtype) -> l
     with np.errstate(over="ignore"):
       query_kernel = np.exp(np.einsum("bim,bjm->bij", x_query @ u.T, x_support @ u.T)
                             / model.temperatures[0])
-    return _cg_bounds(_kernel_spectrum(kernel, y, ridge), eps,
-                      query_gain=_query_gain(query_kernel)) + _softmax_normalisers(
-                          model, x_support, x_query)
+    spectrum = _kernel_spectrum(kernel, y, ridge)
+    return _cg_bounds(spectrum, eps, query_gain=_query_gain(query_kernel)) + [
+        _condition(spectrum, y.shape[1], dtype)] + _softmax_normalisers(model, x_support, x_query)
   if model.operator == "softmax_linear":
     u = np.asarray(model.projection, np.float64)
     # The Richardson-combined heads approximate the dot-product kernel on U x.
     keys = x_support @ u.T
     spectrum = _linear_spectrum(keys, y, ridge, primal=False)
     gain = _query_gain(np.einsum("bqm,bkm->bqk", x_query @ u.T, keys))
-    return _cg_bounds(spectrum, eps, query_gain=gain) + _softmax_normalisers(
-        model, x_support, x_query)
+    return _cg_bounds(spectrum, eps, query_gain=gain) + [
+        _condition(spectrum, y.shape[1], dtype)] + _softmax_normalisers(model, x_support, x_query)
   phi = np.asarray(model.features(x_support), np.float64)
   phi_query = np.asarray(model.features(x_query), np.float64)
   if model.operator == "primal":
-    return _cg_bounds(_linear_spectrum(phi, y, ridge, primal=True), eps,
-                      query_gain=np.sqrt(np.max(np.sum(phi_query ** 2, -1), -1)))
+    spectrum = _linear_spectrum(phi, y, ridge, primal=True)
+    return _cg_bounds(spectrum, eps, query_gain=np.sqrt(np.max(np.sum(phi_query ** 2, -1), -1))
+                      ) + [_condition(spectrum, phi.shape[-1], dtype)]
   spectrum = _linear_spectrum(phi, y, ridge, primal=False)
+  condition = _condition(spectrum, y.shape[1], dtype)
   gain = _query_gain(np.einsum("bqm,bkm->bqk", phi_query, phi))
   if model.operator == "jacobi":
     diag = np.sum(phi ** 2, axis=-1) + ridge  # [B, k]
@@ -310,10 +335,11 @@ def _prompt_bounds(model: RangeModel, x_support, y_support, x_query, dtype) -> l
     # p and z are M^-1/2 times CG's vectors on the scaled system: p.p lies in
     # [r.z / d_max, ...] and is formed before the ridge multiplies it (ridge p.p in p.Ap).
     return bounds + [
+        condition,
         Bound("p.p", bounds[0].low / d_max[:, None], bounds[1].high / ridge, 2,
               "intermediate"),
         Bound("d_i = phi_i.phi_i + ridge", d_min[:, None], d_max[:, None], 0, "divisor")]
-  bounds = _cg_bounds(spectrum, eps, query_gain=gain)
+  bounds = _cg_bounds(spectrum, eps, query_gain=gain) + [condition]
   if model.operator == "block":  # diag(P^T R) = r_a.r_a is formed, G_aa is divided by
     return [bounds[0]._replace(kind="intermediate"),
             bounds[1]._replace(name="G_aa = p_a.A p_a")] + bounds[2:]
@@ -340,7 +366,7 @@ def _scale_exponents(bounds: list[Bound], limits: Interval) -> tuple[np.ndarray,
     with np.errstate(divide="ignore"):
       lowest.append(np.where(active, np.log2(b.high / top) / b.y_power, -np.inf))
       if b.in_interval:
-        highest.append(np.where(active, np.log2(b.low / limits.low) / b.y_power, np.inf))
+        highest.append(np.where(active, np.log2(b.low / limits.floor) / b.y_power, np.inf))
   if not lowest:
     return np.zeros((1, 1)), np.ones((1, 1), bool)
   lowest = np.ceil(np.max(np.broadcast_arrays(*lowest), axis=0))
@@ -356,21 +382,25 @@ def _scale_exponents(bounds: list[Bound], limits: Interval) -> tuple[np.ndarray,
 def _outside(b: Bound, limits: Interval) -> list[tuple[str, np.ndarray, np.ndarray]]:
   """(side, [B, r] mask of prompts and columns outside, the offending values) for one bound."""
   active = b.high > 0
+  if b.kind == "condition":
+    return [("above", b.high > 1, b.high)]
   if not b.in_interval:
     return [("above", active & (b.high > limits.cap), b.high)]
+  low = limits.low if b.y_power == 0 else limits.floor
   return [("above", active & (b.high * MARGIN > limits.high), b.high),
-          ("below", active & (b.low < limits.low), b.low)]
+          ("below", active & (b.low < low), b.low)]
 
 
 def _violation(bounds: list[Bound], limits: Interval):
   """The (bound, prompt, column, value, side) furthest outside the interval, or None.
 
-  Quantities y does not scale come first: rescaling y cannot fix them.
+  Quantities y does not scale come first (rescaling y cannot fix them), then the conditioning.
   """
-  fixed = [b for b in bounds if b.y_power == 0]
-  if fixed and (found := _violation_among(fixed, limits)) is not None:
-    return found
-  return _violation_among(bounds, limits)
+  for group in ([b for b in bounds if b.y_power == 0 and b.kind != "condition"],
+                [b for b in bounds if b.kind == "condition"], bounds):
+    if group and (found := _violation_among(group, limits)) is not None:
+      return found
+  return None
 
 
 def _violation_among(bounds: list[Bound], limits: Interval):
@@ -379,8 +409,8 @@ def _violation_among(bounds: list[Bound], limits: Interval):
     for side, bad, value in _outside(b, limits):
       if not np.any(bad):
         continue
-      limit = limits.low if side == "below" else (
-          limits.high / MARGIN if b.in_interval else limits.cap)
+      limit = (limits.low if b.y_power == 0 else limits.floor) if side == "below" else (
+          limits.high / MARGIN if b.in_interval else 1.0 if b.kind == "condition" else limits.cap)
       with np.errstate(divide="ignore"):
         factor = np.where(bad, np.abs(np.log(np.broadcast_to(value, bad.shape) / limit)), -1.0)
       prompt, column = np.unravel_index(int(np.argmax(factor)), factor.shape)
@@ -420,8 +450,14 @@ def check(model: RangeModel, bounds: list[Bound], dtype, num_outputs: int = 1) -
     return
   bound, prompt, column, value, side = found
   where = f"prompt {prompt}" + (f", output {column}" if num_outputs > 1 else "")
+  if bound.kind == "condition":
+    raise ValueError(
+        f"{where}: cond(K + ridge I) = {float(bound.low[prompt, column]):.1e} is beyond what CG "
+        f"can resolve in {np.dtype(dtype).name} (n eps cond = {value:.1e} > 1, where the reference "
+        "solvers break down and stop). Use float64 or a larger ridge.")
   kind = {"divisor": "divides by", "intermediate": "forms", "stored": "stores"}[bound.kind]
-  range_text = (f"[{limits.low:.0e}, {limits.high / MARGIN:.0e}]" if bound.in_interval
+  low = limits.low if bound.y_power == 0 else limits.floor
+  range_text = (f"[{low:.0e}, {limits.high / MARGIN:.0e}]" if bound.in_interval
                 else f"below {limits.cap:.1e}")
   if model.norm_pin is not None:
     range_text += " (narrowed by the pre-norm pins)"
