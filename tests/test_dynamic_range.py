@@ -234,6 +234,9 @@ def test_conditioning_beyond_the_dtype_is_refused():
 def test_under_jit_the_check_cannot_run():
   xs, ys, xq = _problem()
   compiled = _compiled("dual/prefix", 1.0)
+  # Build the float64 model outside the trace first: CompiledCG caches it per dtype, and a model
+  # first built under jit would cache tracers.
+  compiled.predict(xs, ys, xq)
   predict = jax.jit(lambda y: compiled.predict(xs, y, xq))
   assert predict(jnp.asarray(ys)).shape == (1, Q)  # traced y: no check, no error
   with pytest.raises(ValueError, match="concrete"):
@@ -256,6 +259,22 @@ def test_normalize_rescales_y_only_and_exactly():
   assert steps.shape == (1, T + 1, Q, 2)
   np.testing.assert_allclose(steps[:, -1] / 1e15, want, rtol=0,
                              atol=_tolerance(np.float64) * np.abs(want).max())
+
+
+def test_feature_layers_and_sketches_are_checked_on_their_own_features():
+  """Random-ReLU features and a linear-attention projection: the bounds use the model's kernel
+  features (S phi(x)); y is rescaled as for the plain model (x cannot be: phi is not linear)."""
+  xs, ys, xq = _problem()
+  params = kcg.features.random_relu(6).init(jax.random.key(0), P)
+  sketch = np.linalg.qr(np.random.default_rng(1).normal(size=(6, 6)))[0][:3]
+  for model in (kcg.compile_cg(K, 6, 12, RIDGE, features="random_relu", feature_params=params),
+                kcg.compile_cg(K, 6, 12, RIDGE, features="random_relu", feature_params=params,
+                               projection=sketch)):
+    plain = np.asarray(model.predict(xs, ys, xq))
+    with pytest.raises(ValueError, match="dynamic range"):
+      model.predict(xs, 1e12 * ys, xq)
+    scaled = np.asarray(model.predict(xs, 1e12 * ys, xq, normalize=True)) / 1e12
+    assert _relative_error(scaled, plain) <= 1e-13
 
 
 def _aggregator_channel(compiled, residuals, name):
