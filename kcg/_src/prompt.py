@@ -121,6 +121,8 @@ def encode(layout: PromptLayout, x_support: jax.Array, y_support: jax.Array,
 
 def validate_prompt(layout: PromptLayout, x_support, y_support, x_query):
   """Checks shapes, dtypes and finiteness; returns the arrays in one floating dtype."""
+  for name, value in (("x_support", x_support), ("y_support", y_support), ("x_query", x_query)):
+    checks.check_real(name, value)
   x_support = jnp.asarray(x_support)
   y_support = jnp.asarray(y_support)
   x_query = jnp.asarray(x_query)
@@ -213,6 +215,8 @@ def make_interleaved_layout(num_points: int, input_dim: int, *,
 def encode_interleaved(layout: InterleavedLayout, x_points: jax.Array,
                        y_points: jax.Array) -> jax.Array:
   """Tokens [B, 2n, F] from x_points [B,n,d] and y_points [B,n] (or [B,n,r]), x- and y-tokens alternating."""
+  checks.check_real("x_points", x_points)
+  checks.check_real("y_points", y_points)
   x_points = jnp.asarray(x_points)
   y_points = jnp.asarray(y_points)
   dtype = jnp.result_type(x_points.dtype, y_points.dtype)

@@ -227,7 +227,8 @@ def failure_modes(key: Any, *, num_support: int = 4, input_dim: int = 8, num_que
   `cond(K + ridge I) ~ ||K|| / ridge`, for each ridge in `ridges`. For each setting: `cond(A)` and the
   error after `t = num_steps` (default: the number of supports) CG steps against the float64 oracle,
   for reference CG, compiled CG in float64 and float32 (when `compile_fn(k, d, t, ridge)` returns a
-  `kcg.CompiledCG`), and the float32 oracle (Cholesky in float32) for comparison.
+  `kcg.CompiledCG`), and the float32 oracle (Cholesky in float32) for comparison; NaN where the
+  float32 Cholesky fails or the compiled model refuses the prompts (both raise ValueError).
   """
   f64 = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
   k_ridge = 2 * input_dim if small_ridge_support is None else int(small_ridge_support)
@@ -247,11 +248,20 @@ def failure_modes(key: Any, *, num_support: int = 4, input_dim: int = 8, num_que
            "reference_cg": float(relative_rms(
                np.asarray(solvers.cg_predict(xs, ys, xq, lam, t))[:, -1], oracle))}
     as32 = [jnp.asarray(a, jnp.float32) for a in (xs, ys, xq)]
-    row["oracle_float32"] = float(relative_rms(np.asarray(solvers.krr_predict(*as32, lam)), oracle))
+
+    def error(predict):
+      # NaN where float32 Cholesky fails or the compiled model refuses the prompt (outside its
+      # dynamic range): both raise ValueError rather than return a wrong number.
+      try:
+        return float(relative_rms(np.asarray(predict()), oracle))
+      except ValueError:
+        return float("nan")
+
+    row["oracle_float32"] = error(lambda: solvers.krr_predict(*as32, lam))
     if compile_fn is not None:
       compiled = compile_fn(k, input_dim, t, lam)
-      row["compiled_float64"] = float(relative_rms(np.asarray(compiled.predict(xs, ys, xq)), oracle))
-      row["compiled_float32"] = float(relative_rms(np.asarray(compiled.predict(*as32)), oracle))
+      row["compiled_float64"] = error(lambda: compiled.predict(xs, ys, xq))
+      row["compiled_float32"] = error(lambda: compiled.predict(*as32))
     return row
 
   out = {"base_ridge": base_ridge, "num_support_collinear": num_support,
