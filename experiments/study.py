@@ -52,7 +52,7 @@ def _task(config, batch_size: int):
 def _train_config(config, attention: str, depth: int, *, num_steps: int | None = None,
                   seed_offset: int = 0, **data_overrides):
   """The training config of one model; `data_overrides` replace `DataSpec` fields (the task)."""
-  from kcg._src import training  # pylint: disable=g-import-not-at-top
+  from kcg import training  # pylint: disable=g-import-not-at-top
   t, tr = config.task, config.train
   num_steps = tr.num_steps if num_steps is None else int(num_steps)
   model = training.ModelSpec(
@@ -96,7 +96,7 @@ class _Context:
 
 def _final_loss(result, model_dir: str | None) -> float | None:
   """The last logged training loss; a run resumed from a finished checkpoint logs nothing itself."""
-  from kcg._src import training  # pylint: disable=g-import-not-at-top
+  from kcg import training  # pylint: disable=g-import-not-at-top
   history = training.load_history(model_dir) if model_dir else result.history
   losses = [h["loss"] for h in history if "loss" in h]
   return losses[-1] if losses else None
@@ -104,7 +104,7 @@ def _final_loss(result, model_dir: str | None) -> float | None:
 
 def _train(ctx: _Context) -> None:
   from kcg._src import probes  # pylint: disable=g-import-not-at-top
-  from kcg._src import training  # pylint: disable=g-import-not-at-top
+  from kcg import training  # pylint: disable=g-import-not-at-top
   config = ctx.config
   rows = []
   for attention in config.train.attentions:
@@ -190,7 +190,7 @@ def _depth_sweeps(ctx: _Context) -> None:
   from kcg import tasks  # pylint: disable=g-import-not-at-top
   from kcg._src import probes  # pylint: disable=g-import-not-at-top
   from kcg._src import study  # pylint: disable=g-import-not-at-top
-  from kcg._src import training  # pylint: disable=g-import-not-at-top
+  from kcg import training  # pylint: disable=g-import-not-at-top
   config, report = ctx.config, ctx.report
   t, sw = config.task, config.sweeps
   d = t.input_dim

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Mapping
 
 import numpy as np
@@ -80,3 +81,57 @@ def residual_stream(residual_TxD: np.ndarray, layout, *, token_labels=None, titl
   if path:
     figure.savefig(path, dpi=120)
   return figure
+
+
+_MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "<", ">")
+
+
+def training_plots(workdir: str, history: list[dict], curves: Mapping[str, dict] | None = None
+                   ) -> list[str]:
+  """A training run's figures: `loss.png` (training loss and held-out mse vs step) and, given
+  `curves` `{name: {"num_support", "mse"}}`, `error_vs_supports.png`. Returns the paths written."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  from matplotlib.ticker import MaxNLocator
+
+  paths = []
+  train = [h for h in history if "loss" in h]
+  if train:
+    figure = Figure(figsize=(5, 3.5))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.plot([h["step"] for h in train], [h["loss"] for h in train], color="C0",
+              label="train loss (mean over the log interval)")
+    evals = [h for h in history if "eval_mse" in h]
+    if evals:
+      axes.plot([h["step"] for h in evals], [h["eval_mse"] for h in evals], "s-", color="C1",
+                label="held-out mse")
+    axes.set_yscale("log")
+    axes.xaxis.set_major_locator(MaxNLocator(5, integer=True))
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("mean squared error")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    paths.append(os.path.join(workdir, "loss.png"))
+    figure.savefig(paths[-1], dpi=120)
+  if curves:
+    figure = Figure(figsize=(6, 4))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for i, (name, curve) in enumerate(curves.items()):
+      axes.plot(curve["num_support"], curve["mse"], "-" if name == "model" else "--",
+                marker=_MARKERS[i % len(_MARKERS)], color=f"C{i % 10}",
+                linewidth=2 if name == "model" else 1, label=name)
+    axes.set_yscale("log")
+    # Exact solvers reach ~1e-13 on noiseless prompts; keep the learned curves readable.
+    lowest = min(min(c["mse"]) for c in curves.values())
+    axes.set_ylim(bottom=max(lowest * 0.5, 1e-4))
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_xlabel("number of supports k")
+    axes.set_ylabel("query mean squared error")
+    # Outside the axes: up to nine lines would cover the curves.
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    figure.tight_layout()
+    paths.append(os.path.join(workdir, "error_vs_supports.png"))
+    figure.savefig(paths[-1], dpi=120)
+  return paths
