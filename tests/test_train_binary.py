@@ -98,6 +98,27 @@ def test_binary_stops_a_diverging_run_at_the_first_bad_step(tmp_path):
   assert not bool(metrics["finite"])
 
 
+def test_training_and_final_evaluation_finish_on_four_host_devices(tmp_path):
+  """Four forced host devices on a 2-core machine give XLA:CPU a 4-thread pool. A batch sampler
+  partitioned over the mesh ran one batched QR (jaxlib LAPACK) per device, each blocking a pool
+  thread until its own sub-tasks ran on that pool: at d = 64 and 256 prompts the first step hung at
+  0% CPU every time. Evaluation used the parameters replicated over the mesh, one program per device.
+  Both now run on one device; a hang shows up here as the timeout."""
+  workdir = str(tmp_path / "four_devices")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  args = [sys.executable, "-m", "experiments.train",
+          "--config=experiments/configs/lsa_linear.py:runlocal", f"--workdir={workdir}",
+          "--config.data.input_dim=64", "--config.batch_size=256", "--config.num_steps=2"]
+  try:
+    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+  except subprocess.TimeoutExpired:
+    pytest.fail("training or its final evaluation on 4 host devices did not finish in 240 s (a "
+                "deadlocked run sits at 0% CPU; py-spy dump --native shows where).")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Devices: [CpuDevice(id=0), CpuDevice(id=1), CpuDevice(id=2), CpuDevice(id=3)]" in proc.stderr
+  assert os.path.exists(os.path.join(workdir, "eval.json"))
+
+
 @pytest.mark.parametrize("name,arg", [("linear_deep", "runlocal"),
                                       ("gpt_icl", "linear,runlocal")])
 def test_config_runlocal_trains(name, arg, tmp_path):

@@ -1,8 +1,10 @@
 """Tests of kcg.training: configs, data, loss, optimizer, determinism and learning on tiny runs."""
 
+import ast
 import dataclasses
 import importlib
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -455,3 +457,50 @@ def test_loop_step_keeps_the_run_unhealthy():
   # A finite step after a bad one does not make the run healthy again.
   _, healthy, metrics = step_fn(state, batch, jnp.asarray(False))
   assert not bool(healthy) and bool(metrics["finite"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Structure.
+
+_TRAINING_MODULES = ("train_config", "train_data", "train_optim", "training", "train_eval",
+                     "train_metrics", "checkpointing", "trained")
+
+
+_SRC = pathlib.Path(__file__).parent.parent / "kcg" / "_src"
+
+
+def _kcg_imports(name):
+  """(module-level, function-local) `kcg._src` modules that `kcg/_src/<name>.py` imports."""
+  tree = ast.parse((_SRC / f"{name}.py").read_text())
+  top, local = set(), set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.ImportFrom) and node.module == "kcg._src":
+      names = {alias.name for alias in node.names}
+    elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("kcg._src."):
+      names = {node.module.split(".")[2]}
+    else:
+      continue
+    (top if node in tree.body else local).update(names)
+  return top, local
+
+
+def test_training_modules_import_one_way():
+  graph = {}
+  for name in _TRAINING_MODULES:
+    top, local = _kcg_imports(name)
+    assert not local, f"{name} imports {local} inside a function"
+    graph[name] = top & set(_TRAINING_MODULES)
+  # Checkpointing reads only the config; the config and the data know nothing of training.
+  assert graph["checkpointing"] == {"train_config"}
+  assert graph["train_config"] == set() and graph["train_data"] == {"train_config"}
+  assert "train_eval" not in graph["train_config"] | graph["train_data"] | graph["checkpointing"]
+
+  def visit(name, path):
+    assert name not in path, f"import cycle {' -> '.join(path + (name,))}"
+    for dep in graph[name]:
+      visit(dep, path + (name,))
+
+  for name in graph:
+    visit(name, ())
+  for name in _TRAINING_MODULES:
+    assert (_SRC / f"{name}.py").read_text().count("\n") <= 800, f"{name}.py is over 800 lines"

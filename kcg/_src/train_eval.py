@@ -3,6 +3,14 @@
 `evaluate_trained` scores a model on prompts drawn from the held-out key stream against the reference
 predictors of `kcg.baselines` (`kcg.evaluation`); `write_final_evaluation` writes it as `eval.json`
 with the loss and error-vs-supports plots (`kcg._src.plotting`).
+
+Evaluation runs on one device. Training leaves the parameters replicated over the data mesh, and a
+program over replicated inputs runs once per device, all copies at once. That multiplies the work,
+and on CPU it can deadlock: jaxlib's LAPACK kernels (the baselines' and the fitted GD
+preconditioner's solves) split a batch into tasks on XLA's intra-op thread pool and block the calling
+pool thread until they finish; with one such call per device and as many devices as pool threads (4
+forced host devices on a 2-core machine give a 4-thread pool), every pool thread waits and none is
+left to run the tasks. `make_predict_fn` therefore takes one copy of replicated parameters.
 """
 
 from __future__ import annotations
@@ -76,10 +84,22 @@ def _predict_jit(config: model_lib.ModelConfig, data: config_lib.DataSpec) -> Ca
   return jax.jit(lambda state, xs, ys, xq: predict(nnx.merge(graphdef, state), data, xs, ys, xq))
 
 
+def _on_one_device(x: Any) -> Any:
+  """`x` on one device: the local copy of a replicated array, or `x` itself if it has one device."""
+  if not isinstance(x, jax.Array) or len(x.sharding.device_set) == 1:
+    return x
+  if x.sharding.is_fully_replicated:
+    return x.addressable_data(0)
+  return jax.device_put(x, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+
+
 def make_predict_fn(model: model_lib.Transformer, data: config_lib.DataSpec) -> Callable:
-  """`predict` of this model, jitted with the parameters as an argument (not baked-in constants)
-  and cached per architecture, so evaluating many checkpoints compiles once per prompt shape."""
+  """`predict` of this model on one device, jitted with the parameters as an argument (not baked-in
+  constants) and cached per architecture, so evaluating many checkpoints compiles once per prompt
+  shape. Parameters replicated over several devices (as training leaves them) are read from one
+  copy (see the module docstring)."""
   _, state = nnx.split(model)
+  state = jax.tree.map(_on_one_device, state)
   fn = _predict_jit(model.config, data)
 
   def predict_fn(x_support, y_support, x_query):

@@ -10,10 +10,12 @@ Initialisation. Parameters are initialised from `nnx.Rngs(seed)`; the data of st
 
 Devices. `make_mesh` puts all devices on one mesh axis `"data"`; batches are sharded over it
 (`PartitionSpec("data")`) and parameters and optimizer state are replicated (`PartitionSpec()`). The
-jitted step reads and writes these shardings, so XLA inserts the gradient all-reduce. For several
-hosts, call `jax.distributed.initialize()` before anything else (the binary does so under
-`--distributed`): `jax.devices()` is then global, every process runs the same program, and the
-sampler's `out_shardings` make each process materialise only its own shards of the batch. The work
+jitted step reads and writes these shardings, so XLA inserts the gradient all-reduce. A batch is
+drawn whole on one device and then split over the mesh (a sampler partitioned over the mesh would run
+its LAPACK calls on every device at once, which can deadlock on CPU; see `kcg._src.train_eval`), and
+evaluations run on one device. For several hosts, call `jax.distributed.initialize()` before anything
+else (the binary does so under `--distributed`): `jax.devices()` is then global, every process runs
+the same program, and each process draws the same batch and keeps its own shards of it. The work
 directory must then be on a filesystem all hosts share (orbax writes one checkpoint from all of them;
 config, metrics and manifests are written by process 0). The multi-host path is written to the
 jax.distributed contract but has only been run with one process here.
@@ -191,15 +193,29 @@ def loop_step_fn(config: config_lib.TrainConfig, mesh: Mesh) -> Callable:
                  donate_argnums=0)
 
 
+def _split_over_mesh(x: jax.Array, sharding: NamedSharding) -> jax.Array:
+  """The whole batch `x` (the same on every process) laid out as `sharding`."""
+  if jax.process_count() == 1:
+    return jax.device_put(x, sharding)
+  return jax.make_array_from_process_local_data(sharding, np.asarray(x), x.shape)
+
+
 @functools.lru_cache(maxsize=64)
 def _batch_sampler(data: config_lib.DataSpec, stage: data_lib.Stage, batch_size: int,
                    dtype_name: str, mesh: Mesh) -> Callable:
+  """One curriculum stage's sampler: draws the whole batch on one device, then splits it over the
+  mesh. Drawing prompts runs batched LAPACK (QR for the per-prompt rotations); partitioned over the
+  mesh it would run one such call per device at once, which can deadlock XLA:CPU's intra-op thread
+  pool (see `kcg._src.train_eval`)."""
+
+  @jax.jit
   def sample(key):
     prompts = data_lib.sample_prompts(key, data, batch_size=batch_size,
                                       input_dim=stage.input_dim, num_support=stage.num_support)
     return data_lib.make_batch(prompts, data, jnp.dtype(dtype_name))
 
-  return jax.jit(sample, out_shardings=batch_sharding(mesh))
+  sharding = batch_sharding(mesh)
+  return lambda key: jax.tree.map(lambda x: _split_over_mesh(x, sharding), sample(key))
 
 
 def make_batch_fn(config: config_lib.TrainConfig,
