@@ -51,7 +51,7 @@ def unknown_override(argv: list[str], fields: dict) -> str | None:
 
 def _parse_flags(argv):
   try:
-    return flags.FLAGS(argv)
+    return app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError):
     # ml_collections reports an override of a missing field as a bare AttributeError.
     from kcg import training  # pylint: disable=g-import-not-at-top

@@ -59,7 +59,7 @@ def test_lsa_linear_runlocal_binary(tmp_path):
 
 
 def test_binary_rejects_bad_configs(tmp_path):
-  # Two subprocesses (each costs a JAX import); the other checks are tested in-process.
+  # Three subprocesses (each costs a JAX import); the other checks are tested in-process.
   proc = _run_binary("experiments/configs/lsa_linear.py:runlocal", str(tmp_path / "bad"),
                      "--config.model.num_layers=0")
   assert proc.returncode != 0 and "depth" in proc.stderr
@@ -68,6 +68,12 @@ def test_binary_rejects_bad_configs(tmp_path):
                      "--config.foo=1")
   assert proc.returncode != 0
   assert "--config.foo: the config has no field 'foo'; valid fields: batch_size, " in proc.stderr
+  assert "Traceback" not in proc.stderr
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  proc = subprocess.run([sys.executable, "-m", "experiments.train",
+                         "--config=experiments/configs/lsa_linear.py:runlocal"], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0 and "Flag --workdir must have a value" in proc.stderr
   assert "Traceback" not in proc.stderr
 
 
