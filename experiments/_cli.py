@@ -12,6 +12,9 @@ the test suite does) never defines a flag twice.
 
 from __future__ import annotations
 
+import re
+import runpy
+import sys
 from typing import Any, Callable, Mapping
 
 from absl import app
@@ -43,4 +46,45 @@ def run_main(run: Callable[..., Any], default_config: str | None, outputs: str, 
       raise app.UsageError("--workdir is required.")
     run(flags.FLAGS.config, flags.FLAGS.workdir, **{name: f.value for name, f in extras.items()})
 
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
+
+
+def unknown_override(argv: list[str], fields: Mapping[str, Any]) -> str | None:
+  """The first `--config.a.b=...` of `argv` that names no field of `fields` (nested dicts), as a
+  message naming it and the valid fields there; None if every override names a field."""
+  for arg in argv:
+    match = re.match(r"^--?config\.([^=\s]+)", arg)
+    if not match:
+      continue
+    node, path = fields, []
+    for name in match.group(1).split("."):
+      if not isinstance(node, Mapping) or name not in node:
+        where = f"config.{'.'.join(path)}" if path else "the config"
+        valid = sorted(node) if isinstance(node, Mapping) else []
+        return (f"--config.{match.group(1)}: {where} has no field {name!r}"
+                + (f"; valid fields: {', '.join(valid)}." if valid else "."))
+      node, path = node[name], path + [name]
+  return None
+
+
+def _config_fields(argv: list[str]) -> Mapping[str, Any] | None:
+  """The fields of the config file that `--config=path.py[:arg]` in argv names, as nested dicts."""
+  for arg in argv:
+    match = re.match(r"^--?config=([^:]+)(?::(.*))?$", arg)
+    if match:
+      module = runpy.run_path(match.group(1))
+      config = module["get_config"](match.group(2)) if match.group(2) else module["get_config"]()
+      return config.to_dict()
+  return None
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError):
+    # ml_collections reports an override of a missing field as a bare AttributeError / KeyError.
+    fields = _config_fields(argv[1:])
+    message = None if fields is None else unknown_override(argv[1:], fields)
+    if message is None:
+      raise
+    sys.exit(f"FATAL Flags parsing error: {message}")

@@ -17,6 +17,7 @@ the size a report shows them:
 
 from __future__ import annotations
 
+import os
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -191,3 +192,42 @@ def residual_stream(residual_TxD: np.ndarray, layout, *, token_labels=None, titl
     axes.set_title(title, fontsize=9)
   save_figure(figure, path)
   return figure
+
+
+def training_plots(workdir: str, history: list[dict], curves: Mapping[str, dict] | None = None
+                   ) -> list[str]:
+  """A training run's figures: `loss.png` (training loss and held-out mse vs step) and, given
+  `curves` `{name: {"num_support", "mse"}}`, `error_vs_supports.png`. Returns the paths written."""
+  paths = []
+  train = [h for h in history if "loss" in h]
+  if train:
+    figure, ((axes,),) = new_figure(size=(5.5, 3.5))
+    axes.plot([h["step"] for h in train], [h["loss"] for h in train], "-", **line_style(0),
+              markevery=max(1, len(train) // 12), label="train loss (mean over the log interval)")
+    evals = [h for h in history if "eval_mse" in h]
+    if evals:
+      axes.plot([h["step"] for h in evals], [h["eval_mse"] for h in evals], "--", **line_style(1),
+                label="held-out mse")
+    axes.set_yscale("log")
+    integer_ticks(axes, "x")
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("mean squared error")
+    add_legend(axes, where="best")
+    paths.append(os.path.join(workdir, "loss.png"))
+    save_figure(figure, paths[-1])
+  if curves:
+    figure, ((axes,),) = new_figure(size=(6.5, 4))
+    for i, (name, curve) in enumerate(curves.items()):
+      axes.plot(curve["num_support"], curve["mse"], "-" if name == "model" else "--",
+                **line_style(i), linewidth=2 if name == "model" else 1, label=name)
+    axes.set_yscale("log")
+    # Exact solvers reach ~1e-13 on noiseless prompts; keep the learned curves readable.
+    lowest = min(min(c["mse"]) for c in curves.values())
+    axes.set_ylim(bottom=max(lowest * 0.5, 1e-4))
+    integer_ticks(axes, "x")
+    axes.set_xlabel("number of supports k")
+    axes.set_ylabel("query mean squared error")
+    add_legend(axes, where="right")
+    paths.append(os.path.join(workdir, "error_vs_supports.png"))
+    save_figure(figure, paths[-1])
+  return paths
