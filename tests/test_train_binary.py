@@ -73,7 +73,7 @@ def test_binary_rejects_bad_configs(tmp_path):
   proc = subprocess.run([sys.executable, "-m", "experiments.train",
                          "--config=experiments/configs/lsa_linear.py:runlocal"], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=300)
-  assert proc.returncode != 0 and "Flag --workdir must have a value" in proc.stderr
+  assert proc.returncode != 0 and "--workdir is required" in proc.stderr
   assert "Traceback" not in proc.stderr
 
 
