@@ -114,6 +114,10 @@ class ModelSpec:
   `qkv_init_scale < 1` (multiplies the initial query, key and value weights, so the first updates are
   `qkv_init_scale^3` smaller) keeps it near the identity at initialisation; 1/n and 0.5 train 16
   layers stably.
+
+  `attention_free_layers = n` makes the first n blocks token-wise MLPs without attention ("features,
+  then solver": phi(x) is then a function of each token alone); it needs `mlp_hidden > 0` and leaves at
+  least one attention block (`n < num_layers`).
   """
 
   num_layers: int = 1
@@ -130,6 +134,7 @@ class ModelSpec:
   attention_scale: float | None = None
   qkv_init_scale: float = 1.0
   precision: str = "highest"
+  attention_free_layers: int = 0
 
   def __post_init__(self):
     if isinstance(self.num_layers, (int, np.integer)) and not isinstance(self.num_layers, bool) \
@@ -149,6 +154,11 @@ class ModelSpec:
     _choice("ModelSpec", "precision", self.precision, model_lib.PRECISIONS)
     object.__setattr__(self, "qkv_init_scale",
                        _finite("ModelSpec", "qkv_init_scale", self.qkv_init_scale, 0.0, True))
+    free = _positive_int("ModelSpec", "attention_free_layers", self.attention_free_layers, minimum=0)
+    if free >= self.num_layers or (free and self.mlp_hidden == 0):
+      raise ValueError(f"ModelSpec.attention_free_layers={free} needs mlp_hidden > 0 and at least one "
+                       f"attention block after it (< num_layers={self.num_layers}).")
+    object.__setattr__(self, "attention_free_layers", free)
     if self.attention_scale is not None:
       object.__setattr__(self, "attention_scale",
                          _finite("ModelSpec", "attention_scale", self.attention_scale, 0.0, True))
@@ -169,6 +179,8 @@ class DataSpec:
     noise_std, condition_number, input_rotation, covariance_seed, sparsity, hidden_units: passed to
       `kcg.tasks.TaskConfig` (None = the family's default).
     tree_depth: depth of the decision trees.
+    glm_targets, glm_scale: `kcg.tasks.TaskConfig.glm_targets` ("sample" or "mean") and `glm_scale` of
+      the GLM families.
   """
 
   family: str = "linear"
@@ -184,6 +196,8 @@ class DataSpec:
   sparsity: int | None = None
   hidden_units: int = 100
   tree_depth: int = 4
+  glm_targets: str = "sample"
+  glm_scale: float = 1.0
 
   def __post_init__(self):
     if self.family not in FAMILIES:
@@ -395,7 +409,8 @@ def model_config(config: TrainConfig) -> model_lib.ModelConfig:
       head_dim=m.head_dim, value_dim=m.value_dim, mlp_hidden=m.mlp_hidden, attention=m.attention,
       activation=m.activation, norm=m.norm, mask=data.mask, output_dim=1,
       tied_layers=m.tied_layers, use_bias=m.use_bias, attention_scale=m.attention_scale,
-      precision=m.precision, param_dtype=dtype_of(config))
+      attention_free_layers=m.attention_free_layers, precision=m.precision,
+      param_dtype=dtype_of(config))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -429,7 +444,8 @@ def task_config(data: DataSpec, input_dim: int, num_support: int, batch_size: in
   kwargs = dict(family=family, input_dim=input_dim, num_support=num_support, num_query=num_query,
                 batch_size=batch_size, noise_std=data.noise_std,
                 condition_number=data.condition_number, input_rotation=data.input_rotation,
-                covariance_seed=data.covariance_seed, hidden_units=data.hidden_units, shift=shift)
+                covariance_seed=data.covariance_seed, hidden_units=data.hidden_units, shift=shift,
+                glm_targets=data.glm_targets, glm_scale=data.glm_scale)
   if data.sparsity is not None:
     kwargs["sparsity"] = min(data.sparsity, input_dim)
   elif family == "sparse_linear":
