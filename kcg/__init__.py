@@ -13,11 +13,14 @@ Public API (implementation lives in `kcg._src`):
 * `kcg.tasks`, `kcg.features`: in-context task ladder and feature maps.
 * `kcg.training`, `kcg.load_trained(DIR)`: training the same model class with optax; loading it back.
 * `kcg.baselines`, `kcg.evaluation`: reference in-context predictors and similarity measures.
-* `kcg.probes`, `kcg.ablations`, `kcg.matching`, `kcg.study`: formal vs learned (issue 6).
+* `kcg.probes`, `kcg.ablations`, `kcg.matching`, `kcg.study`: formal vs learned.
+* `kcg.alignment`: do trained models run KRR, by CG, on their own hidden features (readings of
+  phi_l, KRR and candidates on it, kernel alignment, smoother weights, y-linearity, grafting).
 * `kcg.analysis`, `kcg.plotting`: compiled-vs-reference comparisons and headless plots.
 """
 
 from kcg import ablations
+from kcg import alignment
 from kcg import analysis
 from kcg import baselines
 from kcg import bounds
@@ -50,7 +53,7 @@ from kcg._src.trained import load_trained
 __version__ = "0.1.0"
 
 __all__ = [
-    "ablations", "analysis", "baselines", "evaluation", "matching", "plotting", "probes", "study",
+    "ablations", "alignment", "analysis", "baselines", "evaluation", "matching", "plotting", "probes", "study",
     "CompiledCG", "CompiledState", "Dimensions", "ForwardOutput", "ModelConfig", "Transformer",
     "bounds", "compile_cg", "compile_chebyshev", "dimensions", "features", "kernels", "problems", "prompt", "routes", "sketch", "solvers",
     "tasks", "training", "TrainedModel", "load_trained",

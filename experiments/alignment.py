@@ -1,0 +1,230 @@
+"""Do trained transformers run KRR, by CG, on their own hidden features? Writes DIR/report.md.
+
+    python -m experiments.alignment --config=experiments/configs/alignment.py:runlocal --workdir=DIR
+
+Trains in-context learners on nonlinear task families and linear regression (`kcg.training`, into
+DIR/models/<task>_<model>, resumed on a rerun), then runs `kcg._src.alignment_study.analyse_subject` on
+each model and on a randomly initialised model of its architecture (the control), and the
+y-nonlinearity of compiled references (`kcg.compile_cg`, PCG, Chebyshev). Writes DIR/report.md (a
+summary generated from the numbers, then per task the agreement-vs-layer, kernel-alignment and graft
+figures and the tables), DIR/results.json (top-level key "y_nonlinearity": model or compiled reference
+-> index) and the PNGs. A bad config fails before any training. Analyses run in float64 (models train
+in float32).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import time
+from typing import Any
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+ARCHITECTURES = ("gpt", "fts", "lsa")
+NONLINEAR_TASKS = ("relu_network", "kernel_prior", "logistic")
+TASKS = ("linear",) + NONLINEAR_TASKS
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Alignment config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for report.md, results.json, figures, models.")
+
+
+def parse_model(name: str) -> tuple[str, int]:
+  """`"gpt_L4"` -> `("gpt", 4)`; ValueError for anything else."""
+  match = re.fullmatch(r"([a-z]+)_L(\d+)", str(name))
+  if not match or match.group(1) not in ARCHITECTURES or int(match.group(2)) < 1:
+    raise ValueError(f"unknown model {name!r}: models are '<arch>_L<depth>' with arch in "
+                     f"{ARCHITECTURES} and depth >= 1, e.g. 'gpt_L4'.")
+  return match.group(1), int(match.group(2))
+
+
+def settings_from(config):
+  """The analysis settings (`alignment_study.Settings`), validated."""
+  from kcg._src import alignment_study  # pylint: disable=g-import-not-at-top
+  a = config.analysis
+  return alignment_study.Settings(
+      readings=tuple(a.readings), candidates=tuple(a.candidates), max_steps=int(a.max_steps),
+      layers=tuple(int(l) for l in a.layers) or None, relative_ridges=tuple(a.relative_ridges),
+      rbf_bandwidths=tuple(a.rbf_bandwidths), num_bootstrap=int(a.num_bootstrap),
+      graft_steps=int(config.graft.max_steps), graft_layers=tuple(int(l) for l in config.graft.layers)
+      or None, probe_site=config.probes.site, probe_steps=tuple(int(s) for s in config.probes.steps),
+      probe_folds=int(config.probes.num_folds), probe_ridge=float(config.probes.ridge))
+
+
+def validate(config) -> list[tuple[str, str, int]]:
+  """Checks everything that can be checked before training; returns `[(task, arch, depth)]`."""
+  for task in config.tasks:
+    if task not in TASKS:
+      raise ValueError(f"unknown task {task!r}; choose from {TASKS}.")
+  if not config.tasks or not config.models:
+    raise ValueError("config.tasks and config.models must not be empty.")
+  models = [parse_model(m) for m in config.models]
+  settings = settings_from(config)
+  for arch, depth in models:
+    if arch == "fts" and depth <= config.train.feature_layers:
+      raise ValueError(f"model fts_L{depth} needs more blocks than train.feature_layers="
+                       f"{config.train.feature_layers} (at least one attention block).")
+    for what, layers in (("analysis.layers", settings.layers), ("graft.layers", settings.graft_layers)):
+      bad = [l for l in layers or () if not 0 <= l <= depth]
+      if bad:
+        raise ValueError(f"{what} {bad} out of range for {arch}_L{depth}: layer indices run from 0 "
+                         f"(embedding) to {depth}.")
+  for task in config.tasks:  # task and training configs validate themselves when built
+    _task_config(config, task, 1)
+    for arch, depth in models:
+      _train_config(config, task, arch, depth)
+  return [(task, arch, depth) for task in config.tasks for arch, depth in models]
+
+
+def _task_config(config, task: str, batch_size: int):
+  from kcg import tasks  # pylint: disable=g-import-not-at-top
+  t = config.task
+  kwargs = dict(glm_targets="mean", glm_scale=float(t.glm_scale), noise_std=0.0) if task == "logistic" \
+      else dict(noise_std=float(t.noise_std))
+  return tasks.TaskConfig(family=task, input_dim=t.input_dim, num_support=t.num_support,
+                          num_query=t.num_query, batch_size=batch_size, **kwargs)
+
+
+def _train_config(config, task: str, arch: str, depth: int):
+  from kcg._src import training  # pylint: disable=g-import-not-at-top
+  t, tr = config.task, config.train
+  if arch == "lsa":
+    model = training.ModelSpec(num_layers=depth, width=tr.width, num_heads=tr.num_heads,
+                               head_dim=tr.head_dim, mlp_hidden=0, attention="linear", norm=None,
+                               attention_scale=1.0 / (t.num_support + 1), qkv_init_scale=0.5)
+  else:
+    model = training.ModelSpec(
+        num_layers=depth, width=tr.width, num_heads=tr.num_heads, head_dim=tr.head_dim,
+        mlp_hidden=tr.mlp_hidden, attention="softmax", activation="gelu", norm="layernorm",
+        attention_free_layers=tr.feature_layers if arch == "fts" else 0)
+  task_kwargs = dict(glm_targets="mean", glm_scale=float(t.glm_scale), noise_std=0.0) \
+      if task == "logistic" else dict(noise_std=float(t.noise_std))
+  data = training.DataSpec(family=task, input_dim=t.input_dim, num_support=t.num_support,
+                           num_query=t.num_query, encoding="query", mask="prefix", **task_kwargs)
+  optim = training.OptimSpec(learning_rate=tr.learning_rate,
+                             warmup_steps=min(tr.warmup_steps, max(1, tr.num_steps // 4)))
+  return training.TrainConfig(model=model, data=data, optim=optim, num_steps=tr.num_steps,
+                              batch_size=tr.batch_size, seed=config.seed + depth, dtype="float32",
+                              log_every=max(1, tr.num_steps // 10), checkpoint_every=max(
+                                  1, tr.num_steps // 4), keep_checkpoints=1, eval_batch_size=64,
+                              final_eval=False)
+
+
+def _train_all(config, plan, models_dir: str) -> tuple[dict, dict]:
+  from kcg._src import training  # pylint: disable=g-import-not-at-top
+  trained, timings = {}, {}
+  for task, arch, depth in plan:
+    name = f"{task}_{arch}_L{depth}"
+    began = time.perf_counter()
+    result = training.train(_train_config(config, task, arch, depth), os.path.join(models_dir, name))
+    history = training.load_history(os.path.join(models_dir, name))
+    losses = [h["loss"] for h in history if "loss" in h]
+    timings[name] = {"seconds": time.perf_counter() - began, "final_train_loss": losses[-1]}
+    trained[name] = result.model
+    logging.info("trained %s in %.0f s (loss %.4g)", name, timings[name]["seconds"], losses[-1])
+  return trained, timings
+
+
+def _fmt(x: Any) -> str:
+  if x is None:
+    return "n/a"
+  if isinstance(x, float):
+    return "n/a" if math.isnan(x) else f"{x:.3g}"
+  return str(x)
+
+
+def run(config, workdir: str) -> dict:
+  """The whole experiment; returns the dict written to workdir/results.json."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from kcg import tasks  # pylint: disable=g-import-not-at-top
+  from kcg._src import alignment_plots  # pylint: disable=g-import-not-at-top
+  from kcg._src import alignment_study  # pylint: disable=g-import-not-at-top
+  from kcg._src import probes  # pylint: disable=g-import-not-at-top
+  from kcg._src import study  # pylint: disable=g-import-not-at-top
+
+  if not jax.config.jax_enable_x64:
+    raise ValueError("the alignment study analyses in float64: call "
+                     "jax.config.update('jax_enable_x64', True) first (the binary does).")
+  plan = validate(config)
+  settings = settings_from(config)
+  start = time.perf_counter()
+  os.makedirs(workdir, exist_ok=True)
+  trained, train_timings = _train_all(config, plan, os.path.join(workdir, "models"))
+  timings = {"train": time.perf_counter() - start}
+  if config.train_only:
+    logging.info("train_only: %d models trained in %.0f s; no analysis.", len(trained), timings["train"])
+    return {"training": train_timings}
+
+  key = jax.random.key(config.seed)
+  results = {"y_nonlinearity": {}, "tasks": {}, "training": train_timings}
+  began = time.perf_counter()
+  for i, task in enumerate(config.tasks):
+    task_key = jax.random.fold_in(key, i)
+    k_eval, k_fit, k_labels, k_analysis = jax.random.split(task_key, 4)
+    prompts = tasks.sample(k_eval, _task_config(config, task, config.analysis.num_prompts))
+    fit_prompts = tasks.sample(k_fit, _task_config(config, task, config.analysis.num_fit_prompts))
+    labels_b = tasks.sample_targets(k_labels, _task_config(config, task, 1), prompts.x_support,
+                                    prompts.x_query).y_support
+    info = alignment_study.task_info(_task_config(config, task, 1))
+    weights = (0.5, 0.5) if task == "logistic" else (1 / math.sqrt(2), 1 / math.sqrt(2))
+    task_settings = dataclasses.replace(settings, nonlinearity_weights=weights)
+    per_model = {}
+    for j, (t, arch, depth) in enumerate(p for p in plan if p[0] == task):
+      name = f"{task}_{arch}_L{depth}"
+      subject = probes.subject_from_model(trained[name], input_dim=config.task.input_dim, name=name)
+      control = probes.random_init_like(subject, seed=config.seed + 1000 + j)
+      model_key = jax.random.fold_in(k_analysis, j)
+      r = alignment_study.analyse_subject(subject, prompts, fit_prompts, labels_b, info,
+                                          task_settings, model_key, control_subject=control)
+      r["control"] = alignment_study.analyse_subject(control, prompts, fit_prompts, labels_b, info,
+                                                     task_settings, model_key, control=True)
+      r["architecture"] = arch
+      per_model[name] = r
+      results["y_nonlinearity"][name] = r["y_nonlinearity"]
+      logging.info("analysed %s: best layer %d", name, r["best_layer"])
+    refs = alignment_study.compiled_references(prompts, labels_b, ridge=config.compiled.ridge,
+                                               cg_steps=tuple(config.compiled.cg_steps),
+                                               weights=weights)
+    for ref, value in refs.items():
+      results["y_nonlinearity"][f"compiled_{ref}_{task}"] = value
+    title = f"task {task} (d = {config.task.input_dim}, k = {config.task.num_support})"
+    figures = {"agreement": alignment_plots.agreement_figure(
+                   per_model, os.path.join(workdir, f"agreement_vs_layer_{task}.png"), title),
+               "alignment": alignment_plots.alignment_figure(
+                   per_model, os.path.join(workdir, f"kernel_alignment_{task}.png"), title),
+               "graft": alignment_plots.graft_figure(
+                   per_model, os.path.join(workdir, f"graft_{task}.png"), title)}
+    results["tasks"][task] = {"models": per_model, "compiled_references": refs,
+                              "figures": {k: os.path.basename(v) for k, v in figures.items()}}
+  timings["analysis"] = time.perf_counter() - began
+  timings["total"] = time.perf_counter() - start
+  results["timings_seconds"] = timings
+  results["config"] = study.jsonable(config.to_dict())
+  results = study.jsonable(results)
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(results, f, indent=1)
+  from experiments import alignment_report  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(workdir, "report.md"), "w") as f:
+    f.write(alignment_report.render(results, config))
+  return results
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_enable_x64", True)
+  logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
+  run(_CONFIG.value, _WORKDIR.value)
+  logging.info("Report written to %s", os.path.join(_WORKDIR.value, "report.md"))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

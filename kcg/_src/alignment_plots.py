@@ -1,0 +1,152 @@
+"""Figures of the alignment study (matplotlib Agg canvases, no global state): one PNG per task each.
+
+Every curve has its own colour and marker, layer and step axes have integer ticks, axes are labelled
+and legends sit outside the data (to the right of the panels).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+_STYLES = (("tab:blue", "o"), ("tab:orange", "s"), ("tab:green", "^"), ("tab:red", "D"),
+           ("tab:purple", "v"), ("tab:brown", "P"), ("tab:pink", "X"), ("tab:gray", "*"),
+           ("tab:olive", "<"), ("tab:cyan", ">"), ("black", "h"), ("navy", "p"))
+_R2_FLOOR = -0.5
+
+
+def _figure(nrows: int, ncols: int, width: float = 3.6, height: float = 3.0):
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  figure = Figure(figsize=(width * ncols + 2.6, height * nrows))
+  FigureCanvasAgg(figure)
+  return figure, figure.subplots(nrows, ncols, squeeze=False)
+
+
+def _integer_axis(axes) -> None:
+  from matplotlib.ticker import MaxNLocator  # pylint: disable=g-import-not-at-top
+  axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _clip(values) -> np.ndarray:
+  v = np.asarray([np.nan if x is None else x for x in values], np.float64)
+  return np.maximum(v, _R2_FLOOR)
+
+
+def _save(figure, legend_rows, path: str) -> None:
+  """Saves `figure` with one legend per row group: `legend_rows` = [(axes list, y position in
+  figure coordinates)], each legend to the right of the panels."""
+  for axes_list, y in legend_rows:
+    handles, labels = {}, []
+    for axes in axes_list:
+      for h, label in zip(*axes.get_legend_handles_labels()):
+        if label not in handles:
+          handles[label] = h
+          labels.append(label)
+    figure.legend([handles[l] for l in labels], labels, loc="center right", fontsize=7,
+                  frameon=False, bbox_to_anchor=(1.0, y))
+  figure.tight_layout(rect=(0, 0, 1 - 2.5 / figure.get_figwidth(), 1))
+  figure.savefig(path, dpi=110)
+
+
+def agreement_figure(results: Mapping[str, dict], path: str, title: str) -> str:
+  """Agreement (R^2) with each model vs layer: top row, KRR on phi_l for every reading with the raw-x
+  baselines as horizontal lines; bottom row, the best step of every candidate on phi_l."""
+  names = list(results)
+  figure, axes = _figure(2, len(names))
+  for col, name in enumerate(names):
+    r = results[name]
+    top, bottom = axes[0][col], axes[1][col]
+    styles = iter(_STYLES)
+    for reading, rows in r["krr"].items():
+      colour, marker = next(styles)
+      label = f"KRR on phi_l ({reading.replace('_', ' ')})"
+      top.plot([row["layer"] for row in rows], _clip([row["r2"] for row in rows]), marker=marker,
+               color=colour, linestyle="--" if reading == "with_labels" else "-", label=label)
+    colour, marker = next(styles)
+    rows = r["krr"]["zero_labels"]
+    top.plot([row["layer"] for row in rows], _clip([row["shuffled_r2"] for row in rows]),
+             marker=marker, color=colour, linestyle=":", label="shuffled control (zero labels)")
+    if "control" in r:
+      colour, marker = next(styles)
+      rows = r["control"]["krr"]["zero_labels"]
+      top.plot([row["layer"] for row in rows], _clip([row["r2"] for row in rows]), marker=marker,
+               color=colour, linestyle=":", label="random-init model (zero labels)")
+    for (base, label), (colour, _) in zip(
+        (("linear_x", "KRR on raw x, linear"), ("rbf_x", "KRR on raw x, RBF"),
+         ("true_kernel", "KRR, task's true kernel")), _STYLES[8:]):
+      if base in r["baselines"]:
+        top.axhline(max(r["baselines"][base]["r2"], _R2_FLOOR), color=colour, linewidth=1.2,
+                    linestyle="-.", label=label)
+    top.set_title(name, fontsize=8)
+    layer_names = list(r["candidates"])
+    layers = [int(l) for l in layer_names if l != "x"]
+    for (cand, _), (colour, marker) in zip(r["candidates"][str(layers[0])].items(), _STYLES):
+      bottom.plot(layers, _clip([r["candidates"][str(l)][cand]["r2"] for l in layers]),
+                  marker=marker, color=colour, label=f"{cand}, best t, on phi_l")
+    for ax in (top, bottom):
+      _integer_axis(ax)
+      ax.set_xlabel("layer l (blocks applied)")
+      ax.set_ylim(_R2_FLOOR - 0.05, 1.05)
+      ax.grid(alpha=0.3)
+    top.set_ylabel("R^2 of KRR vs model")
+    bottom.set_ylabel("R^2 of candidate vs model")
+  figure.suptitle(title, fontsize=9)
+  _save(figure, [(list(axes[0]), 0.72), (list(axes[1]), 0.25)], path)
+  return path
+
+
+def alignment_figure(results: Mapping[str, dict], path: str, title: str) -> str:
+  """Centred kernel alignment of Gram(phi_l) with the true, raw-x and target kernels vs layer."""
+  names = list(results)
+  figure, axes = _figure(1, len(names))
+  labels = {"true_kernel": "vs task's true kernel", "raw_x": "vs raw x (linear)",
+            "target": "vs target f f^T"}
+  for col, name in enumerate(names):
+    r, ax = results[name], axes[0][col]
+    layers = r["layers"]
+    styles = iter(_STYLES)
+    for key, label in labels.items():
+      if key in r["kernel_alignment"]:
+        colour, marker = next(styles)
+        ax.plot(layers, r["kernel_alignment"][key], marker=marker, color=colour, label=label)
+    if "control" in r and "true_kernel" in r["control"]["kernel_alignment"]:
+      colour, marker = next(styles)
+      ax.plot(r["control"]["layers"], r["control"]["kernel_alignment"]["true_kernel"], marker=marker,
+              color=colour, linestyle=":", label="random init, vs true kernel")
+    colour, marker = next(styles)
+    key = "true_kernel_shuffled" if "true_kernel_shuffled" in r["kernel_alignment"] else "target_shuffled"
+    ax.plot(layers, r["kernel_alignment"][key], marker=marker, color=colour, linestyle=":",
+            label="shuffled prompts (control)")
+    _integer_axis(ax)
+    ax.set_xlabel("layer l (blocks applied)")
+    ax.set_ylabel("centred kernel alignment")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title(name, fontsize=8)
+    ax.grid(alpha=0.3)
+  figure.suptitle(title, fontsize=9)
+  _save(figure, [(list(axes[0]), 0.5)], path)
+  return path
+
+
+def graft_figure(results: Mapping[str, dict], path: str, title: str) -> str:
+  """R^2 of the graft (first l layers + compiled CG_t) vs the model, against t, one curve per l."""
+  names = [n for n in results if results[n]["graft"]["layers"]]
+  figure, axes = _figure(1, max(len(names), 1))
+  for col, name in enumerate(names):
+    g, ax = results[name]["graft"], axes[0][col]
+    for (l, r2), (colour, marker) in zip(zip(g["layers"], g["r2"]), _STYLES):
+      ax.plot(range(len(r2)), _clip(r2), marker=marker, color=colour, label=f"l = {l}")
+    _integer_axis(ax)
+    ax.set_xlabel("compiled CG steps t")
+    ax.set_ylabel("R^2 of graft vs model")
+    ax.set_ylim(_R2_FLOOR - 0.05, 1.05)
+    ax.set_title(name, fontsize=8)
+    ax.grid(alpha=0.3)
+  figure.suptitle(title, fontsize=9)
+  _save(figure, [(list(axes[0]), 0.5)], path)
+  return path
+
+
+__all__ = ("agreement_figure", "alignment_figure", "graft_figure")
