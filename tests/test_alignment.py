@@ -134,7 +134,7 @@ def test_krr_on_phi_explains_converged_compiled_cg_exactly(problem):
   krr = _np(alignment.krr_predict(phi_s, p.y_support, phi_q, RIDGE))
   np.testing.assert_allclose(krr, model, rtol=0, atol=1e-10 * np.abs(model).max())
   agree = alignment.agreement(krr, model, jax.random.key(0))
-  assert agree.r2 > 1 - 1e-18 and agree.relative_distance < 1e-10
+  assert agree.r2 >= 1 - 1e-15 and agree.relative_distance < 1e-10
   # Independent references: NumPy's dense solve, and scikit-learn (with and without an intercept).
   sklearn = pytest.importorskip("sklearn.linear_model")
   for b in range(3):

@@ -98,7 +98,7 @@ def _prepare(problem: FeatureProblem, intercept: bool):
 def _system(phi_s, phi_q, ridge):
   k = phi_s.shape[1]
   gram = jnp.einsum("bkp,bjp->bkj", phi_s, phi_s, precision=checks.HIGHEST)
-  a = gram + jnp.asarray(ridge, phi_s.dtype) * jnp.eye(k, dtype=phi_s.dtype)
+  a = gram + jnp.asarray(ridge, phi_s.dtype) * jnp.eye(k, dtype=phi_s.dtype)[None]
   cross = jnp.einsum("bqp,bkp->bqk", phi_q, phi_s, precision=checks.HIGHEST)
   return a, cross
 
@@ -255,28 +255,41 @@ def trajectories(problem: FeatureProblem, ridge: float, max_steps: int, *, inter
     if missing:
       raise ValueError(f"fitted has no parameters for {missing}; fit them with names=... .")
     a, cross = _system(phi_s, phi_q, ridge)
-    zeros = np.zeros(phi_q.shape[:2])
     for name in wanted:
-      steps = [zeros]
+      # Step count t uses the parameters fitted for t; every distinct parameter set runs all T steps
+      # once (one compiled shape) and gives its column t.
+      runs = {}
+      columns = [np.zeros(phi_q.shape[:2])]
       for t in range(1, max_steps + 1):
         p = fitted.params[name][t - 1]
-        if name == "gd_plus":
-          second = fitted.constants["gd_plus_second_moment"]
-          trace = max(float(np.trace(second)) / second.shape[0], np.finfo(np.float64).tiny)
-          pre = np.linalg.inv(second + p[1] * trace * np.eye(second.shape[0]))
-          traj = _gd_plus_core(phi_s, y_s, phi_q, jnp.asarray(ridge, dtype), jnp.asarray(pre, dtype),
-                               jnp.asarray(p[0], dtype), num_steps=t)
-        elif name == "momentum":
-          traj = _momentum_core(a, cross, y_s, jnp.asarray(p[0], dtype), jnp.asarray(p[1], dtype),
-                                num_steps=t)
-        else:
-          u = _chebyshev_features(a, cross, y_s, jnp.asarray(fitted.constants["polynomial_scale"],
-                                                             dtype), num_terms=t)
-          traj = jnp.stack([jnp.zeros_like(u[..., 0]),
-                            jnp.einsum("bqj,j->bq", u, jnp.asarray(p, dtype))], axis=1)
-        steps.append(np.asarray(traj)[:, -1])
-      out[name] = add(np.stack(steps, axis=1))
+        tag = tuple(np.ravel(p).tolist())
+        if tag not in runs:
+          runs[tag] = np.asarray(_fitted_run(name, p, fitted, phi_s, y_s, phi_q, a, cross, ridge,
+                                             max_steps))
+        columns.append(runs[tag][:, t])
+      out[name] = add(np.stack(columns, axis=1))
   return {n: out[n] for n in names}
+
+
+def _fitted_run(name, p, fitted, phi_s, y_s, phi_q, a, cross, ridge, max_steps) -> Array:
+  """`[B, T+1, q]` of one fitted candidate with parameters `p` (the polynomial: column t uses the
+  first t coefficients, i.e. `p` padded with zeros, so only column `len(p)` is its own)."""
+  dtype = phi_s.dtype
+  if name == "gd_plus":
+    second = fitted.constants["gd_plus_second_moment"]
+    trace = max(float(np.trace(second)) / second.shape[0], np.finfo(np.float64).tiny)
+    pre = np.linalg.inv(second + p[1] * trace * np.eye(second.shape[0]))
+    return _gd_plus_core(phi_s, y_s, phi_q, jnp.asarray(ridge, dtype), jnp.asarray(pre, dtype),
+                         jnp.asarray(p[0], dtype), num_steps=max_steps)
+  if name == "momentum":
+    return _momentum_core(a, cross, y_s, jnp.asarray(p[0], dtype), jnp.asarray(p[1], dtype),
+                          num_steps=max_steps)
+  u = _chebyshev_features(a, cross, y_s, jnp.asarray(fitted.constants["polynomial_scale"], dtype),
+                          num_terms=max(max_steps, 1))
+  coefs = np.zeros(u.shape[-1])
+  coefs[:len(p)] = p
+  value = jnp.einsum("bqj,j->bq", u, jnp.asarray(coefs, dtype))
+  return jnp.broadcast_to(value[:, None], (value.shape[0], max_steps + 1, value.shape[1]))
 
 
 class _AsPrompts(NamedTuple):

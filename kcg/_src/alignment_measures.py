@@ -86,9 +86,8 @@ def _krr_core(phi_support, y_support, phi_query, ridge, *, intercept):
   gram = jnp.einsum("bkp,bjp->bkj", phi_support, phi_support, precision=checks.HIGHEST)
   cross = jnp.einsum("bqp,bkp->bqk", phi_query, phi_support, precision=checks.HIGHEST)
   ridge_b = jnp.broadcast_to(ridge, phi_support.shape[:1])
-  alpha = solvers.cholesky_solve(gram + ridge_b[:, None, None] * jnp.eye(gram.shape[-1],
-                                                                          dtype=gram.dtype),
-                                 y_support, False)
+  eye = jnp.eye(gram.shape[-1], dtype=gram.dtype)[None]
+  alpha = solvers.cholesky_solve(gram + ridge_b[:, None, None] * eye, y_support, False)
   return offset + jnp.einsum("bqk,bk->bq", cross, alpha, precision=checks.HIGHEST)
 
 
@@ -302,7 +301,9 @@ def arccos_kernel(scale: float = 1.0) -> Callable[[Any, Any], Array]:
 def smoother_weights(predict: Callable, x_support: Any, y_support: Any, x_query: Any) -> np.ndarray:
   """`W[b, j, i] = d f(x_query_bj) / d y_support_bi`, `[B, q, k]`, by one forward-mode pass per support
   (prompts are independent, so tangent `e_i` moves label i of every prompt at once)."""
-  x_support, y_support, x_query = (jnp.asarray(a) for a in (x_support, y_support, x_query))
+  y_support = jnp.asarray(y_support)
+  if y_support.ndim != 2:
+    raise ValueError(f"y_support must be [B, k], got {y_support.shape}.")
   k = y_support.shape[1]
   columns = []
   for i in range(k):

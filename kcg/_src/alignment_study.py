@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -104,6 +105,19 @@ def task_info(task: Any) -> TaskInfo:
   if task.family == "relu_network":
     return TaskInfo(task.family, measures.arccos_kernel(1.0 / d), ridge)
   return TaskInfo(task.family, None, None)
+
+
+class _Clock:
+  """Wall seconds per stage (reported in the results; the machine may be shared)."""
+
+  def __init__(self):
+    self.laps = {}
+    self._last = time.perf_counter()
+
+  def lap(self, name: str) -> None:
+    now = time.perf_counter()
+    self.laps[name] = now - self._last
+    self._last = now
 
 
 def _layers(requested, num_layers: int) -> list[int]:
@@ -196,6 +210,7 @@ def analyse_subject(subject: probes.Subject, prompts: Any, fit_prompts: Any, lab
     control: compute only the subset used as the random-initialisation control.
     control_subject: the random-init model whose residuals the probes' control reads.
   """
+  clock = _Clock()
   keys = dict(zip(("agree", "shuffle", "probe"), jax.random.split(key, 3)))
   xs, ys, xq = (np.asarray(a) for a in (prompts.x_support, prompts.y_support, prompts.x_query))
   fxs, fys, fxq = (np.asarray(a) for a in (fit_prompts.x_support, fit_prompts.y_support,
@@ -210,6 +225,7 @@ def analyse_subject(subject: probes.Subject, prompts: Any, fit_prompts: Any, lab
          "test_mse": _mse(model_eval, y_query), "test_mse_noiseless": _mse(model_eval, f_query)}
   readings = (PRIMARY_READING,) if control else settings.readings
 
+  clock.lap('predictions')
   # 2. KRR on phi_l for every reading and layer.
   spaces = {}
   out["krr"] = {}
@@ -232,6 +248,7 @@ def analyse_subject(subject: probes.Subject, prompts: Any, fit_prompts: Any, lab
   best_layer = max(out["krr"][PRIMARY_READING], key=lambda r: r["r2"])["layer"]
   out["best_layer"] = best_layer
 
+  clock.lap('krr')
   # 3-4. Candidates on phi_l and on raw x; KRR baselines on raw x.
   names = ("cg",) if control else settings.candidates
   fyq = np.asarray(fit_prompts.y_query)
@@ -253,6 +270,7 @@ def analyse_subject(subject: probes.Subject, prompts: Any, fit_prompts: Any, lab
     out["baselines"].update(_kernel_baselines(xs, ys, xq, fxs, fys, fxq, fyq, y_query, f_query,
                                               model_eval, model_fit, task, keys["agree"], settings))
 
+  clock.lap('candidates')
   # 5. Kernel alignment of Gram(phi_l) (zero-label reading) with the true, raw-x and target kernels.
   x_all = _gram_points(xs, xq)
   targets = {"raw_x": measures.linear_gram(x_all),
@@ -272,6 +290,7 @@ def analyse_subject(subject: probes.Subject, prompts: Any, fit_prompts: Any, lab
       float(np.mean(measures.kernel_alignment(targets["raw_x"], targets["true_kernel"])))
       if "true_kernel" in targets else None)
 
+  clock.lap('kernel_alignment')
   # 6. Smoother weights.
   weights = measures.smoother_weights(predict, xs, ys, xq)
   smoother = {"krr_phi": [], "krr_phi_shuffled": []}
@@ -288,6 +307,7 @@ def analyse_subject(subject: probes.Subject, prompts: Any, fit_prompts: Any, lab
     smoother["true_kernel"] = float(np.mean(measures.weight_cosine(weights, w_true)))
   out["smoother_weights"] = smoother
 
+  clock.lap('smoother_weights')
   # 7. The y-linearity signature of the model and of its best-matching CG_t on phi_l.
   nl = measures.y_nonlinearity(predict, xs, ys, labels_b, xq, weights=settings.nonlinearity_weights)
   out["y_nonlinearity"] = nl.index
@@ -303,13 +323,17 @@ def analyse_subject(subject: probes.Subject, prompts: Any, fit_prompts: Any, lab
                              cg_predict, xs, ys, labels_b, xq,
                              weights=settings.nonlinearity_weights).index}
 
+  clock.lap('y_nonlinearity')
   # 8. Grafts.
   out["graft"] = _grafts(subject, spaces, layers, settings, ys, model_eval, sigma, keys["agree"])
 
+  clock.lap('graft')
   # 9. Probes of CG's state on phi_l (best layer) in the model's residual stream.
   if not control:
     out["probes"] = _probes(subject, control_subject, prompts, spaces[best_layer][0], best_layer,
                             settings, keys["probe"])
+  clock.lap("probes")
+  out["seconds"] = clock.laps
   return out
 
 
