@@ -3,7 +3,7 @@
     python -m experiments.alignment --config=experiments/configs/alignment.py:runlocal --workdir=DIR
 
 Trains in-context learners on nonlinear task families and linear regression (`kcg.training`, into
-DIR/models/<task>_<model>, resumed on a rerun), then runs `kcg._src.alignment_study.analyse_subject` on
+DIR/models/<task>_<model>, resumed on a rerun), then runs `kcg.alignment.analyse_subject` on
 each model and on a randomly initialised model of its architecture (the control), and the
 y-nonlinearity of compiled references (`kcg.compile_cg`, PCG, Chebyshev). Writes DIR/report.md (a
 summary generated from the numbers, then per task the agreement-vs-layer, kernel-alignment and graft
@@ -45,10 +45,10 @@ def parse_model(name: str) -> tuple[str, int]:
 
 
 def settings_from(config):
-  """The analysis settings (`alignment_study.Settings`), validated."""
-  from kcg._src import alignment_study  # pylint: disable=g-import-not-at-top
+  """The analysis settings (`alignment.Settings`), validated."""
+  from kcg import alignment  # pylint: disable=g-import-not-at-top
   a = config.analysis
-  return alignment_study.Settings(
+  return alignment.Settings(
       readings=tuple(a.readings), candidates=tuple(a.candidates), max_steps=int(a.max_steps),
       layers=tuple(int(l) for l in a.layers) or None, relative_ridges=tuple(a.relative_ridges),
       rbf_bandwidths=tuple(a.rbf_bandwidths), num_bootstrap=int(a.num_bootstrap),
@@ -92,7 +92,7 @@ def _task_config(config, task: str, batch_size: int):
 
 
 def _train_config(config, task: str, arch: str, depth: int):
-  from kcg._src import training  # pylint: disable=g-import-not-at-top
+  from kcg import training  # pylint: disable=g-import-not-at-top
   t, tr = config.task, config.train
   if arch == "lsa":
     model = training.ModelSpec(num_layers=depth, width=tr.width, num_heads=tr.num_heads,
@@ -117,7 +117,7 @@ def _train_config(config, task: str, arch: str, depth: int):
 
 
 def _train_all(config, plan, models_dir: str) -> tuple[dict, dict]:
-  from kcg._src import training  # pylint: disable=g-import-not-at-top
+  from kcg import training  # pylint: disable=g-import-not-at-top
   trained, timings = {}, {}
   for task, arch, depth in plan:
     name = f"{task}_{arch}_L{depth}"
@@ -142,11 +142,10 @@ def _fmt(x: Any) -> str:
 def run(config, workdir: str) -> dict:
   """The whole experiment; returns the dict written to workdir/results.json."""
   import jax  # pylint: disable=g-import-not-at-top
+  from kcg import alignment  # pylint: disable=g-import-not-at-top
+  from kcg import probes  # pylint: disable=g-import-not-at-top
+  from kcg import study  # pylint: disable=g-import-not-at-top
   from kcg import tasks  # pylint: disable=g-import-not-at-top
-  from kcg._src import alignment_plots  # pylint: disable=g-import-not-at-top
-  from kcg._src import alignment_study  # pylint: disable=g-import-not-at-top
-  from kcg._src import probes  # pylint: disable=g-import-not-at-top
-  from kcg._src import study  # pylint: disable=g-import-not-at-top
 
   if not jax.config.jax_enable_x64:
     raise ValueError("the alignment study analyses in float64: call "
@@ -171,7 +170,7 @@ def run(config, workdir: str) -> dict:
     fit_prompts = tasks.sample(k_fit, _task_config(config, task, config.analysis.num_fit_prompts))
     labels_b = tasks.sample_targets(k_labels, _task_config(config, task, 1), prompts.x_support,
                                     prompts.x_query).y_support
-    info = alignment_study.task_info(_task_config(config, task, 1))
+    info = alignment.task_info(_task_config(config, task, 1))
     weights = (0.5, 0.5) if task == "logistic" else (1 / math.sqrt(2), 1 / math.sqrt(2))
     task_settings = dataclasses.replace(settings, nonlinearity_weights=weights)
     per_model = {}
@@ -180,25 +179,25 @@ def run(config, workdir: str) -> dict:
       subject = probes.subject_from_model(trained[name], input_dim=config.task.input_dim, name=name)
       control = probes.random_init_like(subject, seed=config.seed + 1000 + j)
       model_key = jax.random.fold_in(k_analysis, j)
-      r = alignment_study.analyse_subject(subject, prompts, fit_prompts, labels_b, info,
+      r = alignment.analyse_subject(subject, prompts, fit_prompts, labels_b, info,
                                           task_settings, model_key, control_subject=control)
-      r["control"] = alignment_study.analyse_subject(control, prompts, fit_prompts, labels_b, info,
+      r["control"] = alignment.analyse_subject(control, prompts, fit_prompts, labels_b, info,
                                                      task_settings, model_key, control=True)
       r["architecture"] = arch
       per_model[name] = r
       results["y_nonlinearity"][name] = r["y_nonlinearity"]
       logging.info("analysed %s: best layer %d", name, r["best_layer"])
-    refs = alignment_study.compiled_references(prompts, labels_b, ridge=config.compiled.ridge,
+    refs = alignment.compiled_references(prompts, labels_b, ridge=config.compiled.ridge,
                                                cg_steps=tuple(config.compiled.cg_steps),
                                                weights=weights)
     for ref, value in refs.items():
       results["y_nonlinearity"][f"compiled_{ref}_{task}"] = value
     title = f"task {task} (d = {config.task.input_dim}, k = {config.task.num_support})"
-    figures = {"agreement": alignment_plots.agreement_figure(
+    figures = {"agreement": alignment.agreement_figure(
                    per_model, os.path.join(workdir, f"agreement_vs_layer_{task}.png"), title),
-               "alignment": alignment_plots.alignment_figure(
+               "alignment": alignment.alignment_figure(
                    per_model, os.path.join(workdir, f"kernel_alignment_{task}.png"), title),
-               "graft": alignment_plots.graft_figure(
+               "graft": alignment.graft_figure(
                    per_model, os.path.join(workdir, f"graft_{task}.png"), title)}
     results["tasks"][task] = {"models": per_model, "compiled_references": refs,
                               "figures": {k: os.path.basename(v) for k, v in figures.items()}}

@@ -19,6 +19,9 @@ to any model; thin adapters read them from a `kcg.probes.Subject` (compiled or t
   CG and PCG.
 * Grafting (`build_graft`, `Graft`, `graft_predict_steps`): a model's first l layers, a linear map,
   then a compiled CG transformer.
+* The study of one model (`analyse_subject` with `Settings`, `task_info`, `compiled_references`) and
+  its figures (`agreement_figure`, `alignment_figure`, `graft_figure`), as `experiments/alignment.py`
+  runs them.
 """
 
 from kcg._src.alignment_candidates import CANDIDATES
@@ -41,6 +44,14 @@ from kcg._src.alignment_graft import build_graft
 from kcg._src.alignment_graft import compiled_solver
 from kcg._src.alignment_graft import graft_map
 from kcg._src.alignment_graft import graft_predict_steps
+from kcg._src.alignment_plots import agreement_figure
+from kcg._src.alignment_plots import alignment_figure
+from kcg._src.alignment_plots import graft_figure
+from kcg._src.alignment_study import Settings
+from kcg._src.alignment_study import TaskInfo
+from kcg._src.alignment_study import analyse_subject
+from kcg._src.alignment_study import compiled_references
+from kcg._src.alignment_study import task_info
 from kcg._src.alignment_measures import Agreement
 from kcg._src.alignment_measures import Nonlinearity
 from kcg._src.alignment_measures import RidgeChoice
@@ -60,6 +71,8 @@ from kcg._src.alignment_measures import weight_cosine
 from kcg._src.alignment_measures import y_nonlinearity
 
 __all__ = (
+    "Settings", "TaskInfo", "agreement_figure", "alignment_figure", "analyse_subject",
+    "compiled_references", "graft_figure", "task_info",
     "Agreement", "CANDIDATES", "FITTED", "FeatureProblem", "FittedCandidates", "Graft",
     "HiddenFeatures", "LINEAR_IN_Y", "Nonlinearity", "PER_PROMPT", "READINGS", "ResidualMap",
     "RidgeChoice", "agreement", "arccos_kernel", "build_graft", "channel_map", "compiled_solver",
