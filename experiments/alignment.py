@@ -53,7 +53,7 @@ def settings_from(config):
       layers=tuple(int(l) for l in a.layers) or None, relative_ridges=tuple(a.relative_ridges),
       rbf_bandwidths=tuple(a.rbf_bandwidths), num_bootstrap=int(a.num_bootstrap),
       graft_steps=int(config.graft.max_steps), graft_layers=tuple(int(l) for l in config.graft.layers)
-      or None, probe_site=config.probes.site, probe_steps=tuple(int(s) for s in config.probes.steps),
+      or None, graft_prompts=int(config.graft.num_prompts), probe_site=config.probes.site, probe_steps=tuple(int(s) for s in config.probes.steps),
       probe_folds=int(config.probes.num_folds), probe_ridge=float(config.probes.ridge))
 
 

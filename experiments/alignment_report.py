@@ -36,15 +36,22 @@ def _best(rows: list[dict]) -> dict:
 
 
 def _linear_in_y(r: dict, ratio: float) -> tuple[bool, str]:
-  """Whether the model is linear in y relative to the CG_t it is compared with, and the sentence."""
-  model, cg = r["y_nonlinearity"], r["cg_reference"]["y_nonlinearity"]
-  linear = cg is not None and cg > 0 and model < ratio * cg
-  ref = (f"index {_f(model)} against {_f(cg)} for the CG_{r['cg_reference']['step']} on phi_"
-         f"{r['cg_reference']['layer']} it is compared with")
-  if linear:
-    return True, (f"**linear in y** ({ref}): it is not running CG's prompt-dependent steps, whatever "
-                  f"its R^2 against CG ({_f(r['cg_reference']['r2'])})")
-  return False, f"nonlinear in y ({ref})"
+  """Whether the model is linear in y on the scale of CG's own nonlinearity on its features, and the
+  sentence that says so."""
+  model, ref = r["y_nonlinearity"], r["cg_reference"]
+  scale = max(ref["y_nonlinearity_by_step"])
+  at_match = ref["y_nonlinearity"]
+  where = f"CG_t on phi_{ref['layer']}"
+  if scale > 0 and model < ratio * scale:
+    return True, (f"**linear in y** (index {_f(model)}, against up to {_f(scale)} for {where}): it "
+                  f"is not running CG's prompt-dependent steps, whatever its R^2 against CG "
+                  f"({_f(ref['r2'])} at t = {ref['step']})")
+  text = (f"nonlinear in y (index {_f(model)}; {where}: up to {_f(scale)}, {_f(at_match)} at the "
+          f"matched t = {ref['step']})")
+  if at_match < ratio * scale:
+    text += (f"; the matched CG_{ref['step']} is converged (linear in y), so its agreement is KRR's "
+             "and the model's nonlinearity is not CG's")
+  return False, text
 
 
 def model_summary(name: str, r: dict, ratio: float) -> str:
@@ -96,7 +103,7 @@ def render(results: dict, config: Any) -> str:
         f"{n} {_f(v)}" for n, v in refs.items()) + ".")
   linear = [n for tr in results["tasks"].values() for n, r in tr["models"].items()
             if _linear_in_y(r, ratio)[0]]
-  lines += ["", f"Models linear in y (index below {ratio} of their CG reference's): "
+  lines += ["", f"Models linear in y (index below {ratio} of the largest of CG_t on their own features): "
             + (", ".join(f"`{n}`" for n in linear) if linear else "none") + ". A model linear in y "
             "is not running CG, whatever its R^2 against CG.", ""]
   lines += ["## Method", "",
@@ -167,13 +174,17 @@ def _task_section(task: str, tr: dict, ratio: float) -> list[str]:
                        for c in names] for space in cand]
     lines += [f"`{name}` (rows: layer l, or raw x):", ""] + _table(["space"] + names, rows)
   lines += ["### The y-linearity signature", ""]
-  rows = [[n, r["y_nonlinearity"], r["control"]["y_nonlinearity"], r["cg_reference"]["y_nonlinearity"],
+  rows = [[n, r["y_nonlinearity"], r["control"]["y_nonlinearity"],
            f"CG_{r['cg_reference']['step']} on phi_{r['cg_reference']['layer']} (R^2 "
-           f"{_f(r['cg_reference']['r2'])})", "yes" if _linear_in_y(r, ratio)[0] else "no"]
-          for n, r in models.items()]
-  rows += [[f"compiled {n}", v, None, None, "", ""] for n, v in tr["compiled_references"].items()]
-  lines += _table(["model", "index", "random-init index", "CG reference index", "CG reference",
-                   "linear in y"], rows)
+           f"{_f(r['cg_reference']['r2'])})", r["cg_reference"]["y_nonlinearity"],
+           max(r["cg_reference"]["y_nonlinearity_by_step"]),
+           "yes" if _linear_in_y(r, ratio)[0] else "no"] for n, r in models.items()]
+  rows += [[f"compiled {n}", v, None, "", None, None, ""] for n, v in tr["compiled_references"].items()]
+  lines += _table(["model", "index", "random-init index", "best-matching CG", "its index",
+                   "max_t CG_t index on that phi_l", "linear in y"], rows)
+  lines += ["Index: |f(a ya + b yb) - a f(ya) - b f(yb) - (1 - a - b) f(0)| / (a |f(ya) - f(0)| + "
+            "b |f(yb) - f(0)|), 0 for every predictor affine in y. 'Linear in y': below "
+            f"{ratio} of the largest index of CG_t (t = 1..T) on the model's own features.", ""]
   lines += ["### Kernel alignment", "", f"![Kernel alignment]({figs['alignment']})", "",
             "*Centred kernel alignment of Gram(phi_l) (zero labels, standardised) with the task's true "
             "kernel, raw x's linear kernel and the target kernel f f^T; dotted: random-init model and "

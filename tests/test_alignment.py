@@ -67,11 +67,15 @@ def test_feature_layer_of_compiled_cg_is_phi_for_every_label_free_reading(proble
     assert hidden.support.shape == (compiled.config.num_layers + 1, 12, K, compiled.config.width)
     np.testing.assert_array_equal(sel(hidden.support[1]), phi_s)
     np.testing.assert_array_equal(sel(hidden.query[1]), phi_q)
-  # The circular control: support tokens hold their own label (and phi in the support channels).
+  # The circular control: with the labels, the last layer's query tokens hold the model's own
+  # predictions at every input (its prediction channel), so KRR on them explains it trivially.
   hidden = alignment.hidden_features(subject, p.x_support, p.y_support, p.x_query,
                                      reading="with_labels")
-  y_channel = compiled.program.layout.slice("y")
-  np.testing.assert_array_equal(hidden.support[1][..., y_channel][..., 0], _np(p.y_support))
+  f_channel = compiled.program.layout.slice(compiled.program.readout)
+  np.testing.assert_allclose(hidden.query[-1][..., f_channel][..., 0],
+                             _np(compiled.predict(p.x_support, p.y_support, p.x_query)), rtol=1e-13)
+  np.testing.assert_allclose(hidden.support[-1][..., f_channel][..., 0],
+                             _np(compiled.predict(p.x_support, p.y_support, p.x_support)), rtol=1e-13)
   # Zero labels: no label reaches any query-token reading at any layer (y is 0 in the prompt).
   zero = alignment.hidden_features(subject, p.x_support, p.y_support, p.x_query)
   other = alignment.hidden_features(subject, p.x_support, 2 * p.y_support, p.x_query)

@@ -89,13 +89,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.analysis.relative_ridges = (1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
   config.analysis.rbf_bandwidths = (0.5, 1.0, 2.0, 4.0)
   config.analysis.num_bootstrap = 200
-  # Below this y-nonlinearity index (relative to the index of the CG_t it is compared with) a model
-  # is reported as linear in y.
+  # A model whose y-nonlinearity index is below this fraction of the largest index of CG_t
+  # (t = 1..max_steps) on its own best-matching features is reported as linear in y.
   config.analysis.linear_in_y_ratio = 0.25
 
   config.graft = ml_collections.ConfigDict()
   config.graft.max_steps = 8
   config.graft.layers = ()  # empty = every layer
+  # The compiled CG forward (1 + 11 T layers, ~345 MLP units) dominates the cost: grafts run on the
+  # first num_prompts evaluation prompts.
+  config.graft.num_prompts = 64
 
   config.probes = ml_collections.ConfigDict()
   config.probes.site = "support"
@@ -128,6 +131,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.analysis.max_steps = 4
     config.analysis.num_bootstrap = 100
     config.graft.max_steps = 4
+    config.graft.num_prompts = 48
     config.probes.steps = (1, 2)
     config.probes.num_folds = 4
     config.compiled.cg_steps = (1, 2)
@@ -153,6 +157,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.analysis.rbf_bandwidths = (1.0, 2.0)
     config.analysis.num_bootstrap = 20
     config.graft.max_steps = 2
+    config.graft.num_prompts = 16
     config.probes.steps = (1,)
     config.probes.num_folds = 2
     config.compiled.cg_steps = (1,)

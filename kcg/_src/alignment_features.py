@@ -10,8 +10,10 @@ after l blocks is phi_l(x), read in one of these ways (`READINGS`):
   b + 1 mod B: real label statistics, wrong answers);
 * `"context_free"`: no supports at all, the layers applied to `[aggregator, query]` (for attention-free
   layers this is the per-token map itself; for attention layers, a prompt without supports);
-* `"with_labels"`: the circular control: supports' own residuals (holding their labels) and the real
-  prompt's query tokens. Report it only to show the circularity.
+* `"with_labels"`: the circular control: in context with the real labels. From the layer on which a
+  query token holds the model's prediction for its input, KRR on these features explains the model
+  trivially (asked as a query, support input i carries the prediction at x_i, close to y_i). Report
+  it only to show the circularity.
 
 Under the prefix mask every query reads the prefix and itself only, so all `k + q` inputs are asked in
 one pass; under the causal mask each is asked in a prompt of its own. Results are `HiddenFeatures`
@@ -134,14 +136,12 @@ def hidden_features(subject: probes.Subject, x_support: Any, y_support: Any, x_q
   reading = _check_reading(reading)
   x_support, y_support, x_query = _prompt_arrays(x_support, y_support, x_query)
   k = x_support.shape[1]
-  if reading == "with_labels":
-    h = subject.forward(x_support, y_support, x_query, return_residuals=True).residuals
-    return HiddenFeatures(np.asarray(h[:, :, :k]), np.asarray(h[:, :, -x_query.shape[1]:]))
   x_ask = jnp.concatenate([x_support, x_query], axis=1)
   if reading == "context_free":
     h = context_free_residuals(subject, x_ask)
   else:
-    labels = jnp.zeros_like(y_support) if reading == "zero_labels" else jnp.roll(y_support, -1, axis=0)
+    labels = {"zero_labels": jnp.zeros_like(y_support), "with_labels": y_support,
+              "other_labels": jnp.roll(y_support, -1, axis=0)}[reading]
     h = _as_queries(subject, x_support, labels, x_ask)
   h = np.asarray(h)
   return HiddenFeatures(h[:, :, :k], h[:, :, k:])

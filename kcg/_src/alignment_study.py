@@ -59,6 +59,7 @@ class Settings:
   num_bootstrap: int = 200
   graft_steps: int = 8
   graft_layers: tuple[int, ...] | None = None
+  graft_prompts: int = 64
   probe_site: str = "support"
   probe_steps: tuple[int, ...] = (1, 2, 4)
   probe_folds: int = 5
@@ -315,17 +316,20 @@ def analyse_subject(subject: probes.Subject, prompts: Any, fit_prompts: Any, lab
   cg_layer = max(layers, key=lambda l: cg_scores[l]["r2"])
   cg_step = cg_scores[cg_layer]["best_step"]
   space = spaces[cg_layer][0]
-  cg_predict = lambda _xs, y, _xq: candidates_lib.trajectories(
-      candidates_lib.FeatureProblem(space.eval_support, y, space.eval_query), space.ridge, cg_step,
-      intercept=space.intercept, names=("cg",))["cg"][:, -1]
+  by_step = []
+  for t in range(1, settings.max_steps + 1):
+    cg_predict = lambda _xs, y, _xq, t=t: candidates_lib.trajectories(
+        candidates_lib.FeatureProblem(space.eval_support, y, space.eval_query), space.ridge, t,
+        intercept=space.intercept, names=("cg",))["cg"][:, -1]
+    by_step.append(measures.y_nonlinearity(cg_predict, xs, ys, labels_b, xq,
+                                           weights=settings.nonlinearity_weights).index)
   out["cg_reference"] = {"layer": cg_layer, "step": cg_step, "r2": cg_scores[cg_layer]["r2"],
-                         "y_nonlinearity": measures.y_nonlinearity(
-                             cg_predict, xs, ys, labels_b, xq,
-                             weights=settings.nonlinearity_weights).index}
+                         "y_nonlinearity": by_step[cg_step - 1],
+                         "y_nonlinearity_by_step": by_step}
 
   clock.lap('y_nonlinearity')
   # 8. Grafts.
-  out["graft"] = _grafts(subject, spaces, layers, settings, ys, model_eval, sigma, keys["agree"])
+  out["graft"] = _grafts(spaces, layers, settings, ys, model_eval, keys["agree"])
 
   clock.lap('graft')
   # 9. Probes of CG's state on phi_l (best layer) in the model's residual stream.
@@ -366,14 +370,18 @@ def _kernel_baselines(xs, ys, xq, fxs, fys, fxq, fyq, y_query, f_query, model_ev
   return out
 
 
-def _grafts(subject, spaces, layers, settings, ys, model_eval, sigma, key) -> dict:
+def _grafts(spaces, layers, settings, ys, model_eval, key) -> dict:
+  """R^2 and relative distance of the graft (layers 0..l + compiled CG_t) against the model, on the
+  first `settings.graft_prompts` evaluation prompts."""
   requested = settings.graft_layers
   graft_layers = [l for l in layers if not requested or l in requested]
   if not graft_layers:
     return {"layers": [], "r2": [], "relative_distance": [], "shuffled_r2": []}
-  width = subject.config.width
-  k = ys.shape[1]
-  compiled = graft_lib.compiled_solver(k, width + 1, settings.graft_steps, 1.0)
+  n = min(settings.graft_prompts, ys.shape[0])
+  width = spaces[graft_layers[0]][2].shape[-1]
+  compiled = graft_lib.compiled_solver(ys.shape[1], width + 1, settings.graft_steps, 1.0)
+  model = model_eval[:n]
+  sigma = measures.shuffled_pairs(n, key)
   r2, rel, shuffled = [], [], []
   for l in graft_layers:
     space, readout, h_s, h_q = spaces[l]
@@ -382,15 +390,15 @@ def _grafts(subject, spaces, layers, settings, ys, model_eval, sigma, key) -> di
       readout = readout.with_constant(math.sqrt(_INTERCEPT_FEATURE * max(scale, 1e-12)))
     else:
       readout = readout.with_constant(0.0)
-    steps = graft_lib.graft_predict_steps(compiled, graft_lib.graft_map(readout, space.ridge), h_s,
-                                          h_q, ys)
-    r2.append([_agree(steps[:, t], model_eval, key, settings, bootstrap=False)["r2"]
+    steps = graft_lib.graft_predict_steps(compiled, graft_lib.graft_map(readout, space.ridge),
+                                          h_s[:n], h_q[:n], ys[:n])
+    r2.append([_agree(steps[:, t], model, key, settings, bootstrap=False)["r2"]
                for t in range(settings.graft_steps + 1)])
-    rel.append([float(np.linalg.norm(steps[:, t] - model_eval) / max(np.linalg.norm(model_eval),
-                                                                      1e-300))
+    rel.append([float(np.linalg.norm(steps[:, t] - model) / max(np.linalg.norm(model), 1e-300))
                 for t in range(settings.graft_steps + 1)])
-    shuffled.append(_agree(steps[:, -1], model_eval[sigma], key, settings, bootstrap=False)["r2"])
-  return {"layers": graft_layers, "r2": r2, "relative_distance": rel, "shuffled_r2": shuffled}
+    shuffled.append(_agree(steps[:, -1], model[sigma], key, settings, bootstrap=False)["r2"])
+  return {"layers": graft_layers, "num_prompts": n, "r2": r2, "relative_distance": rel,
+          "shuffled_r2": shuffled}
 
 
 def _probes(subject, control_subject, prompts, space, layer, settings, key) -> dict:
