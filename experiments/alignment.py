@@ -3,7 +3,7 @@
     python -m experiments.alignment --config=experiments/configs/alignment.py:runlocal --workdir=DIR
 
 Trains in-context learners on nonlinear task families and linear regression (`kcg.training`, into
-DIR/models/<task>_<model>, resumed on a rerun), then runs `kcg.alignment.analyse_subject` on
+DIR/models/<task>_<model>, resumed on a rerun; analyses cached in DIR/analysis/<name>.json), then runs `kcg.alignment.analyse_subject` on
 each model and on a randomly initialised model of its architecture (the control), and the
 y-nonlinearity of compiled references (`kcg.compile_cg`, PCG, Chebyshev). Writes DIR/report.md (a
 summary generated from the numbers, then per task the agreement-vs-layer, kernel-alignment and graft
@@ -20,6 +20,7 @@ import math
 import os
 import re
 import time
+import zlib
 from typing import Any
 
 from absl import app
@@ -131,12 +132,31 @@ def _train_all(config, plan, models_dir: str) -> tuple[dict, dict]:
   return trained, timings
 
 
-def _fmt(x: Any) -> str:
-  if x is None:
-    return "n/a"
-  if isinstance(x, float):
-    return "n/a" if math.isnan(x) else f"{x:.3g}"
-  return str(x)
+def _analysis_config(config, task: str) -> dict:
+  """Everything an analysis depends on besides the model: what its cache entry is keyed by."""
+  parts = {name: config[name].to_dict() for name in ("task", "train", "analysis", "graft", "probes")}
+  return {"seed": config.seed, "task": task, **parts}
+
+
+def _cached(path: str, key: dict, compute) -> dict:
+  """`compute()` or, when `path` holds a result computed under the same `key`, that result.
+
+  Analyses take minutes per model: a rerun (or a run over a subset of tasks) reuses them.
+  """
+  from kcg import study  # pylint: disable=g-import-not-at-top
+  key = study.jsonable(key)
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    if saved.get("key") == key:
+      logging.info("reusing %s", path)
+      return saved["result"]
+  result = study.jsonable(compute())
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump({"key": key, "result": result}, f)
+  os.replace(path + ".tmp", path)
+  return result
 
 
 def run(config, workdir: str) -> dict:
@@ -163,8 +183,10 @@ def run(config, workdir: str) -> dict:
   key = jax.random.key(config.seed)
   results = {"y_nonlinearity": {}, "tasks": {}, "training": train_timings}
   began = time.perf_counter()
-  for i, task in enumerate(config.tasks):
-    task_key = jax.random.fold_in(key, i)
+  for task in config.tasks:
+    # Keys from names, not positions: a run over a subset of tasks or models computes the same
+    # numbers for them as the full run (and reuses their cached analyses).
+    task_key = jax.random.fold_in(key, TASKS.index(task))
     k_eval, k_fit, k_labels, k_analysis = jax.random.split(task_key, 4)
     prompts = tasks.sample(k_eval, _task_config(config, task, config.analysis.num_prompts))
     fit_prompts = tasks.sample(k_fit, _task_config(config, task, config.analysis.num_fit_prompts))
@@ -174,15 +196,24 @@ def run(config, workdir: str) -> dict:
     weights = (0.5, 0.5) if task == "logistic" else (1 / math.sqrt(2), 1 / math.sqrt(2))
     task_settings = dataclasses.replace(settings, nonlinearity_weights=weights)
     per_model = {}
-    for j, (t, arch, depth) in enumerate(p for p in plan if p[0] == task):
+    for _, arch, depth in (p for p in plan if p[0] == task):
       name = f"{task}_{arch}_L{depth}"
-      subject = probes.subject_from_model(trained[name], input_dim=config.task.input_dim, name=name)
-      control = probes.random_init_like(subject, seed=config.seed + 1000 + j)
-      model_key = jax.random.fold_in(k_analysis, j)
-      r = alignment.analyse_subject(subject, prompts, fit_prompts, labels_b, info,
-                                          task_settings, model_key, control_subject=control)
-      r["control"] = alignment.analyse_subject(control, prompts, fit_prompts, labels_b, info,
-                                                     task_settings, model_key, control=True)
+
+      def analyse(name=name):
+        salt = zlib.crc32(name.encode())
+        subject = probes.subject_from_model(trained[name], input_dim=config.task.input_dim,
+                                            name=name)
+        control = probes.random_init_like(subject, seed=config.seed + salt % 100_000)
+        model_key = jax.random.fold_in(k_analysis, salt)
+        r = alignment.analyse_subject(subject, prompts, fit_prompts, labels_b, info, task_settings,
+                                      model_key, control_subject=control)
+        r["control"] = alignment.analyse_subject(control, prompts, fit_prompts, labels_b, info,
+                                                 task_settings, model_key, control=True)
+        return r
+
+      r = _cached(os.path.join(workdir, "analysis", f"{name}.json"),
+                  {"analysis": _analysis_config(config, task), "model": name,
+                   "step": config.train.num_steps}, analyse)
       r["architecture"] = arch
       per_model[name] = r
       results["y_nonlinearity"][name] = r["y_nonlinearity"]

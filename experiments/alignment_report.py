@@ -143,10 +143,11 @@ def _task_section(task: str, tr: dict, ratio: float) -> list[str]:
                   [[n, r["test_mse"], r["test_mse_noiseless"]]
                    + [r["baselines"][k]["test_mse"] for k in refs] for n, r in models.items()])
   lines += [f"![Agreement vs layer]({figs['agreement']})", "",
-            "*Top: R^2 of KRR on phi_l (each reading) against each model's predictions, with KRR on "
-            "raw x (linear, RBF, the task's true kernel) as horizontal lines and the random-init and "
-            "shuffled controls dotted. Bottom: the best step of each candidate on phi_l (zero labels). "
-            f"R^2 below {-0.5} is drawn at -0.5.*", ""]
+            "*Agreement drawn as 1 - R^2 (the fraction of the model's variance left unexplained; log "
+            "axis, lower is better, clipped to [1e-4, 2]). Top: KRR on phi_l (each reading) against "
+            "each model's predictions, with KRR on raw x (linear, RBF, the task's true kernel) as "
+            "horizontal lines and the random-init and shuffled controls dotted. Bottom: the best step "
+            "of each candidate on phi_l (zero labels).*", ""]
   lines += ["### KRR on phi_l (zero labels), per layer", ""]
   for name, r in models.items():
     rows = []

@@ -13,7 +13,10 @@ import numpy as np
 _STYLES = (("tab:blue", "o"), ("tab:orange", "s"), ("tab:green", "^"), ("tab:red", "D"),
            ("tab:purple", "v"), ("tab:brown", "P"), ("tab:pink", "X"), ("tab:gray", "*"),
            ("tab:olive", "<"), ("tab:cyan", ">"), ("black", "h"), ("navy", "p"))
-_R2_FLOOR = -0.5
+# Agreement is drawn as 1 - R^2 (the fraction of the model's variance left unexplained) on a log axis,
+# clipped to [_FLOOR, _CEIL]: differences between 0.9 and 0.99 stay visible, and controls at R^2 <= 0
+# sit at the top.
+_FLOOR, _CEIL = 1e-4, 2.0
 
 
 def _figure(nrows: int, ncols: int, width: float = 3.6, height: float = 3.0):
@@ -29,9 +32,20 @@ def _integer_axis(axes) -> None:
   axes.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def _clip(values) -> np.ndarray:
+def _unexplained(values) -> np.ndarray:
+  """1 - R^2, clipped to the plotted range."""
   v = np.asarray([np.nan if x is None else x for x in values], np.float64)
-  return np.maximum(v, _R2_FLOOR)
+  return np.clip(1.0 - v, _FLOOR, _CEIL)
+
+
+def _r2_axis(axes, ylabel: str) -> None:
+  """Log axis from a third of the smallest value drawn (at least _FLOOR) to just above _CEIL."""
+  values = [y for line in axes.get_lines() for y in np.ravel(line.get_ydata())]
+  values = [v for v in values if np.isfinite(v) and v > 0]
+  low = max(_FLOOR, min(values) / 3) if values else _FLOOR
+  axes.set_yscale("log")
+  axes.set_ylim(low, _CEIL * 1.25)
+  axes.set_ylabel(ylabel)
 
 
 def _save(figure, legend_rows, path: str) -> None:
@@ -51,8 +65,8 @@ def _save(figure, legend_rows, path: str) -> None:
 
 
 def agreement_figure(results: Mapping[str, dict], path: str, title: str) -> str:
-  """Agreement (R^2) with each model vs layer: top row, KRR on phi_l for every reading with the raw-x
-  baselines as horizontal lines; bottom row, the best step of every candidate on phi_l."""
+  """Agreement with each model vs layer, drawn as 1 - R^2 (log): top row, KRR on phi_l for every reading
+  with the raw-x baselines as horizontal lines; bottom row, the best step of every candidate on phi_l."""
   names = list(results)
   figure, axes = _figure(2, len(names))
   for col, name in enumerate(names):
@@ -62,36 +76,35 @@ def agreement_figure(results: Mapping[str, dict], path: str, title: str) -> str:
     for reading, rows in r["krr"].items():
       colour, marker = next(styles)
       label = f"KRR on phi_l ({reading.replace('_', ' ')})"
-      top.plot([row["layer"] for row in rows], _clip([row["r2"] for row in rows]), marker=marker,
+      top.plot([row["layer"] for row in rows], _unexplained([row["r2"] for row in rows]), marker=marker,
                color=colour, linestyle="--" if reading == "with_labels" else "-", label=label)
     colour, marker = next(styles)
     rows = r["krr"]["zero_labels"]
-    top.plot([row["layer"] for row in rows], _clip([row["shuffled_r2"] for row in rows]),
+    top.plot([row["layer"] for row in rows], _unexplained([row["shuffled_r2"] for row in rows]),
              marker=marker, color=colour, linestyle=":", label="shuffled control (zero labels)")
     if "control" in r:
       colour, marker = next(styles)
       rows = r["control"]["krr"]["zero_labels"]
-      top.plot([row["layer"] for row in rows], _clip([row["r2"] for row in rows]), marker=marker,
+      top.plot([row["layer"] for row in rows], _unexplained([row["r2"] for row in rows]), marker=marker,
                color=colour, linestyle=":", label="random-init model (zero labels)")
     for (base, label), (colour, _) in zip(
         (("linear_x", "KRR on raw x, linear"), ("rbf_x", "KRR on raw x, RBF"),
          ("true_kernel", "KRR, task's true kernel")), _STYLES[8:]):
       if base in r["baselines"]:
-        top.axhline(max(r["baselines"][base]["r2"], _R2_FLOOR), color=colour, linewidth=1.2,
+        top.axhline(_unexplained([r["baselines"][base]["r2"]])[0], color=colour, linewidth=1.2,
                     linestyle="-.", label=label)
     top.set_title(name, fontsize=8)
     layer_names = list(r["candidates"])
     layers = [int(l) for l in layer_names if l != "x"]
     for (cand, _), (colour, marker) in zip(r["candidates"][str(layers[0])].items(), _STYLES):
-      bottom.plot(layers, _clip([r["candidates"][str(l)][cand]["r2"] for l in layers]),
+      bottom.plot(layers, _unexplained([r["candidates"][str(l)][cand]["r2"] for l in layers]),
                   marker=marker, color=colour, label=f"{cand}, best t, on phi_l")
     for ax in (top, bottom):
       _integer_axis(ax)
       ax.set_xlabel("layer l (blocks applied)")
-      ax.set_ylim(_R2_FLOOR - 0.05, 1.05)
-      ax.grid(alpha=0.3)
-    top.set_ylabel("R^2 of KRR vs model")
-    bottom.set_ylabel("R^2 of candidate vs model")
+      ax.grid(alpha=0.3, which="both")
+    _r2_axis(top, "1 - R^2 of KRR vs model")
+    _r2_axis(bottom, "1 - R^2 of candidate vs model")
   figure.suptitle(title, fontsize=9)
   _save(figure, [(list(axes[0]), 0.72), (list(axes[1]), 0.25)], path)
   return path
@@ -131,17 +144,16 @@ def alignment_figure(results: Mapping[str, dict], path: str, title: str) -> str:
 
 
 def graft_figure(results: Mapping[str, dict], path: str, title: str) -> str:
-  """R^2 of the graft (first l layers + compiled CG_t) vs the model, against t, one curve per l."""
+  """1 - R^2 of the graft (first l layers + compiled CG_t) vs the model, against t, one curve per l."""
   names = [n for n in results if results[n]["graft"]["layers"]]
   figure, axes = _figure(1, max(len(names), 1))
   for col, name in enumerate(names):
     g, ax = results[name]["graft"], axes[0][col]
     for (l, r2), (colour, marker) in zip(zip(g["layers"], g["r2"]), _STYLES):
-      ax.plot(range(len(r2)), _clip(r2), marker=marker, color=colour, label=f"l = {l}")
+      ax.plot(range(len(r2)), _unexplained(r2), marker=marker, color=colour, label=f"l = {l}")
     _integer_axis(ax)
     ax.set_xlabel("compiled CG steps t")
-    ax.set_ylabel("R^2 of graft vs model")
-    ax.set_ylim(_R2_FLOOR - 0.05, 1.05)
+    _r2_axis(ax, "1 - R^2 of graft vs model")
     ax.set_title(name, fontsize=8)
     ax.grid(alpha=0.3)
   figure.suptitle(title, fontsize=9)

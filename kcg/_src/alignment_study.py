@@ -20,8 +20,8 @@ for every choice: ridges, intercepts, read-out standardisation, fitted candidate
 9. probes of CG's alpha_t, r_t, p_t on phi_l (best layer) in the model's residual stream, with the
    random-init and shuffled controls.
 
-`control=True` runs the subset that serves as the random-initialisation control (2, 3 with CG only,
-5, 6, 7, 8).
+`control=True` (the random-initialisation control, run on a freshly initialised model of the same
+architecture) runs everything but the probes, whose own control is that model's residual stream.
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ def _krr_space(fit_s, fit_q, ev_s, ev_q, y_fit, y_eval, model_fit, settings) -> 
 
 
 def _candidate_scores(space: _Space, y_fit, y_fit_query, y_eval, model_eval, names, max_steps, key,
-                      settings) -> dict:
+                      settings, sigma) -> dict:
   """Best step of every candidate on a feature space, and its agreement (with bootstrap)."""
   fitted = None
   if any(n in candidates_lib.FITTED for n in names):
@@ -182,7 +182,9 @@ def _candidate_scores(space: _Space, y_fit, y_fit_query, y_eval, model_eval, nam
     scores = np.asarray(by_t[1:], np.float64)
     best = 1 + int(np.argmax(np.where(np.isfinite(scores), scores, -np.inf)))
     out[name] = {"r2_by_step": by_t, "best_step": best,
-                 **_agree(traj[:, best], model_eval, key, settings)}
+                 **_agree(traj[:, best], model_eval, key, settings),
+                 "shuffled_r2": _agree(traj[:, best], model_eval[sigma], key, settings,
+                                       bootstrap=False)["r2"]}
   return out, trajs
 
 
@@ -208,7 +210,7 @@ def analyse_subject(subject: probes.Subject, prompts: Any, fit_prompts: Any, lab
     task: `task_info(...)`.
     settings: `Settings`.
     key: PRNG key (bootstraps, shuffles, probe folds).
-    control: compute only the subset used as the random-initialisation control.
+    control: this is the random-init control: skip the probes.
     control_subject: the random-init model whose residuals the probes' control reads.
   """
   clock = _Clock()
@@ -224,7 +226,7 @@ def analyse_subject(subject: probes.Subject, prompts: Any, fit_prompts: Any, lab
   layers = _layers(settings.layers, subject.num_layers)
   out = {"name": subject.name, "num_layers": subject.num_layers, "layers": layers,
          "test_mse": _mse(model_eval, y_query), "test_mse_noiseless": _mse(model_eval, f_query)}
-  readings = (PRIMARY_READING,) if control else settings.readings
+  readings = settings.readings
 
   clock.lap('predictions')
   # 2. KRR on phi_l for every reading and layer.
@@ -251,14 +253,14 @@ def analyse_subject(subject: probes.Subject, prompts: Any, fit_prompts: Any, lab
 
   clock.lap('krr')
   # 3-4. Candidates on phi_l and on raw x; KRR baselines on raw x.
-  names = ("cg",) if control else settings.candidates
+  names = settings.candidates
   fyq = np.asarray(fit_prompts.y_query)
   out["candidates"] = {}
   trajectories_at = {}
   for l in layers:
     space = spaces[l][0]
     scores, trajs = _candidate_scores(space, fys, fyq, ys, model_eval, names, settings.max_steps,
-                                      keys["agree"], settings)
+                                      keys["agree"], settings, sigma)
     out["candidates"][str(l)] = scores
     trajectories_at[l] = trajs
   raw = _krr_space(fxs, fxq, xs, xq, fys, ys, model_fit, settings)
@@ -266,9 +268,8 @@ def analyse_subject(subject: probes.Subject, prompts: Any, fit_prompts: Any, lab
                                    **_agree(raw.prediction, model_eval, keys["agree"], settings),
                                    "test_mse": _mse(raw.prediction, y_query)}}
   out["candidates"]["x"], _ = _candidate_scores(raw, fys, fyq, ys, model_eval, names,
-                                                settings.max_steps, keys["agree"], settings)
-  if not control:
-    out["baselines"].update(_kernel_baselines(xs, ys, xq, fxs, fys, fxq, fyq, y_query, f_query,
+                                                settings.max_steps, keys["agree"], settings, sigma)
+  out["baselines"].update(_kernel_baselines(xs, ys, xq, fxs, fys, fxq, fyq, y_query, f_query,
                                               model_eval, model_fit, task, keys["agree"], settings))
 
   clock.lap('candidates')
