@@ -55,7 +55,8 @@ def settings_from(config):
       rbf_bandwidths=tuple(a.rbf_bandwidths), num_bootstrap=int(a.num_bootstrap),
       graft_steps=int(config.graft.max_steps), graft_layers=tuple(int(l) for l in config.graft.layers)
       or None, graft_prompts=int(config.graft.num_prompts), probe_site=config.probes.site, probe_steps=tuple(int(s) for s in config.probes.steps),
-      probe_folds=int(config.probes.num_folds), probe_ridge=float(config.probes.ridge))
+      probe_folds=int(config.probes.num_folds), probe_ridge=float(config.probes.ridge),
+      fit_metric=bool(a.fit_metric), metric_steps=int(a.metric_steps))
 
 
 def validate(config) -> list[tuple[str, str, int]]:
@@ -135,7 +136,8 @@ def _train_all(config, plan, models_dir: str) -> tuple[dict, dict]:
 def _analysis_config(config, task: str) -> dict:
   """Everything an analysis depends on besides the model: what its cache entry is keyed by."""
   parts = {name: config[name].to_dict() for name in ("task", "train", "analysis", "graft", "probes")}
-  return {"seed": config.seed, "task": task, **parts}
+  from kcg import alignment  # pylint: disable=g-import-not-at-top
+  return {"version": alignment.ANALYSIS_VERSION, "seed": config.seed, "task": task, **parts}
 
 
 def _cached(path: str, key: dict, compute) -> dict:

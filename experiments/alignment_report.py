@@ -56,6 +56,8 @@ def _linear_in_y(r: dict, ratio: float) -> tuple[bool, str]:
 
 def model_summary(name: str, r: dict, ratio: float) -> str:
   best = _best(r["krr"]["zero_labels"])
+  fitted = _best(r["krr"]["zero_labels_fitted_metric"]) if "zero_labels_fitted_metric" in r["krr"] \
+      else None
   base = r["baselines"]
   parts = [f"`{name}`: test mse {_f(r['test_mse'])}"]
   learners = [f"{label} {_f(base[key]['test_mse'])}" for key, label in (
@@ -70,9 +72,16 @@ def model_summary(name: str, r: dict, ratio: float) -> str:
                   else "")
                + f" (random-init control {_f(_best(r['control']['krr']['zero_labels'])['r2'])}, "
                f"shuffled {_f(max(row['shuffled_r2'] for row in r['krr']['zero_labels']))})")
-  cands = r["candidates"][str(best["layer"])]
+  if fitted is not None:
+    parts.append(f"with the best linear kernel on phi_l (fitted on held-out prompts) R^2 "
+                 f"{_f(fitted['r2'])} [{_f(fitted['r2_lower'])}, {_f(fitted['r2_upper'])}] at layer "
+                 f"{fitted['layer']}, against {_f(base['linear_x_fitted_metric']['r2'])} on raw x "
+                 f"(random-init control "
+                 f"{_f(_best(r['control']['krr']['zero_labels_fitted_metric'])['r2'])})")
+  cands = r["candidates"][str(r["best_layer"])]
   top = sorted(cands.items(), key=lambda kv: -kv[1]["r2"])[:3]
-  parts.append("on that phi_l the best candidates are " + ", ".join(
+  parts.append(f"on phi_{r['best_layer']} ({r['feature_space'].replace('_', ' ')}) the best "
+               "candidates are " + ", ".join(
       f"{n} t={c['best_step']} ({_f(c['r2'])})" for n, c in top))
   parts.append(_linear_in_y(r, ratio)[1])
   g = r["graft"]
@@ -115,7 +124,10 @@ def render(results: dict, config: Any) -> str:
             "evaluation prompts: pooled R^2 with a 95% bootstrap interval over prompts. Candidates "
             "(CG, PCG, GD, Chebyshev, Newton-Schulz per prompt; GD++, momentum and the best fixed "
             "polynomial in the Gram matrix fitted to the task distribution) run on the same features; "
-            "the best step is reported. Controls: the same architecture at random initialisation, "
+            "the best step is reported. The best linear kernel on phi_l (`zero_labels_fitted_metric`) "
+            "is KRR on phi_l A with A fitted to the model on the held-out prompts (Adam from A = I, "
+            "early stopping on a validation quarter); candidates, CG references, grafts and probes "
+            "read phi_l through it. Controls: the same architecture at random initialisation, "
             "and shuffled prompts (the candidate paired with another prompt's model predictions). "
             "y-nonlinearity index: |f(a ya + b yb) - a f(ya) - b f(yb) - (1 - a - b) f(0)| / "
             "(a |f(ya) - f(0)| + b |f(yb) - f(0)|) with fresh labels yb on the same inputs, a = b = "

@@ -7,7 +7,8 @@ to any model; thin adapters read them from a `kcg.probes.Subject` (compiled or t
   layer, read at a query token so that it cannot carry the answer (labels withheld or taken from
   another prompt, or no supports at all); `"with_labels"` is the circular control. `ResidualMap`,
   `standardizing_map`, `channel_map`: fixed linear read-outs of the residual stream.
-* KRR on features (`krr_predict`, `kernel_krr_predict`, `select_ridge`, `relative_ridges`) and the
+* KRR on features (`krr_predict`, `kernel_krr_predict`, `select_ridge`, `relative_ridges`; the best
+  linear kernel on them, `fit_metric`) and the
   agreement with a model's predictions (`agreement`: pooled R^2 with a bootstrap interval, relative
   distance); `shuffled_pairs` pairs each prompt with another one (the shuffled control).
 * Candidates on a feature space, step by step (`trajectories`, `fit_candidates`, `CANDIDATES`): CG,
@@ -47,6 +48,9 @@ from kcg._src.alignment_graft import graft_predict_steps
 from kcg._src.alignment_plots import agreement_figure
 from kcg._src.alignment_plots import alignment_figure
 from kcg._src.alignment_plots import graft_figure
+from kcg._src.alignment_metric import FittedMetric
+from kcg._src.alignment_metric import fit_metric
+from kcg._src.alignment_study import VERSION as ANALYSIS_VERSION
 from kcg._src.alignment_study import Settings
 from kcg._src.alignment_study import TaskInfo
 from kcg._src.alignment_study import analyse_subject
@@ -71,7 +75,7 @@ from kcg._src.alignment_measures import weight_cosine
 from kcg._src.alignment_measures import y_nonlinearity
 
 __all__ = (
-    "Settings", "TaskInfo", "agreement_figure", "alignment_figure", "analyse_subject",
+    "ANALYSIS_VERSION", "FittedMetric", "fit_metric", "Settings", "TaskInfo", "agreement_figure", "alignment_figure", "analyse_subject",
     "compiled_references", "graft_figure", "task_info",
     "Agreement", "CANDIDATES", "FITTED", "FeatureProblem", "FittedCandidates", "Graft",
     "HiddenFeatures", "LINEAR_IN_Y", "Nonlinearity", "PER_PROMPT", "READINGS", "ResidualMap",

@@ -88,6 +88,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Ridges of KRR on features, relative to the mean kernel diagonal; chosen on held-out prompts.
   config.analysis.relative_ridges = (1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
   config.analysis.rbf_bandwidths = (0.5, 1.0, 2.0, 4.0)
+  # Also fit the best linear kernel on phi_l (KRR on phi A, A fitted to the model on held-out prompts,
+  # Adam with early stopping); candidates, grafts and probes then read phi_l through it.
+  config.analysis.fit_metric = True
+  config.analysis.metric_steps = 300
   config.analysis.num_bootstrap = 200
   # A model whose y-nonlinearity index is below this fraction of the largest index of CG_t
   # (t = 1..max_steps) on its own best-matching features is reported as linear in y.
@@ -155,6 +159,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.analysis.max_steps = 2
     config.analysis.relative_ridges = (1e-2, 0.1, 1.0)
     config.analysis.rbf_bandwidths = (1.0, 2.0)
+    config.analysis.metric_steps = 20
     config.analysis.num_bootstrap = 20
     config.graft.max_steps = 2
     config.graft.num_prompts = 16

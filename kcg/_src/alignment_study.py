@@ -5,11 +5,13 @@ for every choice: ridges, intercepts, read-out standardisation, fitted candidate
 
 1. the model's predictions and test error, with the reference learners (mean of the support labels,
    linear ridge on x, RBF KRR tuned to the targets, KRR with the task's true kernel where known);
-2. KRR on phi_l for every reading and layer (ridge and intercept chosen to agree with the model on the
-   fit prompts), its agreement with the model (R^2 with a bootstrap interval, relative distance) and
-   the shuffled control (the model's predictions of another prompt);
-3. every candidate on phi_l (the "zero_labels" reading) and on raw x, step by step: the best step and
-   its agreement;
+2. KRR on phi_l for every reading and layer (standardised coordinates; ridge and intercept chosen to
+   agree with the model on the fit prompts), its agreement with the model (R^2 with a bootstrap
+   interval, relative distance) and the shuffled control (the model's predictions of another prompt);
+   with `fit_metric`, also KRR on the "zero_labels" phi_l with the best linear kernel
+   (`kcg._src.alignment_metric`, fitted on the fit prompts; reported as "zero_labels_fitted_metric"),
+   which is then the feature space of 3, 7, 8 and 9;
+3. every candidate on phi_l and on raw x, step by step: the best step and its agreement;
 4. baselines on raw x: linear-kernel KRR, RBF KRR (bandwidth and ridge chosen on the fit prompts),
    the task's true kernel (Bayes ridge);
 5. centred kernel alignment of Gram(phi_l) with the true kernel, raw x's linear kernel and the target
@@ -38,9 +40,15 @@ from kcg._src import alignment_candidates as candidates_lib
 from kcg._src import alignment_features as features_lib
 from kcg._src import alignment_graft as graft_lib
 from kcg._src import alignment_measures as measures
+from kcg._src import alignment_metric as metric_lib
 from kcg._src import probes
 
 PRIMARY_READING = "zero_labels"
+# The primary reading read by the fitted linear metric (`kcg._src.alignment_metric`).
+FITTED_READING = "zero_labels_fitted_metric"
+# Bumped whenever an analysis would give other numbers for the same model and settings (cached
+# analyses are keyed by it).
+VERSION = 1
 QUANTITIES = ("alpha", "r", "p")
 # The constant feature of a graft with an intercept: its square, relative to the mean kernel diagonal.
 _INTERCEPT_FEATURE = 10.0
@@ -65,6 +73,8 @@ class Settings:
   probe_folds: int = 5
   probe_ridge: float = 1e-6
   nonlinearity_weights: tuple[float, float] = (1 / math.sqrt(2), 1 / math.sqrt(2))
+  fit_metric: bool = True
+  metric_steps: int = 300
 
   def __post_init__(self):
     for name in self.readings:
@@ -248,8 +258,30 @@ def analyse_subject(subject: probes.Subject, prompts: Any, fit_prompts: Any, lab
                    "shuffled_r2": _agree(space.prediction, model_eval[sigma], None, settings,
                                          bootstrap=False)["r2"]})
     out["krr"][reading] = rows
-  best_layer = max(out["krr"][PRIMARY_READING], key=lambda r: r["r2"])["layer"]
+  standardized = dict(spaces)
+  if settings.fit_metric:
+    # The best linear kernel on phi_l: candidates, CG references, grafts and probes use it.
+    rows = []
+    for l in layers:
+      space, readout, h_s, h_q = spaces[l]
+      fitted = metric_lib.fit_metric(space.fit_support, fys, space.fit_query, model_fit, space.ridge,
+                                     intercept=space.intercept, num_steps=settings.metric_steps)
+      a = fitted.matrix
+      pred = np.asarray(measures.krr_predict(space.eval_support @ a, ys, space.eval_query @ a,
+                                             space.ridge, intercept=space.intercept))
+      spaces[l] = (space._replace(fit_support=space.fit_support @ a, fit_query=space.fit_query @ a,
+                                  eval_support=space.eval_support @ a,
+                                  eval_query=space.eval_query @ a, prediction=pred),
+                   features_lib.ResidualMap(readout.offset, readout.matrix @ a), h_s, h_q)
+      rows.append({"layer": l, "ridge": space.ridge, "intercept": space.intercept,
+                   "metric_steps": fitted.steps, **_agree(pred, model_eval, keys["agree"], settings),
+                   "shuffled_r2": _agree(pred, model_eval[sigma], None, settings,
+                                         bootstrap=False)["r2"]})
+    out["krr"][FITTED_READING] = rows
+  main = FITTED_READING if settings.fit_metric else PRIMARY_READING
+  best_layer = max(out["krr"][main], key=lambda r: r["r2"])["layer"]
   out["best_layer"] = best_layer
+  out["feature_space"] = main
 
   clock.lap('krr')
   # 3-4. Candidates on phi_l and on raw x; KRR baselines on raw x.
@@ -267,6 +299,12 @@ def analyse_subject(subject: probes.Subject, prompts: Any, fit_prompts: Any, lab
   out["baselines"] = {"linear_x": {"ridge": raw.ridge, "intercept": raw.intercept,
                                    **_agree(raw.prediction, model_eval, keys["agree"], settings),
                                    "test_mse": _mse(raw.prediction, y_query)}}
+  if settings.fit_metric:
+    a = metric_lib.fit_metric(raw.fit_support, fys, raw.fit_query, model_fit, raw.ridge,
+                              intercept=raw.intercept, num_steps=settings.metric_steps).matrix
+    pred = np.asarray(measures.krr_predict(xs @ a, ys, xq @ a, raw.ridge, intercept=raw.intercept))
+    out["baselines"]["linear_x_fitted_metric"] = {
+        **_agree(pred, model_eval, keys["agree"], settings), "test_mse": _mse(pred, y_query)}
   out["candidates"]["x"], _ = _candidate_scores(raw, fys, fyq, ys, model_eval, names,
                                                 settings.max_steps, keys["agree"], settings, sigma)
   out["baselines"].update(_kernel_baselines(xs, ys, xq, fxs, fys, fxq, fyq, y_query, f_query,
@@ -282,7 +320,7 @@ def analyse_subject(subject: probes.Subject, prompts: Any, fit_prompts: Any, lab
   out["kernel_alignment"] = {name: [] for name in targets}
   out["kernel_alignment"].update({f"{name}_shuffled": [] for name in targets})
   for l in layers:
-    space = spaces[l][0]
+    space = standardized[l][0]
     gram = measures.linear_gram(_gram_points(space.eval_support, space.eval_query))
     for name, target in targets.items():
       out["kernel_alignment"][name].append(float(np.mean(measures.kernel_alignment(gram, target))))
@@ -296,12 +334,19 @@ def analyse_subject(subject: probes.Subject, prompts: Any, fit_prompts: Any, lab
   # 6. Smoother weights.
   weights = measures.smoother_weights(predict, xs, ys, xq)
   smoother = {"krr_phi": [], "krr_phi_shuffled": []}
+  if settings.fit_metric:
+    smoother["krr_phi_fitted_metric"] = []
   for l in layers:
-    space = spaces[l][0]
+    space = standardized[l][0]
     w = measures.krr_smoother_weights(space.eval_support, space.eval_query, space.ridge,
                                       intercept=space.intercept)
     smoother["krr_phi"].append(float(np.mean(measures.weight_cosine(weights, w))))
     smoother["krr_phi_shuffled"].append(float(np.mean(measures.weight_cosine(weights[sigma], w))))
+    if settings.fit_metric:
+      space = spaces[l][0]
+      w = measures.krr_smoother_weights(space.eval_support, space.eval_query, space.ridge,
+                                        intercept=space.intercept)
+      smoother["krr_phi_fitted_metric"].append(float(np.mean(measures.weight_cosine(weights, w))))
   w_raw = measures.krr_smoother_weights(xs, xq, raw.ridge, intercept=raw.intercept)
   smoother["linear_x"] = float(np.mean(measures.weight_cosine(weights, w_raw)))
   if task.kernel is not None:
