@@ -12,8 +12,8 @@ Scales (`--config=experiments/configs/alignment.py[:runlocal|:smoke]`):
 
 * default (full): tasks linear, relu_network, kernel_prior, logistic (mean targets, glm_scale 3); d = 4,
   k = 24 supports, q = 8 queries, noise 0.1; models gpt_L2, gpt_L4, gpt_L8, fts_L6 (2 feature layers),
-  lsa_L4; width 48, 4 heads of 12, MLP 96; 3000 steps of batch 32 each (20 models); 256 evaluation and
-  256 held-out fitting prompts; candidates up to T = 8 steps; grafts at every layer, T = 8. Runtime and
+  lsa_L4; width 48, 4 heads of 12, MLP 96; 3000 steps of batch 32 each (20 models); 128 evaluation and
+  128 held-out fitting prompts; candidates up to T = 8 steps; grafts at every layer, T = 8. Runtime and
   memory: see BUILD.md (measured on the shared 2-core CPU; no GPU is needed at this size).
 
       python -m experiments.alignment --config=experiments/configs/alignment.py --workdir=/tmp/align
@@ -76,8 +76,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.warmup_steps = 200
 
   config.analysis = ml_collections.ConfigDict()
-  config.analysis.num_prompts = 256
-  config.analysis.num_fit_prompts = 256
+  config.analysis.num_prompts = 128
+  config.analysis.num_fit_prompts = 128
   # How phi_l is read (kcg.alignment.READINGS); "with_labels" is the circular control.
   config.analysis.readings = ("zero_labels", "other_labels", "context_free", "with_labels")
   config.analysis.candidates = ("cg", "pcg", "gd", "chebyshev", "newton_schulz", "gd_plus",

@@ -23,7 +23,8 @@ for every choice: ridges, intercepts, read-out standardisation, fitted candidate
    random-init and shuffled controls.
 
 `control=True` (the random-initialisation control, run on a freshly initialised model of the same
-architecture) runs everything but the probes, whose own control is that model's residual stream.
+architecture) runs everything but the other readings and the probes, whose own control is that
+model's residual stream.
 """
 
 from __future__ import annotations
@@ -236,7 +237,8 @@ def analyse_subject(subject: probes.Subject, prompts: Any, fit_prompts: Any, lab
   layers = _layers(settings.layers, subject.num_layers)
   out = {"name": subject.name, "num_layers": subject.num_layers, "layers": layers,
          "test_mse": _mse(model_eval, y_query), "test_mse_noiseless": _mse(model_eval, f_query)}
-  readings = settings.readings
+  # The control reads phi_l the primary way only (its other readings would control nothing new).
+  readings = (PRIMARY_READING,) if control else settings.readings
 
   clock.lap('predictions')
   # 2. KRR on phi_l for every reading and layer.
