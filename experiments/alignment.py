@@ -59,8 +59,25 @@ def settings_from(config):
       fit_metric=bool(a.fit_metric), metric_steps=int(a.metric_steps))
 
 
+def _names(values) -> tuple[str, ...]:
+  """A tuple of names; entries may hold several comma-separated names (`--config.tasks=a,b` on the
+  command line arrives as the one-element tuple `("a,b",)`)."""
+  if isinstance(values, str):
+    values = (values,)
+  return tuple(n.strip() for v in values for n in str(v).split(",") if n.strip())
+
+
+def _normalise(config) -> None:
+  with config.unlocked():
+    for part, field in (("", "tasks"), ("", "models"), ("analysis", "readings"),
+                        ("analysis", "candidates")):
+      holder = config[part] if part else config
+      holder[field] = _names(holder[field])
+
+
 def validate(config) -> list[tuple[str, str, int]]:
   """Checks everything that can be checked before training; returns `[(task, arch, depth)]`."""
+  _normalise(config)
   for task in config.tasks:
     if task not in TASKS:
       raise ValueError(f"unknown task {task!r}; choose from {TASKS}.")
