@@ -55,7 +55,7 @@ def test_smoke_scale_end_to_end_and_resume(tmp_path):
   assert all(np.isfinite(v) for v in nl.values())
   model = saved["tasks"]["kernel_prior"]["models"][name]
   assert [r["layer"] for r in model["krr"]["zero_labels"]] == [0, 1, 2]
-  assert set(model["krr"]) == set(config.analysis.readings)
+  assert set(model["krr"]) == set(config.analysis.readings) | {"zero_labels_fitted_metric"}
   assert set(model["candidates"]["1"]) == set(config.analysis.candidates)
   assert len(model["graft"]["r2"]) == 3 and len(model["graft"]["r2"][0]) == 3
   report = open(tmp_path / "report.md").read()
