@@ -171,11 +171,16 @@ def _cached(path: str, key: dict, compute) -> dict:
       logging.info("reusing %s", path)
       return saved["result"]
   result = study.jsonable(compute())
+  _save(path, key, result)
+  return result
+
+
+def _save(path: str, key: dict, result: dict) -> None:
+  from kcg import study  # pylint: disable=g-import-not-at-top
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path + ".tmp", "w") as f:
-    json.dump({"key": key, "result": result}, f)
+    json.dump({"key": study.jsonable(key), "result": result}, f)
   os.replace(path + ".tmp", path)
-  return result
 
 
 def run(config, workdir: str) -> dict:
@@ -218,21 +223,37 @@ def run(config, workdir: str) -> dict:
     for _, arch, depth in (p for p in plan if p[0] == task):
       name = f"{task}_{arch}_L{depth}"
 
-      def analyse(name=name):
+      def subjects(name=name):
+        """The model, its random-init control, and the salt of their keys (from the name)."""
         salt = zlib.crc32(name.encode())
         subject = probes.subject_from_model(trained[name], input_dim=config.task.input_dim,
                                             name=name)
         control = probes.random_init_like(subject, seed=config.seed + salt % 100_000)
-        model_key = jax.random.fold_in(k_analysis, salt)
+        return subject, control, jax.random.fold_in(k_analysis, salt)
+
+      def analyse():
+        subject, control, model_key = subjects()
         r = alignment.analyse_subject(subject, prompts, fit_prompts, labels_b, info, task_settings,
                                       model_key, control_subject=control)
         r["control"] = alignment.analyse_subject(control, prompts, fit_prompts, labels_b, info,
                                                  task_settings, model_key, control=True)
         return r
 
-      r = _cached(os.path.join(workdir, "analysis", f"{name}.json"),
-                  {"analysis": _analysis_config(config, task), "model": name,
-                   "step": config.train.num_steps}, analyse)
+      def rbf_phi():
+        # Added to the study after some analyses were cached: computed alone for those, with the
+        # key analyse_subject gives it.
+        subject, control, model_key = subjects()
+        shuffle_key = jax.random.split(model_key, 3)[1]
+        return (alignment.rbf_on_features(subject, prompts, fit_prompts, task_settings, shuffle_key),
+                alignment.rbf_on_features(control, prompts, fit_prompts, task_settings, shuffle_key))
+
+      path = os.path.join(workdir, "analysis", f"{name}.json")
+      cache_key = {"analysis": _analysis_config(config, task), "model": name,
+                   "step": config.train.num_steps}
+      r = _cached(path, cache_key, analyse)
+      if "krr_rbf_phi" not in r:
+        r["krr_rbf_phi"], r["control"]["krr_rbf_phi"] = (study.jsonable(v) for v in rbf_phi())
+        _save(path, cache_key, r)
       r["architecture"] = arch
       per_model[name] = r
       results["y_nonlinearity"][name] = r["y_nonlinearity"]

@@ -78,6 +78,10 @@ def model_summary(name: str, r: dict, ratio: float) -> str:
                  f"{fitted['layer']}, against {_f(base['linear_x_fitted_metric']['r2'])} on raw x "
                  f"(random-init control "
                  f"{_f(_best(r['control']['krr']['zero_labels_fitted_metric'])['r2'])})")
+  if "krr_rbf_phi" in r:
+    rbf = _best(r["krr_rbf_phi"])
+    parts.append(f"a Gaussian kernel on phi_l reaches {_f(rbf['r2'])} [{_f(rbf['r2_lower'])}, "
+                 f"{_f(rbf['r2_upper'])}] at layer {rbf['layer']}")
   cands = r["candidates"][str(r["best_layer"])]
   top = sorted(cands.items(), key=lambda kv: -kv[1]["r2"])[:3]
   parts.append(f"on phi_{r['best_layer']} ({r['feature_space'].replace('_', ' ')}) the best "
@@ -127,7 +131,8 @@ def render(results: dict, config: Any) -> str:
             "the best step is reported. The best linear kernel on phi_l (`zero_labels_fitted_metric`) "
             "is KRR on phi_l A with A fitted to the model on the held-out prompts (Adam from A = I, "
             "early stopping on a validation quarter); candidates, CG references, grafts and probes "
-            "read phi_l through it. Controls: the same architecture at random initialisation, "
+            "read phi_l through it. KRR with a Gaussian kernel on the standardised phi_l (bandwidth "
+            "and ridge chosen the same way) tests a nonlinear kernel on the model's own features. Controls: the same architecture at random initialisation, "
             "and shuffled prompts (the candidate paired with another prompt's model predictions). "
             "y-nonlinearity index: |f(a ya + b yb) - a f(ya) - b f(yb) - (1 - a - b) f(0)| / "
             "(a |f(ya) - f(0)| + b |f(yb) - f(0)|) with fresh labels yb on the same inputs, a = b = "
@@ -160,22 +165,26 @@ def _task_section(task: str, tr: dict, ratio: float) -> list[str]:
             "each model's predictions, with KRR on raw x (linear, RBF, the task's true kernel) as "
             "horizontal lines and the random-init and shuffled controls dotted. Bottom: the best step "
             "of each candidate on phi_l (zero labels).*", ""]
-  lines += ["### KRR on phi_l (zero labels), per layer", ""]
+  lines += ["### KRR on phi_l (zero labels), per layer", "",
+            "Linear kernel on standardised phi_l unless the column says otherwise; R^2 against the "
+            "model's predictions on the evaluation prompts.", ""]
   for name, r in models.items():
     rows = []
     ctrl = {row["layer"]: row for row in r["control"]["krr"]["zero_labels"]}
     readings = list(r["krr"])
     by_layer = {reading: {row["layer"]: row for row in r["krr"][reading]} for reading in readings}
+    rbf = {row["layer"]: row for row in r.get("krr_rbf_phi", [])}
     for row in r["krr"]["zero_labels"]:
       l = row["layer"]
       rows.append([l, f"{_f(row['r2'])} [{_f(row['r2_lower'])}, {_f(row['r2_upper'])}]",
                    row["relative_distance"], row["ridge"], str(row["intercept"])]
                   + [by_layer[rd][l]["r2"] for rd in readings if rd != "zero_labels"]
-                  + [row["shuffled_r2"], ctrl[l]["r2"] if l in ctrl else None])
+                  + [rbf[l]["r2"] if l in rbf else None, row["shuffled_r2"],
+                     ctrl[l]["r2"] if l in ctrl else None])
     lines += [f"`{name}`:", ""]
     lines += _table(["layer", "R^2 [95% CI]", "rel. dist", "ridge", "intercept"]
                     + [f"R^2 {rd}" for rd in readings if rd != "zero_labels"]
-                    + ["shuffled R^2", "random-init R^2"], rows)
+                    + ["R^2 Gaussian kernel on phi_l", "shuffled R^2", "random-init R^2"], rows)
     base = r["baselines"]
     lines += ["Raw-x baselines (R^2 vs model): " + ", ".join(
         f"{k} {_f(v['r2'])}" for k, v in base.items() if "r2" in v) + ".", ""]

@@ -55,6 +55,7 @@ from kcg._src.alignment_study import Settings
 from kcg._src.alignment_study import TaskInfo
 from kcg._src.alignment_study import analyse_subject
 from kcg._src.alignment_study import compiled_references
+from kcg._src.alignment_study import rbf_on_features
 from kcg._src.alignment_study import task_info
 from kcg._src.alignment_measures import Agreement
 from kcg._src.alignment_measures import Nonlinearity
@@ -76,7 +77,7 @@ from kcg._src.alignment_measures import y_nonlinearity
 
 __all__ = (
     "ANALYSIS_VERSION", "FittedMetric", "fit_metric", "Settings", "TaskInfo", "agreement_figure", "alignment_figure", "analyse_subject",
-    "compiled_references", "graft_figure", "task_info",
+    "compiled_references", "graft_figure", "rbf_on_features", "task_info",
     "Agreement", "CANDIDATES", "FITTED", "FeatureProblem", "FittedCandidates", "Graft",
     "HiddenFeatures", "LINEAR_IN_Y", "Nonlinearity", "PER_PROMPT", "READINGS", "ResidualMap",
     "RidgeChoice", "agreement", "arccos_kernel", "build_graft", "channel_map", "compiled_solver",

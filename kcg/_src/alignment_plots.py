@@ -78,6 +78,11 @@ def agreement_figure(results: Mapping[str, dict], path: str, title: str) -> str:
       label = f"KRR on phi_l ({reading.replace('_', ' ')})"
       top.plot([row["layer"] for row in rows], _unexplained([row["r2"] for row in rows]), marker=marker,
                color=colour, linestyle="--" if reading == "with_labels" else "-", label=label)
+    if "krr_rbf_phi" in r:
+      colour, marker = next(styles)
+      rows = r["krr_rbf_phi"]
+      top.plot([row["layer"] for row in rows], _unexplained([row["r2"] for row in rows]),
+               marker=marker, color=colour, label="Gaussian-kernel KRR on phi_l (zero labels)")
     colour, marker = next(styles)
     rows = r["krr"]["zero_labels"]
     top.plot([row["layer"] for row in rows], _unexplained([row["shuffled_r2"] for row in rows]),

@@ -10,7 +10,8 @@ for every choice: ridges, intercepts, read-out standardisation, fitted candidate
    interval, relative distance) and the shuffled control (the model's predictions of another prompt);
    with `fit_metric`, also KRR on the "zero_labels" phi_l with the best linear kernel
    (`kcg._src.alignment_metric`, fitted on the fit prompts; reported as "zero_labels_fitted_metric"),
-   which is then the feature space of 3, 7, 8 and 9;
+   which is then the feature space of 3, 7, 8 and 9; and KRR with a Gaussian kernel on phi_l
+   (`rbf_on_features`: a nonlinear kernel on the model's own features);
 3. every candidate on phi_l and on raw x, step by step: the best step and its agreement;
 4. baselines on raw x: linear-kernel KRR, RBF KRR (bandwidth and ridge chosen on the fit prompts),
    the task's true kernel (Bayes ridge);
@@ -286,6 +287,8 @@ def analyse_subject(subject: probes.Subject, prompts: Any, fit_prompts: Any, lab
   out["feature_space"] = main
 
   clock.lap('krr')
+  out["krr_rbf_phi"] = rbf_on_features(subject, prompts, fit_prompts, settings, keys["shuffle"])
+  clock.lap('krr_rbf_phi')
   # 3-4. Candidates on phi_l and on raw x; KRR baselines on raw x.
   names = settings.candidates
   fyq = np.asarray(fit_prompts.y_query)
@@ -396,6 +399,45 @@ def _kernel_weights(kernel, xs, xq, ridge) -> np.ndarray:
   return np.stack(cols, axis=-1)
 
 
+_RBF_RIDGES = (1e-3, 1e-2, 0.1, 1.0)
+
+
+def rbf_on_features(subject: probes.Subject, prompts: Any, fit_prompts: Any, settings: Settings,
+                    key: Any) -> list[dict]:
+  """KRR with a Gaussian kernel on the standardised phi_l (zero-label reading) of every layer.
+
+  A nonlinear kernel on the model's own features (softmax attention computes exponential kernels,
+  Route A): bandwidth `c * sqrt(median squared distance / 2)` for `c` in `settings.rbf_bandwidths`,
+  ridge in (1e-3, 1e-2, 0.1, 1), labels centred; chosen on the fit prompts to agree with the model.
+  Returns one row per layer (agreement with bootstrap interval, shuffled control).
+  """
+  xs, ys, xq = (np.asarray(a) for a in (prompts.x_support, prompts.y_support, prompts.x_query))
+  fxs, fys, fxq = (np.asarray(a) for a in (fit_prompts.x_support, fit_prompts.y_support,
+                                            fit_prompts.x_query))
+  predict = probes.predict_fn(subject)
+  model_eval = np.asarray(predict(xs, ys, xq), np.float64)
+  model_fit = np.asarray(predict(fxs, fys, fxq), np.float64)
+  sigma = measures.shuffled_pairs(xs.shape[0], key)
+  h_eval = features_lib.hidden_features(subject, xs, ys, xq, reading=PRIMARY_READING)
+  h_fit = features_lib.hidden_features(subject, fxs, fys, fxq, reading=PRIMARY_READING)
+  rows = []
+  for l in _layers(settings.layers, subject.num_layers):
+    readout = features_lib.standardizing_map(h_fit.support[l], h_fit.query[l])
+    fs, fq = readout(h_fit.support[l]), readout(h_fit.query[l])
+    es, eq = readout(h_eval.support[l]), readout(h_eval.query[l])
+    sq = np.sum(np.square(fs[:, :, None] - fs[:, None]), axis=-1)
+    scale = math.sqrt(max(float(np.median(sq[sq > 0])) if np.any(sq > 0) else 1.0, 1e-12) / 2)
+    grid = [(c * scale, r) for c in settings.rbf_bandwidths for r in _RBF_RIDGES]
+    rbf = lambda bw, r, a, y, b: np.asarray(measures.kernel_krr_predict(
+        measures.gaussian_kernel(float(bw)), a, y, b, r, intercept=True))
+    errs = [_mse(rbf(bw, r, fs, fys, fq), model_fit) for bw, r in grid]
+    bw, r = grid[int(np.argmin(errs))]
+    pred = rbf(bw, r, es, ys, eq)
+    rows.append({"layer": l, "bandwidth": bw, "ridge": r, **_agree(pred, model_eval, key, settings),
+                 "shuffled_r2": _agree(pred, model_eval[sigma], None, settings, bootstrap=False)["r2"]})
+  return rows
+
+
 def _kernel_baselines(xs, ys, xq, fxs, fys, fxq, fyq, y_query, f_query, model_eval, model_fit, task,
                       key, settings) -> dict:
   """RBF KRR on x (tuned to agree with the model, and tuned to the targets) and the true kernel."""
@@ -497,5 +539,5 @@ def compiled_references(prompts: Any, labels_b: Any, *, ridge: float, cg_steps: 
           for name, m in models.items()}
 
 
-__all__ = ("PRIMARY_READING", "Settings", "TaskInfo", "analyse_subject", "compiled_references",
-           "task_info")
+__all__ = ("FITTED_READING", "PRIMARY_READING", "Settings", "TaskInfo", "VERSION", "analyse_subject",
+           "compiled_references", "rbf_on_features", "task_info")
