@@ -15,6 +15,8 @@ Public API (implementation lives in `kcg._src`):
 * `kcg.baselines`, `kcg.evaluation`: reference in-context predictors and similarity measures.
 * `kcg.probes`, `kcg.ablations`, `kcg.matching`, `kcg.study`: formal vs learned (probes with
   controls, ablations against the damaged algorithm, layer-wise matching, the study's laws).
+* `kcg.alignment`: do trained models run KRR, by CG, on their own hidden features (readings of
+  phi_l, KRR and candidates on it, kernel alignment, smoother weights, y-linearity, grafting).
 * `kcg.analysis`, `kcg.plotting`: compiled-vs-reference comparisons; headless plots and the style
   helpers every kcg figure uses.
 * `kcg.lm`: pretrained causal LMs (penzai) as in-context learners; imported on first use, needs
@@ -24,6 +26,7 @@ The API reference (`mkdocs serve`, pages in docs/) is generated from these modul
 """
 
 from kcg import ablations
+from kcg import alignment
 from kcg import analysis
 from kcg import baselines
 from kcg import bounds
@@ -64,7 +67,7 @@ def __getattr__(name: str):
   raise AttributeError(f"module 'kcg' has no attribute {name!r}")
 
 __all__ = [
-    "ablations", "analysis", "baselines", "evaluation", "matching", "plotting", "probes", "study",
+    "ablations", "alignment", "analysis", "baselines", "evaluation", "matching", "plotting", "probes", "study",
     "CompiledCG", "CompiledState", "Dimensions", "ForwardOutput", "ModelConfig", "Transformer",
     "bounds", "compile_cg", "compile_chebyshev", "dimensions", "features", "kernels", "problems", "prompt", "routes", "sketch", "solvers",
     "tasks", "training", "TrainedModel", "load_trained",

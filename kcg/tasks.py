@@ -7,6 +7,7 @@ from kcg._src.tasks import input_covariance_eigenvalues
 from kcg._src.tasks import MIXTURE_MODES
 from kcg._src.tasks import Prompts
 from kcg._src.tasks import sample
+from kcg._src.tasks import sample_targets
 from kcg._src.tasks import SHIFTS
 from kcg._src.tasks import TaskConfig
 from kcg._src.tasks import with_shift
@@ -21,5 +22,6 @@ __all__ = (
     "TaskConfig",
     "input_covariance_eigenvalues",
     "sample",
+    "sample_targets",
     "with_shift",
 )

@@ -97,3 +97,36 @@ def test_bad_tokens():
   model = kcg.Transformer(_config(), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="tokens"):
     model(_tokens(dim=4))
+
+
+@pytest.mark.parametrize("attention", ["linear", "softmax"])
+@pytest.mark.parametrize("mask", ["causal", "prefix"])
+def test_attention_free_layers_are_token_wise(attention, mask):
+  """Up to the last attention-free block, token i's residual does not depend on any other token:
+  the Jacobian of residual l at token i with respect to token j != i is exactly 0 (not just small);
+  after the first attention block it is not."""
+  free = 2
+  model = kcg.Transformer(_config(num_layers=4, attention_free_layers=free, attention=attention,
+                                  mask=mask, norm="layernorm", param_dtype=jnp.float64),
+                          rngs=nnx.Rngs(3))
+  tokens = _tokens(batch=1)
+  jac = jax.jacfwd(lambda t: model(t, num_prefix=4, return_residuals=True).residuals[:, 0])(tokens)
+  depends = np.abs(np.asarray(jac[:, :, :, 0])).sum(axis=(2, 4)) > 0  # [L+1, T_out, T_in]
+  eye = np.eye(tokens.shape[1], dtype=bool)
+  for layer in range(free + 1):
+    np.testing.assert_array_equal(depends[layer], eye, err_msg=f"layer {layer}")
+  assert depends[free + 1].sum() > eye.sum()  # the first attention block mixes tokens
+  # Mutation check: without the option the first block already mixes tokens.
+  mixed = kcg.Transformer(_config(num_layers=4, attention=attention, mask=mask,
+                                  param_dtype=jnp.float64), rngs=nnx.Rngs(3))
+  jac = jax.jacfwd(lambda t: mixed(t, num_prefix=4, return_residuals=True).residuals[1, 0])(tokens)
+  assert (np.abs(np.asarray(jac[:, :, 0])).sum(axis=(1, 2)) > 0).sum() > tokens.shape[1]
+
+
+def test_attention_free_layers_validation():
+  with pytest.raises(ValueError, match="attention_free_layers"):
+    _config(num_layers=2, attention_free_layers=3)
+  with pytest.raises(ValueError, match="attention_free_layers"):
+    _config(num_layers=2, attention_free_layers=-1)
+  with pytest.raises(ValueError, match="mlp_hidden > 0"):
+    _config(num_layers=2, attention_free_layers=1, mlp_hidden=0)

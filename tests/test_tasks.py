@@ -393,3 +393,27 @@ def test_every_family_under_every_shift_samples_finite_prompts(family, shift):
     base = dataclasses.replace(base, condition_number=1.0)
   prompts = tasks.sample(jax.random.key(0), tasks.with_shift(base, shift))
   assert all(np.all(np.isfinite(a)) for a in prompts)
+
+
+@pytest.mark.parametrize("family", ["kernel_prior", "relu_network", "logistic"])
+def test_sample_targets_on_given_inputs(family):
+  """The same key reproduces `sample`'s tasks on its inputs exactly; another key draws other tasks
+  on the same inputs (what the y-linearity test needs)."""
+  config = tasks.TaskConfig(family=family, input_dim=3, num_support=5, num_query=2, batch_size=4,
+                            **({"glm_targets": "mean"} if family == "logistic" else {}))
+  prompts = tasks.sample(jax.random.key(3), config)
+  again = tasks.sample_targets(jax.random.key(3), config, prompts.x_support, prompts.x_query)
+  for field in ("y_support", "y_query", "f_support", "f_query"):
+    np.testing.assert_array_equal(np.asarray(getattr(again, field)), np.asarray(getattr(prompts, field)))
+  other = tasks.sample_targets(jax.random.key(4), config, prompts.x_support, prompts.x_query)
+  np.testing.assert_array_equal(np.asarray(other.x_support), np.asarray(prompts.x_support))
+  assert np.max(np.abs(np.asarray(other.f_support) - np.asarray(prompts.f_support))) > 1e-2
+  # Sizes come from the arrays, not from the config.
+  more = tasks.sample_targets(jax.random.key(4), config, np.zeros((2, 7, 3)), np.zeros((2, 1, 3)))
+  assert more.y_support.shape == (2, 7) and more.y_query.shape == (2, 1)
+  with pytest.raises(ValueError, match="input_dim"):
+    tasks.sample_targets(jax.random.key(0), config, np.zeros((2, 7, 4)), np.zeros((2, 1, 4)))
+  with pytest.raises(ValueError, match=r"\[B, k, d\]"):
+    tasks.sample_targets(jax.random.key(0), config, np.zeros((7, 3)), np.zeros((2, 1, 3)))
+  with pytest.raises(ValueError, match="NaN"):
+    tasks.sample_targets(jax.random.key(0), config, np.full((2, 7, 3), np.nan), np.zeros((2, 1, 3)))

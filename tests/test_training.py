@@ -96,10 +96,14 @@ def test_bad_values_raise():
     (lambda: training.ModelSpec(precision="low"), "ModelSpec.precision"),
     (lambda: training.ModelSpec(attention_scale=0.0), "ModelSpec.attention_scale"),
     (lambda: training.ModelSpec(qkv_init_scale=-1.0), "ModelSpec.qkv_init_scale"),
+    (lambda: training.ModelSpec(num_layers=2, mlp_hidden=8, attention_free_layers=2),
+     "ModelSpec.attention_free_layers=2 leaves no attention block"),
+    (lambda: training.ModelSpec(num_layers=2, attention_free_layers=1), "needs mlp_hidden > 0"),
     (lambda: training.DataSpec(num_query=0), "DataSpec.num_query"),
     (lambda: training.DataSpec(encoding="pairs"), "DataSpec.encoding"),
     (lambda: training.DataSpec(mask="full"), "DataSpec.mask"),
     (lambda: training.DataSpec(tree_depth=0), "DataSpec.tree_depth"),
+    (lambda: training.DataSpec(family="logistic", glm_targets="median"), "glm_targets"),
     (lambda: training.DataSpec(noise_std=-1.0), "noise_std"),
     (lambda: training.CurriculumSpec(interval=0), "CurriculumSpec.interval"),
     (lambda: training.CurriculumSpec(num_support_start=0), "CurriculumSpec.num_support_start"),
@@ -140,6 +144,15 @@ def test_interleaved_encoding_checks():
   np.testing.assert_array_equal(tokens[0, 1::2, layout.feature_slice("y")][:, 0], np.arange(4.0))
   np.testing.assert_array_equal(tokens[0, 0::2, layout.feature_slice("is_x")][:, 0], np.ones(4))
   assert tokens.dtype == jnp.float64  # float64 inputs stay float64
+
+
+def test_glm_targets_reach_the_task():
+  data = training.DataSpec(family="logistic", input_dim=3, num_support=6, noise_std=0.0,
+                           glm_targets="mean", glm_scale=3.0)
+  task = train_config.task_config(data, 3, 6, batch_size=2)
+  assert (task.glm_targets, task.glm_scale) == ("mean", 3.0)
+  config = tiny_config(data=data)
+  assert training.config_from_dict(json.loads(json.dumps(training.config_to_dict(config)))) == config
 
 
 def test_float64_needs_x64():

@@ -58,6 +58,9 @@ class ModelConfig:
       block layer l applies (entries 0 .. n-1 with n stored blocks). It generalises tied_layers
       (all zeros): a compiled CG model stores its init blocks and one CG step, and loops the step.
     use_bias: biases in embedding, MLP and readout.
+    attention_free_layers: the first n applied layers skip attention (their attention output is
+      multiplied by an exact 0), so they are token-wise MLP blocks: after them each token's residual
+      is a function of that token alone ("features, then solver" models).
     attention_scale: multiplies q.k; None means 1 for linear and 1/sqrt(head_dim) for softmax.
     linear_attention_impl: "quadratic" forms the T x T scores; "associative" computes
       Q (K^T V) with prefix sums, O(T d_k d_v); "auto" picks associative for the prefix mask, and for the
@@ -83,6 +86,7 @@ class ModelConfig:
   tied_layers: bool = False
   param_layers: tuple[int, ...] | None = None
   use_bias: bool = True
+  attention_free_layers: int = 0
   attention_scale: float | None = None
   linear_attention_impl: str = "auto"
   precision: str = "highest"
@@ -97,6 +101,13 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.value_dim must be a positive int or None, got {self.value_dim!r}.")
     if not isinstance(self.mlp_hidden, int) or self.mlp_hidden < 0:
       raise ValueError(f"ModelConfig.mlp_hidden must be an int >= 0 (0 = no MLP), got {self.mlp_hidden!r}.")
+    if (isinstance(self.attention_free_layers, bool) or not isinstance(self.attention_free_layers, int)
+        or not 0 <= self.attention_free_layers <= self.num_layers):
+      raise ValueError(f"ModelConfig.attention_free_layers must be an int in [0, num_layers="
+                       f"{self.num_layers}], got {self.attention_free_layers!r}.")
+    if self.attention_free_layers and self.mlp_hidden == 0:
+      raise ValueError("ModelConfig.attention_free_layers > 0 needs mlp_hidden > 0: a block without "
+                       "attention and without MLP is the identity.")
     if self.param_layers is not None:
       if self.tied_layers:
         raise ValueError("Give either tied_layers=True or a param_layers schedule, not both.")
@@ -383,6 +394,9 @@ class Transformer(nnx.Module):
       raise ValueError(f"head_mask must have shape {(c.num_layers, c.num_heads)}, got {head_mask.shape}.")
     if layer_mask.shape != (c.num_layers,):
       raise ValueError(f"layer_mask must have shape {(c.num_layers,)}, got {layer_mask.shape}.")
+    if c.attention_free_layers:
+      attends = (jnp.arange(c.num_layers) >= c.attention_free_layers).astype(dtype)
+      head_mask = jnp.asarray(head_mask, dtype) * attends[:, None]
 
     h = jnp.einsum("btf,fd->btd", tokens_BxTxF, cast(self.embed.kernel[...]), precision=precision)
     if c.use_bias:

@@ -591,3 +591,52 @@ def sample(key: Any, config: TaskConfig) -> Prompts:
   if not isinstance(config, TaskConfig):
     raise ValueError(f"config must be a kcg.tasks.TaskConfig, got {type(config).__name__}.")
   return _sample_jit(_check_key(key), config)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _targets_jit(key: Array, config: TaskConfig, x_support: Array, x_query: Array) -> Prompts:
+  dtype = x_support.dtype
+  key_shared, key_prompts = jax.random.split(key)
+  shared = _sample_shared(key_shared, config, dtype)
+  keys = jax.random.split(key_prompts, config.batch_size)
+
+  def one(key_b, xs, xq):
+    key_normal, key_uniform, key_poisson = jax.random.split(key_b, 3)
+    normals = _draw(jax.random.normal, key_normal, _normal_shapes(config), dtype)
+    uniforms = _draw(jax.random.uniform, key_uniform, _uniform_shapes(config), dtype)
+    f_all, y_all = _targets(config, shared, jnp.concatenate([xs, xq], axis=0), normals, uniforms,
+                            key_poisson)
+    k = config.num_support
+    return y_all[:k], y_all[k:], f_all[:k], f_all[k:]
+
+  y_s, y_q, f_s, f_q = jax.vmap(one)(keys, x_support, x_query)
+  if config.num_outputs == 1:
+    y_s, y_q, f_s, f_q = (a[..., 0] for a in (y_s, y_q, f_s, f_q))
+  return Prompts(x_support, y_s, x_query, y_q, f_s, f_q)
+
+
+def sample_targets(key: Any, config: TaskConfig, x_support: Any, x_query: Any) -> Prompts:
+  """Fresh tasks of `config.family` (one per prompt) evaluated at given inputs.
+
+  Draws every prompt's task (weights, network, GP sample, noise) as `sample` does, but takes the inputs
+  `x_support [B, k, d]`, `x_query [B, q, d]` instead of drawing them; sizes come from the arrays (the
+  config's own sizes are ignored) and input shifts do not apply. Two calls with independent keys give
+  independent label vectors on the same inputs (what a y-linearity test needs).
+  """
+  if not isinstance(config, TaskConfig):
+    raise ValueError(f"config must be a kcg.tasks.TaskConfig, got {type(config).__name__}.")
+  dtype = jnp.result_type(float)
+  x_support, x_query = jnp.asarray(x_support, dtype), jnp.asarray(x_query, dtype)
+  if (x_support.ndim != 3 or x_query.ndim != 3 or x_support.shape[0] != x_query.shape[0]
+      or x_support.shape[2] != x_query.shape[2]):
+    raise ValueError(f"x_support must be [B, k, d] and x_query [B, q, d] with the same B and d; got "
+                     f"{x_support.shape} and {x_query.shape}.")
+  if x_support.shape[2] != config.input_dim:
+    raise ValueError(f"inputs have d={x_support.shape[2]} but config.input_dim={config.input_dim}; "
+                     "pass a config of the inputs' dimension.")
+  for name, x in (("x_support", x_support), ("x_query", x_query)):
+    if not bool(jnp.all(jnp.isfinite(x))):
+      raise ValueError(f"{name} contains NaN or Inf.")
+  sized = dataclasses.replace(config, batch_size=x_support.shape[0], num_support=x_support.shape[1],
+                              num_query=x_query.shape[1], shift="none")
+  return _targets_jit(_check_key(key), sized, x_support, x_query)

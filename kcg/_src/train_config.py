@@ -82,6 +82,10 @@ class _ModelSpecMethods:
   `qkv_init_scale < 1` (multiplies the initial query, key and value weights, so the first updates are
   `qkv_init_scale^3` smaller) keeps it near the identity at initialisation; 1/n and 0.5 train 16
   layers stably.
+
+  `attention_free_layers = n` makes the first n blocks token-wise MLPs without attention ("features,
+  then solver": phi(x) is then a function of each token alone); it needs `mlp_hidden > 0` and leaves at
+  least one attention block (`n < num_layers`).
   """
 
   def __post_init__(self):
@@ -106,6 +110,9 @@ class _ModelSpecMethods:
     except ValueError as e:
       # The fields are ModelConfig's and so are the checks; name the class the caller built.
       raise ValueError(str(e).replace("ModelConfig.", "ModelSpec.")) from None
+    if self.attention_free_layers >= self.num_layers:
+      raise ValueError(f"ModelSpec.attention_free_layers={self.attention_free_layers} leaves no "
+                       f"attention block; use fewer than num_layers={self.num_layers}.")
 
   def model_config(self, *, token_dim: int, mask: str, param_dtype: Any) -> model_lib.ModelConfig:
     """The `kcg.ModelConfig` of this architecture for the given token size, mask and dtype."""
@@ -152,6 +159,8 @@ class DataSpec:
     noise_std, condition_number, input_rotation, covariance_seed, sparsity, hidden_units: passed to
       `kcg.tasks.TaskConfig` (None = the family's default).
     tree_depth: depth of the decision trees.
+    glm_targets, glm_scale: `kcg.tasks.TaskConfig.glm_targets` ("sample" or "mean") and `glm_scale` of
+      the GLM families.
   """
 
   family: str = "linear"
@@ -167,6 +176,8 @@ class DataSpec:
   sparsity: int | None = None
   hidden_units: int = 100
   tree_depth: int = 4
+  glm_targets: str = "sample"
+  glm_scale: float = 1.0
 
   def __post_init__(self):
     if self.family not in FAMILIES:
@@ -394,7 +405,8 @@ def task_config(data: DataSpec, input_dim: int, num_support: int, batch_size: in
   kwargs = dict(family=family, input_dim=input_dim, num_support=num_support, num_query=num_query,
                 batch_size=batch_size, noise_std=data.noise_std,
                 condition_number=data.condition_number, input_rotation=data.input_rotation,
-                covariance_seed=data.covariance_seed, hidden_units=data.hidden_units, shift=shift)
+                covariance_seed=data.covariance_seed, hidden_units=data.hidden_units, shift=shift,
+                glm_targets=data.glm_targets, glm_scale=data.glm_scale)
   if data.sparsity is not None:
     kwargs["sparsity"] = min(data.sparsity, input_dim)
   elif family == "sparse_linear":
