@@ -65,7 +65,7 @@ from flax import nnx
 from kcg._src import model as model_lib
 from kcg._src import prompt as prompt_lib
 from kcg._src import tasks as tasks_lib
-from kcg._src import training
+from kcg import training
 
 KCG_STEP = "kcg_gpt_icl_step"
 TORCH_STEP = "torch_gpt2_step"
