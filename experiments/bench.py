@@ -16,6 +16,12 @@ compile (the first-call time is kept), then timed with `jax.block_until_ready`:
   compiled_dual_prefix     `kcg.compile_cg(k, p, t, ridge, mask="prefix").predict`.
   compiled_primal_causal   `kcg.compile_cg(k, p, t, ridge, form="primal").predict` (causal mask).
 
+Sections "train" and "training_throughput" (experiments/bench_training.py) time training steps:
+kcg's gpt_icl step against a Flax NNX GPT and PyTorch + Hugging Face GPT2Model (the optional
+`pip install -e ".[bench]"`; without it those rows are skipped and the output says so):
+
+  python -m experiments.bench --sections=training_throughput --workdir=/tmp/kcg/tput
+
 See experiments/configs/bench.py for the sections and grid, BENCHMARKS.md for a run's results.
 """
 
@@ -37,12 +43,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-import optax
 
 from experiments import _cli
 import kcg
+from experiments import bench_training
 from kcg._src import model as model_lib
-from kcg._src import prompt as prompt_lib
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "bench.py")
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -515,79 +520,6 @@ def run_ablation(config) -> list[dict]:
   return rows
 
 
-def run_train(config) -> list[dict]:
-  """Training steps of the GPT-style config with kcg.Transformer + optax.adamw, per compute dtype."""
-  tc = config.train
-  layout = prompt_lib.make_interleaved_layout(tc.num_points, tc.input_dim)
-  rng = np.random.default_rng(config.seed)
-  x = rng.standard_normal((tc.batch_size, tc.num_points, tc.input_dim)).astype(np.float32)
-  w = rng.standard_normal((tc.batch_size, tc.input_dim)).astype(np.float32)
-  y = np.einsum("bnd,bd->bn", x, w) / np.float32(np.sqrt(tc.input_dim))
-  tokens32 = prompt_lib.encode_interleaved(layout, jnp.asarray(x), jnp.asarray(y))
-  targets = jnp.asarray(y, jnp.float32)
-  rows = []
-  for compute in tc.compute_dtypes:
-    compute_dtype = jnp.dtype(compute)
-    model_config = model_lib.ModelConfig(
-        token_dim=layout.token_dim, width=tc.width, num_layers=tc.num_layers,
-        num_heads=tc.num_heads, head_dim=tc.head_dim, mlp_hidden=tc.mlp_hidden,
-        attention="softmax", activation="gelu", norm="layernorm", mask="causal",
-        precision="default", param_dtype=jnp.float32)
-    model = model_lib.Transformer(model_config, rngs=nnx.Rngs(config.seed))
-    # As experiments/configs/gpt_icl.py: AdamW, constant learning rate, gradient clipping at 1.
-    tx = optax.chain(optax.clip_by_global_norm(tc.clip_norm), optax.adamw(tc.learning_rate))
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    params = sum(a.size for a in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    graphdef, state = nnx.split((model, optimizer))
-    tokens = tokens32.astype(compute_dtype)
-
-    @functools.partial(jax.jit, donate_argnums=0)
-    def train_step(state, tokens, targets, graphdef=graphdef):
-      model, optimizer = nnx.merge(graphdef, state)
-
-      def loss_fn(model):
-        outputs = model(tokens).outputs  # computed in the tokens' dtype; float32 master params
-        predictions = outputs[:, 0::2, 0].astype(jnp.float32)
-        return jnp.mean(jnp.square(predictions - targets))
-      loss, grads = nnx.value_and_grad(loss_fn)(model)
-      # optax's bias correction mixes Python floats and int32 counts: allow that promotion even
-      # when the caller (the test suite) runs jax_numpy_dtype_promotion="strict".
-      with jax.numpy_dtype_promotion("standard"):
-        optimizer.update(model, grads)
-      return nnx.state((model, optimizer)), loss
-
-    start = time.perf_counter()
-    state, loss = train_step(state, tokens, targets)
-    losses = [float(loss)]
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(tc.steps):
-      start = time.perf_counter()
-      state, loss = jax.block_until_ready(train_step(state, tokens, targets))
-      times.append(time.perf_counter() - start)
-      losses.append(float(loss))
-    row = {"compute_dtype": compute, "param_dtype": "float32", "layers": tc.num_layers,
-           "width": tc.width, "heads": tc.num_heads, "mlp_hidden": tc.mlp_hidden,
-           "tokens": 2 * tc.num_points, "batch": tc.batch_size, "params": int(params),
-           "first_step_s": first, "step_s": min(times), "median_step_s": statistics.median(times),
-           "losses": losses}
-    rows.append(row)
-    print(f"[train] GPT-style {tc.num_layers}L w{tc.width} h{tc.num_heads}, B={tc.batch_size}, "
-          f"T={2 * tc.num_points}, {compute} compute: step {min(times) * 1e3:.0f} ms (first "
-          f"{first:.1f} s); loss {losses[0]:.4f} -> {losses[-1]:.4f}")
-  if len(rows) > 1:
-    # Same initial parameters and batch: the first loss differs only by the compute dtype.
-    ref = np.asarray(rows[0]["losses"])
-    for row in rows[1:]:
-      losses = np.asarray(row["losses"])
-      row["initial_loss_rel_diff_vs_first"] = float(abs(losses[0] - ref[0]) / abs(ref[0]))
-      row["max_rel_loss_diff_vs_first"] = float(np.max(np.abs(losses - ref) / np.abs(ref)))
-      print(f"[train] {row['compute_dtype']} vs {rows[0]['compute_dtype']}: initial loss differs by "
-            f"{row['initial_loss_rel_diff_vs_first']:.1e} (relative), the {tc.steps}-step "
-            f"trajectory by at most {row['max_rel_loss_diff_vs_first']:.1e}")
-  return rows
-
-
 # ---------------------------------------------------------------------------------------------
 # Reporting.
 
@@ -725,6 +657,9 @@ def markdown_report(results: dict) -> str:
                    f"{r['batch']} | {r['tokens']} | {_fmt_s(r['step_s'])} | "
                    f"{_fmt_s(r['first_step_s'])} | {r['losses'][0]:.4f} -> {r['losses'][-1]:.4f} |")
     parts.append("")
+  if "training_throughput" in results:
+    parts += ["Training throughput:", "",
+              bench_training.format_table(results["training_throughput"]), ""]
   return "\n".join(parts)
 
 
@@ -734,7 +669,8 @@ def run(config, workdir: str, *, points: list[str] | None = None,
   start = time.time()
   os.makedirs(workdir, exist_ok=True)
   sections = list(sections or config.sections)
-  unknown = set(sections) - {"probe", "forward", "compile", "attention", "ablation", "train"}
+  unknown = set(sections) - {"probe", "forward", "compile", "attention", "ablation", "train",
+                             "training_throughput"}
   if unknown:
     raise ValueError(f"Unknown sections {sorted(unknown)}.")
   unknown = set(config.methods) - set(BASELINES) - set(COMPILED)
@@ -761,7 +697,10 @@ def run(config, workdir: str, *, points: list[str] | None = None,
   if "ablation" in sections:
     results["ablation"] = run_ablation(config)
   if "train" in sections:
-    results["train"] = run_train(config)
+    results["train"] = bench_training.run_train(config)
+  if "training_throughput" in sections:
+    results["training_throughput"] = bench_training.run_training_throughput(config.throughput)
+    print(bench_training.format_table(results["training_throughput"]))
   results["machine"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
   results["runtime_s"] = time.time() - start
   with open(os.path.join(workdir, "bench.json"), "w") as f:
