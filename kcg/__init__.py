@@ -13,7 +13,8 @@ Public API (implementation lives in `kcg._src`):
 * `kcg.tasks`, `kcg.features`: in-context task ladder and feature maps.
 * `kcg.training`, `kcg.load_trained(DIR)`: training the same model class with optax; loading it back.
 * `kcg.baselines`, `kcg.evaluation`: reference in-context predictors and similarity measures.
-* `kcg.probes`, `kcg.ablations`, `kcg.matching`, `kcg.study`: formal vs learned (issue 6).
+* `kcg.probes`, `kcg.ablations`, `kcg.matching`, `kcg.study`: formal vs learned; `kcg.ops`: what
+  each head and block of a compiled program computes (`Op`), which construction it is.
 * `kcg.analysis`, `kcg.plotting`: compiled-vs-reference comparisons and headless plots.
 """
 
@@ -25,6 +26,7 @@ from kcg import evaluation
 from kcg import features
 from kcg import kernels
 from kcg import matching
+from kcg import ops
 from kcg import plotting
 from kcg import probes
 from kcg import problems
@@ -50,7 +52,8 @@ from kcg._src.trained import load_trained
 __version__ = "0.1.0"
 
 __all__ = [
-    "ablations", "analysis", "baselines", "evaluation", "matching", "plotting", "probes", "study",
+    "ablations", "analysis", "baselines", "evaluation", "matching", "ops", "plotting", "probes",
+    "study",
     "CompiledCG", "CompiledState", "Dimensions", "ForwardOutput", "ModelConfig", "Transformer",
     "bounds", "compile_cg", "compile_chebyshev", "dimensions", "features", "kernels", "problems", "prompt", "routes", "sketch", "solvers",
     "tasks", "training", "TrainedModel", "load_trained",

@@ -24,8 +24,8 @@ from flax import nnx
 from kcg import kernels
 from kcg import problems
 from kcg._src import block_programs
-from kcg._src import compiler
 from kcg._src import craft
+from kcg._src import lowering
 from kcg._src import prompt
 from kcg._src import reciprocal as recip
 from kcg._src import solvers
@@ -247,9 +247,9 @@ def _compiled(k, p, r, num_steps, ridge, num_query=3):
   """The program and its model, built by the compiler's stages (lead: compile_cg will do this)."""
   program = block_programs.block_support_state(p, r, num_steps, ridge, SPEC)
   layout = prompt.make_layout(k, num_query, p, num_outputs=r)
-  config = compiler.model_config(program, layout, "prefix", jnp.float64)
+  config = lowering.model_config(program, layout, "prefix", jnp.float64)
   assert config.output_dim == r and config.activation == "reglu"
-  model = compiler.assemble(config, compiler.lower(program, layout, config), jnp.float64)
+  model = lowering.assemble(config, lowering.lower(program, layout, config), jnp.float64)
   return program, layout, nnx.split(model)
 
 

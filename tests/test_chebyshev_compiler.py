@@ -11,7 +11,8 @@ import kcg
 from kcg import problems
 from kcg import solvers
 from kcg._src import model as model_lib
-from kcg._src import programs
+from kcg._src import chebyshev_programs
+from kcg._src import craft
 
 CONSTRUCTIONS = [("dual", "prefix"), ("dual", "causal"), ("primal", "causal")]
 
@@ -67,7 +68,7 @@ def test_layer_names_count_steps(form):
   # Chebyshev lists every step's blocks separately; the step label must still advance.
   t = 4
   compiled = kcg.compile_chebyshev(5, 2, t, 0.2, eig_bounds=(0.2, 9.0), form=form)
-  names = programs.layer_names(compiled.program)
+  names = craft.layer_names(compiled.program)
   ends = compiled.program.step_ends
   for step in range(t):
     for layer in range(ends[step], ends[step + 1]):
@@ -78,7 +79,7 @@ def test_layer_names_count_steps(form):
 def test_coefficients_give_the_chebyshev_residual_polynomial():
   """r_t = P_t(A) r_0 with P_t(lam) = T_t((theta - lam)/delta) / T_t(theta/delta)."""
   low, high, t = 0.3, 7.0, 5
-  gammas, betas = programs.chebyshev_coefficients(low, high, t)
+  gammas, betas = chebyshev_programs.chebyshev_coefficients(low, high, t)
   lam = np.linspace(low, high, 7)
   residual, direction = np.ones_like(lam), np.ones_like(lam)
   for g, b in zip(gammas, betas):

@@ -21,9 +21,8 @@ from flax import nnx
 import kcg
 from kcg import problems
 from kcg import solvers
-from kcg._src import compiler
 from kcg._src import prenorm
-from kcg._src import programs
+from kcg._src import transforms
 
 ROUTES = {
     "cg-prefix": dict(mask="prefix"),
@@ -141,12 +140,12 @@ def test_prenorm_model_is_the_trainable_class(norm):
 
 def test_pin_count_gives_powers_of_four():
   for width in (3, 17, 49, 64, 100, 511, 2000):
-    num_pins, padded = programs.norm_pin_count(width)
+    num_pins, padded = transforms.norm_pin_count(width)
     assert num_pins % 2 == 0 and padded >= width + num_pins
     ratio = padded // num_pins
     assert padded % num_pins == 0 and ratio & (ratio - 1) == 0 and int(np.log2(ratio)) % 2 == 0
-  assert compiler.norm_pin(jnp.float64) == 2.0 ** 500
-  assert compiler.norm_pin(jnp.float32) == 2.0 ** 52
+  assert transforms.norm_pin(jnp.float64) == 2.0 ** 500
+  assert transforms.norm_pin(jnp.float32) == 2.0 ** 52
 
 
 def test_bad_norm_raises():
