@@ -395,6 +395,15 @@ class Program(NamedTuple):
       raise ValueError(f"step {step} is outside the program's steps 0..{self.num_steps - 1}.")
     return range(self.step_ends[step], self.step_ends[step + 1])
 
+  def step_blocks(self, step: int) -> tuple[Block, ...]:
+    """The blocks step `step` applies, in order (a looped program: the same list every step)."""
+    return tuple(self.layer_block(layer) for layer in self.step_layers(step))
+
+  @property
+  def init_blocks(self) -> tuple[Block, ...]:
+    """The blocks applied before the first step."""
+    return tuple(self.layer_block(layer) for layer in range(self.step_ends[0]))
+
 
 def looped_program(construction: ops.Construction, layout: ResidualLayout, embedding,
                    init_blocks: Sequence[Block], step_blocks: Sequence[Block], num_steps: int,
