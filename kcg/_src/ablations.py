@@ -204,7 +204,7 @@ def masks(config: Any, ablation: Ablation, dtype: Any = None) -> tuple[Array, Ar
 
 
 # ----------------------------------------------------------------------------------------------------
-# Finding heads and layers of a compiled program by name.
+# Finding heads and layers of a compiled program by what they compute (their Op).
 # ----------------------------------------------------------------------------------------------------
 
 
