@@ -75,6 +75,12 @@ def _random_model(config, seed):
   return lowering.assemble(config, arrays, jnp.float64)
 
 
+def _may_read(mask: str, num_tokens: int, num_prefix: int) -> np.ndarray:
+  """[T, T]: token i may read token j; written here, not taken from the model's code."""
+  i, j = np.arange(num_tokens)[:, None], np.arange(num_tokens)[None, :]
+  return (j <= i) if mask == "causal" else ((j < num_prefix) | (j == i))
+
+
 def _dependence(model, tokens, num_prefix):
   """[T, T]: |d output_i / d token_j| summed over features (0 exactly where i cannot read j)."""
   def outputs(x):
@@ -92,7 +98,7 @@ def test_the_mask_hides_what_it_must_in_a_random_model_of_the_config(name):
   tokens = jnp.asarray(np.random.default_rng(2).normal(size=(1, num_tokens, config.token_dim)))
   dependence = _dependence(model, tokens, num_prefix)
   assert np.all(np.isfinite(dependence))
-  allowed = np.asarray(model_lib.attention_mask(num_tokens, config.mask, num_prefix))
+  allowed = _may_read(config.mask, num_tokens, num_prefix)
   # Reads compose over layers: i depends on j if a chain of allowed reads links them. Both masks
   # are transitively closed, so the reachable set is the mask itself.
   np.testing.assert_array_equal(dependence[~allowed], 0.0)
