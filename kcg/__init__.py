@@ -13,9 +13,16 @@ Public API (implementation lives in `kcg._src`):
 * `kcg.tasks`, `kcg.features`: in-context task ladder and feature maps.
 * `kcg.training`, `kcg.load_trained(DIR)`: training the same model class with optax; loading it back.
 * `kcg.baselines`, `kcg.evaluation`: reference in-context predictors and similarity measures.
-* `kcg.probes`, `kcg.ablations`, `kcg.matching`, `kcg.study`: formal vs learned; `kcg.ops`: what
-  each head and block of a compiled program computes (`Op`), which construction it is.
-* `kcg.analysis`, `kcg.plotting`: compiled-vs-reference comparisons and headless plots.
+* `kcg.probes`, `kcg.ablations`, `kcg.matching`, `kcg.study`: formal vs learned (probes with
+  controls, ablations against the damaged algorithm, layer-wise matching, the study's laws).
+* `kcg.ops`: what each head and block of a compiled program computes (`Op`), which construction
+  it is (`Construction`).
+* `kcg.analysis`, `kcg.plotting`: compiled-vs-reference comparisons; headless plots and the style
+  helpers every kcg figure uses.
+* `kcg.lm`: pretrained causal LMs (penzai) as in-context learners; imported on first use, needs
+  `pip install -e ".[lm]"`.
+
+The API reference (`mkdocs serve`, pages in docs/) is generated from these modules' docstrings.
 """
 
 from kcg import ablations
@@ -50,6 +57,14 @@ from kcg._src.trained import TrainedModel
 from kcg._src.trained import load_trained
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+  # kcg.lm needs the optional `lm` extra (penzai), so `import kcg` must not import it.
+  if name == "lm":
+    import importlib  # pylint: disable=import-outside-toplevel
+    return importlib.import_module("kcg.lm")
+  raise AttributeError(f"module 'kcg' has no attribute {name!r}")
 
 __all__ = [
     "ablations", "analysis", "baselines", "evaluation", "matching", "ops", "plotting", "probes",

@@ -13,7 +13,7 @@ here, independently of the model), which system it solves and which references i
   no ratios of shrinking quantities and is not chaotic.
 
 Properties: tests/test_matches_reference.py, test_structure.py, test_no_leakage.py,
-test_bad_input.py, test_scale_covariance.py.
+test_bad_input.py (rescaled prompts: test_dynamic_range.py).
 """
 
 from __future__ import annotations

@@ -8,9 +8,10 @@ size, and its blocks do what the model's layers do.
   wherever it describes the construction (linear attention); a feature layer adds one layer, a
   projection S [m, p] gives the dimensions of feature_dim = m.
 * Blocks: `craft.apply` (NumPy, no NNX) run on the residual stream before each layer gives the
-  model's residual stream after it. The two differ only in the order of float64 sums, so per
-  channel by <= 64 eps of that channel's largest magnitude before or after the layer (measured
-  <= 2.1e-15 = 9.2 eps over the table), times 1 + sum_m |c_m| for softmax Route B, whose
+  model's residual stream after it. The two differ only in the order of float64 sums, so by
+  <= 64 eps of the larger of that channel's largest magnitude before or after the layer and the
+  entry's sum of |terms| (a reduction such as (AP)^T R past convergence cancels to far below its
+  terms; measured <= 2.1e-15 = 9.2 eps of the channel scale over the table), times 1 + sum_m |c_m| for softmax Route B, whose
   mat-vec subtracts Richardson-weighted sums ~ |c_m| times larger than their difference
   (c = (-300, 1200) at tau = 300, h = 2; measured 4.4e-13).
 * Identity: the program records its construction and the transforms applied, and every head, unit
@@ -85,6 +86,26 @@ def test_dimensions_agree_with_kcg_dimensions(name):
   assert dims.num_layers == dims.init_layers + T * dims.layers_per_step
 
 
+def _abs_terms(terms):
+  return tuple((channel, np.abs(coef)) for channel, coef in terms)
+
+
+def _term_magnitudes(layout, block, h, mask):
+  """|h| plus, per entry, the sum of |terms| the layer adds there: what rounding is relative to."""
+  abs_heads = tuple(head._replace(query=_abs_terms(head.query), key=_abs_terms(head.key),
+                                  value=_abs_terms(head.value), output=_abs_terms(head.output))
+                    for head in block.heads)
+  magnitude = craft.apply(layout, block._replace(heads=abs_heads, units=()), np.abs(h), mask)
+  after_heads = craft.apply(layout, block._replace(units=()), h, mask)
+  for group in block.units:
+    act = np.maximum(craft._read(layout, group.pre, after_heads, group.num_units), 0.0)  # pylint: disable=protected-access
+    if group.value is not None:
+      act = act * np.abs(craft._read(layout, group.value, after_heads, group.num_units))  # pylint: disable=protected-access
+    for channel, coef in group.post:
+      magnitude[..., layout.slice(channel)] += act @ np.abs(np.asarray(coef, np.float64))
+  return magnitude
+
+
 @pytest.mark.parametrize("name", ENTRIES)
 def test_apply_agrees_with_the_model_on_every_block(name):
   compiled = _compiled(name)
@@ -102,6 +123,8 @@ def test_apply_agrees_with_the_model_on_every_block(name):
     before, after = residuals[layer], residuals[layer + 1]
     got = craft.apply(program.layout, block, before, mask, attention=compiled.attention)
     scale = np.maximum(np.abs(before).max(0), np.abs(after).max(0))
+    if compiled.attention == "linear":
+      scale = np.maximum(scale, _term_magnitudes(program.layout, block, before, mask))
     assert np.all(np.abs(got - after) <= tolerance * scale), (layer, block.name)
 
 
@@ -132,7 +155,7 @@ def test_float32_builds_agree_with_float64():
     compiled = _compiled(name)
     program32 = compiler.build_program(compiled.options, np.float32)
     compiler.check_same_architecture(compiled.program, program32)
-    assert program32.reciprocal.high < compiled.program.reciprocal.high
+    assert program32.reciprocal != compiled.program.reciprocal
     changed = compiled.program._replace(schedule=compiled.program.schedule[:-1])
     with pytest.raises(RuntimeError, match="differ in"):
       compiler.check_same_architecture(compiled.program, changed)

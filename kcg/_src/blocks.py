@@ -9,7 +9,7 @@ scalars at the aggregator token. What is built here:
   three quantities it holds; a head whose query is the aggregator flag sums over the supports;
 * the support mat-vec `(Kp)_i = sum_j (phi_i . phi_j) p_j` and its query read-out;
 * division (kcg._src.reciprocal): the ReLU initial guess of 1/s (`guess_units`), refined by Newton
-  steps x <- 2x - s x^2, either as attention heads at the aggregator (`newton_heads`, one layer per
+  steps x <- 2x - (s x) x, either as attention heads at the aggregator (`newton_heads`, one layer per
   step) or as gated MLP units in every token of a role (`token_newton_blocks`, two layers per step:
   s x, then x (2 - s x));
 * the aggregator's scalar machinery of a CG step (`scalar_blocks`, `beta_block`, ...).
@@ -101,31 +101,35 @@ def support_matvec_heads() -> tuple[Head, ...]:
 
 def guess_units(source: str, target: str, spec: recip.ReciprocalSpec, *,
                 on: Sequence[str] = (AGGREGATOR,), off: Sequence[str] = (),
-                read: np.ndarray | None = None, write: np.ndarray | None = None,
+                off_offset: float | None = None, read: np.ndarray | None = None, write: np.ndarray | None = None,
                 scale: float = 1.0, name: str = "") -> ReluUnits:
   """The initial guess of 1/source into target, at the tokens whose flag in `on` is 1.
 
-  Unit i computes relu(t_i * flag - s): the flag stands in for a bias, so a token with every `on`
-  flag 0 computes relu(-s), which is 0 for the s >= 0 it holds there (exactly 0 at tokens that do
-  not hold `source`). `off` flags push every unit's pre-activation down by 2 high instead, for
-  tokens whose `source` is only ~0 (softmax heads leave ~e^-80 of other tokens' values there).
+  Unit i computes relu(flag - s / t_i) (weights at most 1/low, `recip.guess_units_matrices`): the
+  flag stands in for a bias, so a token with every `on` flag 0 computes relu(-s / t_i), which is 0
+  for the s >= 0 it holds there (exactly 0 at tokens that do not hold `source`). `off` flags add
+  `off_offset` (< 0) to every unit's pre-activation instead, for tokens whose `source` is only ~0
+  (softmax heads leave ~e^-80 of other tokens' values there).
   `read` [size(source), 1] picks the entry of a wider source channel, `write` [1, size(target)]
   the entry written (default: size-1 channels); `scale` multiplies the guess.
   """
+  if off and (off_offset is None or not off_offset < 0):
+    raise ValueError(f"guess_units with off={tuple(off)} needs a negative off_offset, got "
+                     f"{off_offset!r}.")
   on_s, on_flag, post = recip.guess_units_matrices(spec)
   read = np.ones((1, 1)) if read is None else np.asarray(read, np.float64)
   write = np.ones((1, 1)) if write is None else np.asarray(write, np.float64)
   pre = ((source, read * on_s[None, :]),) + tuple((flag, on_flag[None, :]) for flag in on)
-  pre += tuple((flag, np.full((1, len(on_s)), -2.0 * spec.high)) for flag in off)
+  pre += tuple((flag, np.full((1, len(on_s)), off_offset)) for flag in off)
   return ReluUnits(pre, ((target, scale * post[:, None] * write),), name or f"guess 1/{source}",
                    Op.GUESS)
 
 
 def newton_heads(x: str, s: str) -> tuple[Head, ...]:
-  """x <- 2x - s x^2 at the aggregator: one head adds x, one subtracts s x^2 (query x, key s,
-  value x, both non-zero at the aggregator only)."""
+  """x <- 2x - (s x) x at the aggregator: one head adds x, one subtracts (x . s) x (query x, key s,
+  value x, both non-zero at the aggregator only); never s (x x), which would overflow float32."""
   return (at_aggregator(x, [(x, 1.0)], f"newton {x}: +x", Op.NEWTON),
-          product_head(x, s, x, [(x, -1.0)], f"newton {x}: -{s} x^2", Op.NEWTON))
+          product_head(x, s, x, [(x, -1.0)], f"newton {x}: -({s} x) x", Op.NEWTON))
 
 
 def token_newton_blocks(layout: ResidualLayout, pairs: Sequence[tuple[str, str, str]],

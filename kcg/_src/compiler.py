@@ -30,6 +30,7 @@ from flax import nnx
 from kcg._src import block_programs
 from kcg._src import chebyshev_programs
 from kcg._src import craft
+from kcg._src import dynamic_range
 from kcg._src import lowering
 from kcg._src import model as model_lib
 from kcg._src import multi_output as multi_output_lib
@@ -251,6 +252,10 @@ class CompiledCG:
       self._assembled[dtype] = compile_program(self.options, dtype)
     return self._assembled[dtype]
 
+  def norm_pin_for(self, dtype) -> float | None:
+    """M of the pre-norm pins of this model in `dtype` (`transforms.norm_pin`), or None."""
+    return None if self.norm is None else transforms.norm_pin(dtype)
+
   @property
   def dimensions(self) -> Dimensions:
     """Depth and width of this model, read from its own program and config."""
@@ -280,6 +285,7 @@ class CompiledCG:
     return x
 
   def encode(self, x_support, y_support, x_query) -> tuple[jax.Array, prompt_lib.PromptLayout]:
+    """The prompt's input tokens `[B, k + 1 + q, token_dim]` and their layout (q from x_query)."""
     x_query = jnp.asarray(x_query)
     num_query = x_query.shape[1] if x_query.ndim == 3 else 0
     if num_query < 1:
@@ -290,31 +296,46 @@ class CompiledCG:
 
   def forward(self, x_support, y_support, x_query, *, return_residuals=False, head_mask=None,
               layer_mask=None) -> model_lib.ForwardOutput:
-    """Runs the model on encoded prompts; see `kcg.Transformer.__call__`."""
+    """Runs the model on encoded prompts; see `kcg.Transformer.__call__`.
+
+    Unlike `predict`, no dynamic-range check: the residual streams of any prompt can be read.
+    """
     tokens, layout = self.encode(x_support, y_support, x_query)
     assembled = self._assembled_for(tokens.dtype)
     return _apply(assembled.graphdef, assembled.params, tokens, layout.num_prefix,
                   return_residuals, head_mask, layer_mask)
 
-  def predict(self, x_support, y_support, x_query) -> jax.Array:
-    """f_t(x_query) [B, q] for x_support [B,k,d], y_support [B,k], x_query [B,q,d]."""
+  def predict(self, x_support, y_support, x_query, *, normalize: bool = False) -> jax.Array:
+    """f_t(x_query) [B, q] for x_support [B,k,d], y_support [B,k], x_query [B,q,d].
+
+    The model divides with a reciprocal that is exact on a fixed interval, so a prompt whose
+    scale can push a divided quantity (r.r, p.Ap, ...) out of it raises ValueError, naming the
+    quantity and the fix (kcg._src.dynamic_range; ranges in BUILD.md). normalize=True instead
+    divides each prompt's y (each output column) by a power of two that centres those quantities
+    and multiplies the prediction back, exactly (KRR is linear in y); x cannot be rescaled here,
+    the ridge being a weight. Both need concrete inputs: under jax.jit the check cannot run (the
+    prompt is not checked) and normalize=True raises.
+    """
+    y_support, scale = dynamic_range.prepare(self, x_support, y_support, x_query, normalize)
     tokens, layout = self.encode(x_support, y_support, x_query)
     assembled = self._assembled_for(tokens.dtype)
     outputs = _apply(assembled.graphdef, assembled.params, tokens, layout.num_prefix, False, None,
                      None).outputs
-    return prompt_lib.query_outputs(layout, outputs)
+    return dynamic_range.restore(prompt_lib.query_outputs(layout, outputs), scale)
 
-  def predict_steps(self, x_support, y_support, x_query) -> jax.Array:
+  def predict_steps(self, x_support, y_support, x_query, *, normalize: bool = False) -> jax.Array:
     """f_t(x_query) for every t = 0..num_steps from one forward pass: [B, t+1, q] ([.., r]).
 
-    Read from the prediction channel of the query tokens after the layers of each step.
+    Read from the prediction channel of the query tokens after the layers of each step. Range
+    check and `normalize` as in `predict`.
     """
+    y_support, scale = dynamic_range.prepare(self, x_support, y_support, x_query, normalize)
     out = self.forward(x_support, y_support, x_query, return_residuals=True)
     at_step_ends = out.residuals[jnp.asarray(self.program.step_ends)]  # [t+1, B, T, D]
     columns = self.program.layout.slice(self.program.readout)
     first_query = self.prompt_layout.num_prefix
     steps = jnp.moveaxis(at_step_ends[:, :, first_query:, columns], 0, 1)
-    return steps[..., 0] if self.num_outputs == 1 else steps
+    return dynamic_range.restore(steps[..., 0] if self.num_outputs == 1 else steps, scale)
 
   def read_state(self, residuals_LxBxTxD: jax.Array) -> CompiledState:
     """The CG state after each step, read from the named channels of the residual streams."""

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from kcg._src import checks
 from kcg._src import model as model_lib
 
 MASKS = model_lib.MASKS
@@ -99,6 +100,7 @@ def _read_only(array: np.ndarray) -> np.ndarray:
 
 def check_projection(projection, feature_dim: int) -> np.ndarray:
   """The projection as a read-only float64 [m, feature_dim] array, or ValueError."""
+  checks.check_real("projection", projection)
   try:
     projection = np.asarray(projection, np.float64)
   except (TypeError, ValueError):
@@ -113,7 +115,7 @@ def check_projection(projection, feature_dim: int) -> np.ndarray:
 
 LAYERNORM_CG = (
     "norm='layernorm' cannot carry CG: its division is a ReLU guess of 1/s whose units have "
-    "weights up to ~1e20 and stay off at non-aggregator tokens only because their pre-activation "
+    "weights up to 1e40 on s and stay off at non-aggregator tokens only because their pre-activation "
     "is exactly 0 there; LayerNorm's centring leaves ~eps |w| |token mean| in every read, so they "
     "fire (kcg.routes.layernorm_departure shows where). Use norm='rmsnorm', or compile_chebyshev "
     "(no division), which runs under LayerNorm.")
@@ -131,7 +133,7 @@ def validate(options: CompileOptions, *, refuse_inexact: bool = True) -> Compile
   if (isinstance(o.num_steps, bool) or not isinstance(o.num_steps, (int, np.integer))
       or o.num_steps < 0):
     raise ValueError(f"num_steps must be an int >= 0 (the number of steps), got {o.num_steps!r}.")
-  ridge = _positive_float("ridge", o.ridge, " (K + ridge I must be positive definite)")
+  ridge = checks.scalar_ridge(o.ridge)
   _choice("algorithm", o.algorithm, ALGORITHMS)
   _choice("mask", o.mask, MASKS)
   _choice("form", o.form, FORMS)
@@ -194,6 +196,8 @@ def _check_features(o: CompileOptions, feature_dim: int):
   if o.feature_params is None:
     raise ValueError("features='random_relu' needs feature_params=kcg.features.random_relu(m)"
                      ".init(key, input_dim) (the weights the first layer uses).")
+  for array in o.feature_params:
+    checks.check_real("feature_params", array)
   params = tuple(_read_only(a) for a in o.feature_params)
   weights = params[0]
   if weights.ndim != 2 or weights.shape[0] != feature_dim:
