@@ -145,6 +145,30 @@ def test_jit_vmap_and_grad_through_the_compiled_forward():
   np.testing.assert_allclose(grad, ref_grad, rtol=0, atol=1e-8 * np.abs(ref_grad).max())
 
 
+def test_jit_works_on_the_first_call_in_a_new_dtype():
+  """The per-dtype model is built on first use; built inside a trace it would hold tracers.
+
+  A fresh model sees float32 prompts first under jax.jit (both entry points), then eagerly and
+  under jit again: every call must give the eager answer (a model cached from the first trace
+  raises UnexpectedTracerError).
+  """
+  k, p, t = 5, 3, 4
+  rng = np.random.default_rng(3)
+  xs, xq = rng.normal(size=(2, k, p)).astype(np.float32), rng.normal(size=(2, 2, p)).astype(
+      np.float32)
+  ys = rng.normal(size=(2, k)).astype(np.float32)
+  for method in ("predict", "predict_steps"):
+    compiled = kcg.compile_cg(k, p, t, 0.3, mask="prefix", dtype=np.float64)
+    run = getattr(compiled, method)
+    first = jax.jit(run)(xs, ys, xq)
+    eager = run(xs, ys, xq)
+    assert first.dtype == eager.dtype == jnp.float32
+    np.testing.assert_array_equal(first, eager)
+    np.testing.assert_array_equal(jax.jit(lambda a, b, c: run(a, b, c))(xs, ys, xq), eager)
+    leaves = jax.tree.leaves(compiled._assembled_for(np.float32).params)  # pylint: disable=protected-access
+    assert not any(isinstance(leaf, jax.core.Tracer) for leaf in leaves)
+
+
 def test_many_queries_and_batches():
   k, p = 6, 4
   compiled = _compiled(k, p, k, 0.3, "causal", "dual")

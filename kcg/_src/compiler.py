@@ -186,9 +186,15 @@ def compile_program(options: CompileOptions, dtype) -> Assembled:
   """Stages 1-3 for validated `options`, parameters in `dtype`.
 
   The architecture (the model config) comes from the float64 build; the weights from the build
-  for `dtype`, which must agree with it (`check_same_architecture`).
+  for `dtype`, which must agree with it (`check_same_architecture`). The parameters are concrete
+  even when this runs inside a trace (`CompiledCG` builds a dtype's model on its first call, which
+  may be under jax.jit): a model cached from a trace would hold its tracers.
   """
-  dtype = jnp.dtype(dtype)
+  with jax.ensure_compile_time_eval():
+    return _compile_program(options, jnp.dtype(dtype))
+
+
+def _compile_program(options: CompileOptions, dtype) -> Assembled:
   architecture = build_program(options, np.float64)
   program = architecture if dtype == jnp.float64 else build_program(options, dtype)
   check_same_architecture(architecture, program)
