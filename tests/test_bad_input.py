@@ -27,7 +27,7 @@ BAD_OPTIONS = [
     ((4, 2, 1, 0.1), dict(features="fourier"), "features"),
     ((4, 2, 1, 0.1), dict(state_placement="everywhere"), "state_placement"),
     ((4, 2, 1, 0.1), dict(mask="causal", form="dual", state_placement="support"),
-     "causal mask support i cannot read"),
+     "a support cannot read later ones"),
     # Feature layers.
     ((4, 6, 2, 0.1), dict(features="random_relu"), "feature_params"),
     ((4, 5, 2, 0.1), dict(features="random_relu", feature_params=_RELU_PARAMS), "feature_dim=5"),

@@ -247,7 +247,7 @@ def _compiled(k, p, r, num_steps, ridge, num_query=3):
   """The program and its model, built by the compiler's stages (lead: compile_cg will do this)."""
   program = block_programs.block_support_state(p, r, num_steps, ridge, SPEC)
   layout = prompt.make_layout(k, num_query, p, num_outputs=r)
-  config = lowering.model_config(program, layout, "prefix", jnp.float64)
+  config = lowering.config_for_program(program, layout, "prefix", jnp.float64)
   assert config.output_dim == r and config.activation == "reglu"
   model = lowering.assemble(config, lowering.lower(program, layout, config), jnp.float64)
   return program, layout, nnx.split(model)

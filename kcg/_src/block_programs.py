@@ -234,7 +234,7 @@ def block_support_state(feature_dim: int, num_outputs: int, num_steps: int, ridg
     A `Program` whose readout `f` is r wide at queries; `state` maps alpha, r, p to per-support
     r-wide channels and gamma (Lambda), beta (Psi) to r x r aggregator channels (row-major).
   """
-  p = checks.check_positive_int("feature_dim", feature_dim)
+  dim = checks.check_positive_int("feature_dim", feature_dim)
   m = checks.check_positive_int("num_outputs", num_outputs)
   num_steps = checks.check_num_steps(num_steps)
   ridge = checks.scalar_ridge(ridge)
@@ -244,7 +244,7 @@ def block_support_state(feature_dim: int, num_outputs: int, num_steps: int, ridg
     raise ValueError(f"newton_schulz must be a non-empty sequence of scalings in (0, 2), got "
                      f"{newton_schulz!r}.")
   layout = ResidualLayout(
-      channels=tuple([("phi_support", p), ("phi_query", p), ("y", m)]
+      channels=tuple([("phi_support", dim), ("phi_query", dim), ("y", m)]
                      + [(name, m) for name in VECTORS + QUERY_VECTORS]
                      + [(name, m * m) for name in MATRICES] + B.flag_channels()),
       holders=B.holders([(name, "supports") for name in VECTORS]

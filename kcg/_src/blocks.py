@@ -9,8 +9,8 @@ scalars at the aggregator token. What is built here:
   three quantities it holds; a head whose query is the aggregator flag sums over the supports;
 * the support mat-vec `(Kp)_i = sum_j (phi_i . phi_j) p_j` and its query read-out;
 * division (kcg._src.reciprocal): the ReLU initial guess of 1/s (`guess_units`), refined by Newton
-  steps x <- 2x - (s x) x, either as attention heads at the aggregator (`newton_heads`, one layer per
-  step) or as gated MLP units in every token of a role (`token_newton_blocks`, two layers per step:
+  steps x <- 2x - (s x) x, either as attention heads at the aggregator (`newton_heads`, one layer
+  per step) or as gated MLP units in every token of a role (`token_newton_blocks`, two layers per step:
   s x, then x (2 - s x));
 * the aggregator's scalar machinery of a CG step (`scalar_blocks`, `beta_block`, ...).
 
@@ -101,7 +101,8 @@ def support_matvec_heads() -> tuple[Head, ...]:
 
 def guess_units(source: str, target: str, spec: recip.ReciprocalSpec, *,
                 on: Sequence[str] = (AGGREGATOR,), off: Sequence[str] = (),
-                off_offset: float | None = None, read: np.ndarray | None = None, write: np.ndarray | None = None,
+                off_offset: float | None = None, read: np.ndarray | None = None,
+                write: np.ndarray | None = None,
                 scale: float = 1.0, name: str = "") -> ReluUnits:
   """The initial guess of 1/source into target, at the tokens whose flag in `on` is 1.
 

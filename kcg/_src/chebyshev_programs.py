@@ -64,9 +64,9 @@ def _program(construction, layout, embedding, init, step_blocks, per_step, token
 def chebyshev_support_state(feature_dim: int, num_steps: int, ridge: float, low: float,
                             high: float) -> Program:
   """Chebyshev with alpha_i, r_i, p_i in support token i (prefix mask): one layer per step."""
-  p = feature_dim
+  dim = feature_dim
   layout = ResidualLayout(
-      channels=tuple([("phi_support", p), ("phi_query", p), ("y", 1), ("alpha", 1), ("r", 1),
+      channels=tuple([("phi_support", dim), ("phi_query", dim), ("y", 1), ("alpha", 1), ("r", 1),
                       ("p", 1), ("Kp", 1), ("kq_p", 1), ("f", 1)] + B.flag_channels()),
       holders=B.holders([("alpha", "supports"), ("r", "supports"), ("p", "supports"),
                          ("Kp", "supports"), ("kq_p", "queries"), ("f", "queries")]))
@@ -83,10 +83,10 @@ def chebyshev_support_state(feature_dim: int, num_steps: int, ridge: float, low:
 def chebyshev_aggregator_primal(feature_dim: int, num_steps: int, ridge: float, low: float,
                                 high: float) -> Program:
   """Chebyshev on (Phi^T Phi + ridge I) w = Phi^T y in the aggregator (any mask): one layer/step."""
-  p = feature_dim
+  dim = feature_dim
   layout = ResidualLayout(
-      channels=tuple([("phi_support", p), ("phi_query", p), ("y", 1), ("alpha", p), ("r", p),
-                      ("p", p), ("Ap", p), ("f", 1)] + B.flag_channels()),
+      channels=tuple([("phi_support", dim), ("phi_query", dim), ("y", 1), ("alpha", dim),
+                      ("r", dim), ("p", dim), ("Ap", dim), ("f", 1)] + B.flag_channels()),
       holders=B.holders([("f", "queries")] + [(n, "aggregator") for n in ("alpha", "r", "p", "Ap")]))
   init = [Block("init: r = p = Phi^T y", Op.INIT, heads=(
       Head(((AGG, 1.0),), (("y", 1.0),), (("phi_support", 1.0),), (("r", 1.0), ("p", 1.0)),
@@ -107,10 +107,10 @@ def chebyshev_aggregator_primal(feature_dim: int, num_steps: int, ridge: float, 
 def chebyshev_aggregator_dual(num_support: int, feature_dim: int, num_steps: int, ridge: float,
                               low: float, high: float) -> Program:
   """Chebyshev on (K + ridge I) alpha = y in the aggregator (any mask): two layers per step."""
-  k, p = num_support, feature_dim
+  k, dim = num_support, feature_dim
   layout = ResidualLayout(
-      channels=tuple([("phi_support", p), ("phi_query", p), ("y", 1), ("position", k),
-                      ("alpha", k), ("r", k), ("p", k), ("Kp", k), ("u", p), ("f", 1)]
+      channels=tuple([("phi_support", dim), ("phi_query", dim), ("y", 1), ("position", k),
+                      ("alpha", k), ("r", k), ("p", k), ("Kp", k), ("u", dim), ("f", 1)]
                      + B.flag_channels()),
       holders=B.holders([("position", "supports (one-hot)"), ("f", "queries")]
                         + [(n, "aggregator") for n in ("alpha", "r", "p", "Kp", "u")]))

@@ -201,7 +201,7 @@ def _compile_program(options: CompileOptions, dtype) -> Assembled:
   prompt_layout = prompt_lib.make_layout(options.num_support, 1, options.input_dim,
                                          positional=_uses_position(architecture),
                                          num_outputs=options.num_outputs)
-  config = lowering.model_config(architecture, prompt_layout, options.mask, dtype,
+  config = lowering.config_for_program(architecture, prompt_layout, options.mask, dtype,
                                  options.attention, options.norm)
   model = lowering.assemble(config, lowering.lower(program, prompt_layout, config), dtype)
   graphdef, params = nnx.split(model)

@@ -1,6 +1,6 @@
 """Compiler stages 2 and 3: a program's blocks to arrays, and the arrays into `kcg.Transformer`.
 
-* `model_config`: the smallest `ModelConfig` that carries a program.
+* `config_for_program`: the smallest `ModelConfig` that carries a program.
 * `lower`: float64 NumPy arrays for every parameter, shaped from the model's own abstract state
   (`model.param_shapes`), never from hand-typed parameter paths.
 * `assemble`: the arrays into the NNX state of the model class (nnx.eval_shape -> nnx.state ->
@@ -23,9 +23,9 @@ from kcg._src import model as model_lib
 from kcg._src import prompt as prompt_lib
 
 
-def model_config(program: craft.Program, prompt_layout: prompt_lib.PromptLayout, mask: str,
-                 param_dtype, attention: str = "linear", norm: str | None = None
-                 ) -> model_lib.ModelConfig:
+def config_for_program(program: craft.Program, prompt_layout: prompt_lib.PromptLayout,
+                       mask: str, param_dtype, attention: str = "linear",
+                       norm: str | None = None) -> model_lib.ModelConfig:
   """The smallest `ModelConfig` that carries the program (mask and attention as requested)."""
   req = craft.requirements(program.layout, program.blocks)
   return model_lib.ModelConfig(

@@ -114,11 +114,9 @@ def check_projection(projection, feature_dim: int) -> np.ndarray:
 
 
 LAYERNORM_CG = (
-    "norm='layernorm' cannot carry CG: its division is a ReLU guess of 1/s whose units have "
-    "weights up to 1e40 on s and stay off at non-aggregator tokens only because their pre-activation "
-    "is exactly 0 there; LayerNorm's centring leaves ~eps |w| |token mean| in every read, so they "
-    "fire (kcg.routes.layernorm_departure shows where). Use norm='rmsnorm', or compile_chebyshev "
-    "(no division), which runs under LayerNorm.")
+    "norm='layernorm' cannot carry CG: its centring switches on the reciprocal's ReLU units "
+    "(weights up to 1e40) at tokens where they must stay off (kcg.routes.layernorm_departure). "
+    "Use norm='rmsnorm', or compile_chebyshev (no division), which runs under LayerNorm.")
 
 
 def validate(options: CompileOptions, *, refuse_inexact: bool = True) -> CompileOptions:
@@ -145,9 +143,8 @@ def validate(options: CompileOptions, *, refuse_inexact: bool = True) -> Compile
   _choice("norm", o.norm, model_lib.NORMS)
   if o.state_placement == "support" and (o.form != "dual" or o.mask != "prefix"):
     raise ValueError(
-        "state_placement='support' needs form='dual' and mask='prefix': under a causal mask "
-        "support i cannot read supports j > i, so it can form neither (Kp)_i nor the reductions. "
-        "Use mask='prefix' or state_placement='aggregator'.")
+        "state_placement='support' needs form='dual' and mask='prefix' (under a causal mask a "
+        "support cannot read later ones); use mask='prefix' or state_placement='aggregator'.")
   placement = o.state_placement
   if placement == "auto":
     placement = "support" if (o.form == "dual" and o.mask == "prefix") else "aggregator"
@@ -160,12 +157,13 @@ def validate(options: CompileOptions, *, refuse_inexact: bool = True) -> Compile
   if o.preconditioner == "jacobi" and (o.form != "dual" or o.mask != "prefix"
                                        or o.state_placement == "aggregator"):
     raise ValueError(
-        "preconditioner='jacobi' is compiled for form='dual', mask='prefix' (per-support state): "
-        "M^{-1} r is a scaling of each support token's own residual. Use mask='prefix'.")
+        "preconditioner='jacobi' needs form='dual', mask='prefix' and per-support state; use "
+        "those options.")
   num_outputs = o.num_outputs
-  if isinstance(num_outputs, bool) or not isinstance(num_outputs, (int, np.integer)) or num_outputs < 1:
-    raise ValueError(f"num_outputs must be a positive int (the number of targets per support), "
-                     f"got {num_outputs!r}.")
+  if (isinstance(num_outputs, bool) or not isinstance(num_outputs, (int, np.integer))
+      or num_outputs < 1):
+    raise ValueError(f"num_outputs must be a positive int (targets per support), got "
+                     f"{num_outputs!r}.")
   if o.multi_output == "block" and (o.attention != "linear" or o.form != "dual"
                                     or o.mask != "prefix" or o.preconditioner is not None):
     raise ValueError("multi_output='block' (block CG) is compiled for linear attention, "

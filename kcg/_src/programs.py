@@ -75,9 +75,9 @@ def _support_direction_head() -> Head:
 def support_state(feature_dim: int, num_steps: int, ridge: float,
                   spec: recip.ReciprocalSpec) -> Program:
   """Dual CG with per-support state; needs the prefix mask (see module docstring)."""
-  p = feature_dim
+  dim = feature_dim
   layout = ResidualLayout(
-      channels=tuple([("phi_support", p), ("phi_query", p), ("y", 1), ("alpha", 1), ("r", 1),
+      channels=tuple([("phi_support", dim), ("phi_query", dim), ("y", 1), ("alpha", 1), ("r", 1),
                       ("p", 1), ("Kp", 1), ("p_prev", 1), ("kq_p", 1), ("f", 1)]
                      + B.scalar_channels() + B.flag_channels()),
       holders=B.holders([("alpha", "supports"), ("r", "supports"), ("p", "supports"),
@@ -140,10 +140,10 @@ def _init_from_y_head() -> Head:
 def aggregator_dual(num_support: int, feature_dim: int, num_steps: int, ridge: float,
                     spec: recip.ReciprocalSpec) -> Program:
   """Dual CG with alpha, r, p in R^k held by the aggregator; works under any mask."""
-  k, p = num_support, feature_dim
-  vectors = [("alpha", k), ("r", k), ("p", k), ("p_prev", k), ("Kp", k), ("u", p)]
+  k, dim = num_support, feature_dim
+  vectors = [("alpha", k), ("r", k), ("p", k), ("p_prev", k), ("Kp", k), ("u", dim)]
   layout = ResidualLayout(
-      channels=tuple([("phi_support", p), ("phi_query", p), ("y", 1), ("position", k)] + vectors
+      channels=tuple([("phi_support", dim), ("phi_query", dim), ("y", 1), ("position", k)] + vectors
                      + [("f", 1)] + B.scalar_channels() + B.flag_channels()),
       holders=B.holders([("position", "supports (one-hot)"), ("f", "queries")]
                         + [(n, "aggregator") for n, _ in vectors]
@@ -194,10 +194,10 @@ def _primal_init_head() -> Head:
 def aggregator_primal(feature_dim: int, num_steps: int, ridge: float,
                       spec: recip.ReciprocalSpec) -> Program:
   """CG on (Phi^T Phi + ridge I) w = Phi^T y with w, r, p in R^p held by the aggregator."""
-  p = feature_dim
-  vectors = [("w", p), ("r", p), ("p", p), ("p_prev", p), ("Ap", p)]
+  dim = feature_dim
+  vectors = [("w", dim), ("r", dim), ("p", dim), ("p_prev", dim), ("Ap", dim)]
   layout = ResidualLayout(
-      channels=tuple([("phi_support", p), ("phi_query", p), ("y", 1)] + vectors + [("f", 1)]
+      channels=tuple([("phi_support", dim), ("phi_query", dim), ("y", 1)] + vectors + [("f", 1)]
                      + B.scalar_channels() + B.flag_channels()),
       holders=B.holders([("f", "queries")] + [(n, "aggregator") for n, _ in vectors]
                         + [(s, "aggregator") for s in B.SCALARS]))
@@ -249,10 +249,10 @@ def jacobi_support_state(feature_dim: int, num_steps: int, ridge: float,
   gamma = (r.z)/(p.Ap); alpha += gamma p; r -= gamma Ap; z = r / d; beta = (r'.z')/(r.z);
   p = z + beta p. Rate ((sqrt(kappa') - 1)/(sqrt(kappa') + 1))^t with kappa' = cond(M^-1 A).
   """
-  p = feature_dim
+  dim = feature_dim
   rho = "rz"
   layout = ResidualLayout(
-      channels=tuple([("phi_support", p), ("phi_query", p), ("y", 1), ("alpha", 1), ("r", 1),
+      channels=tuple([("phi_support", dim), ("phi_query", dim), ("y", 1), ("alpha", 1), ("r", 1),
                       ("z", 1), ("p", 1), ("Kp", 1), ("p_prev", 1), ("kq_p", 1), ("f", 1),
                       ("diag", 1), ("inv_diag", 1), ("newton_scratch", 1)]
                      + B.scalar_channels(rho) + B.flag_channels()),
@@ -262,9 +262,9 @@ def jacobi_support_state(feature_dim: int, num_steps: int, ridge: float,
                          ("inv_diag", "supports"), ("newton_scratch", "supports")]
                         + [(s, "aggregator") for s in B.scalar_names(rho)]))
   embedding = B.feature_embedding() + [("y", "r", 1.0)]
-  squares = np.concatenate([np.eye(p), -np.eye(p)], axis=1)
+  squares = np.concatenate([np.eye(dim), -np.eye(dim)], axis=1)
   init = [Block("init: diag = phi.phi + ridge", Op.PRECONDITION, units=(
-      ReluUnits((("phi_support", squares),), (("diag", np.ones((2 * p, 1))),), "phi.phi",
+      ReluUnits((("phi_support", squares),), (("diag", np.ones((2 * dim, 1))),), "phi.phi",
                 Op.PRECONDITION, (("phi_support", squares),)),
       ReluUnits((("is_support", np.ones((1, 1))),), (("diag", ridge * np.ones((1, 1))),),
                 "diag += ridge", Op.PRECONDITION)))]

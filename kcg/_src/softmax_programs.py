@@ -149,7 +149,7 @@ def dot_product_support_state(num_support: int, feature_dim: int, num_steps: int
 def _softmax_support_state(num_support, feature_dim, num_steps, ridge, temperatures, coefficients,
                            subtract, projection, spec, construction) -> Program:
   """(Kp)_i = sum_m c_m (K~_{tau_m} p)_i - subtract * sum_j p_j, then CG (see module docstring)."""
-  k, p = num_support, feature_dim
+  k, dim = num_support, feature_dim
   projection = np.asarray(projection, np.float64)
   m = projection.shape[0]
   h = len(temperatures)
@@ -160,7 +160,7 @@ def _softmax_support_state(num_support, feature_dim, num_steps, ridge, temperatu
                 "beta_local"] + per_temperature + (["p_sum_s", "p_sum_q"] if subtract else []))
   agg_scratch = ["pAp_scratch", "rr_scratch", "pAp_pos", "pAp_ok_a", "pAp_ok", "gamma_ungated"]
   layout = ResidualLayout(
-      channels=tuple([("phi_support", p), ("phi_query", p), ("y", 1)]
+      channels=tuple([("phi_support", dim), ("phi_query", dim), ("y", 1)]
                      + [(n, 1) for n in per_token] + [(n, 1) for n in scalars + agg_scratch]
                      + B.flag_channels()),
       holders=B.holders([("f", "queries"), ("kq_p", "queries"), ("p_sum_s", "supports"),
