@@ -1,7 +1,7 @@
 r"""Benchmark: compiled CG transformer forwards against CG written directly in JAX.
 
-  python -m experiments.bench --workdir=/tmp/kcg/bench          # default grid, ~10 min on 2 cores
-  python -m experiments.bench --smoke --workdir=/tmp/kcg/smoke  # ~30 s (run by the tests)
+  python -m experiments.bench --workdir=/tmp/kcg/bench          # default grid
+  python -m experiments.bench --smoke --workdir=/tmp/kcg/smoke  # tiny grid (run by the tests)
 
 Every method maps the same prompts `(x_support [B,k,p], y_support [B,k], x_query [B,q,p])`, float32,
 matmuls at `Precision.HIGHEST`, to t-step predictions `[B, q]`; each is `jax.jit`-ed, called once to
@@ -22,7 +22,8 @@ kcg's gpt_icl step against a Flax NNX GPT and PyTorch + Hugging Face GPT2Model (
 
   python -m experiments.bench --sections=training_throughput --workdir=/tmp/kcg/tput
 
-See experiments/configs/bench.py for the sections and grid, BENCHMARKS.md for a run's results.
+See experiments/configs/bench.py for the sections, grid and runtime, BENCHMARKS.md for a run's
+results and timings.
 """
 
 from __future__ import annotations

@@ -80,7 +80,7 @@ def _multi_output(config, results) -> dict:
 
 
 def _prenorm(config, results) -> None:
-  """RMSNorm: bit-for-bit equal outputs; LayerNorm: where the compiled CG departs."""
+  """RMSNorm: bit-for-bit equal outputs (float64); LayerNorm: where the compiled CG departs."""
   xs, ys, xq = _problems(config.seed + 4, 1, config.num_support, config.feature_dim, config.num_query)
   plain = kcg.compile_cg(config.num_support, config.feature_dim, config.num_steps, config.ridge,
                          mask="causal")

@@ -17,6 +17,8 @@ Public API (implementation lives in `kcg._src`):
   controls, ablations against the damaged algorithm, layer-wise matching, the study's laws).
 * `kcg.alignment`: do trained models run KRR, by CG, on their own hidden features (readings of
   phi_l, KRR and candidates on it, kernel alignment, smoother weights, y-linearity, grafting).
+* `kcg.ops`: what each head and block of a compiled program computes (`Op`), which construction
+  it is (`Construction`).
 * `kcg.analysis`, `kcg.plotting`: compiled-vs-reference comparisons; headless plots and the style
   helpers every kcg figure uses.
 * `kcg.lm`: pretrained causal LMs (penzai) as in-context learners; imported on first use, needs
@@ -34,6 +36,7 @@ from kcg import evaluation
 from kcg import features
 from kcg import kernels
 from kcg import matching
+from kcg import ops
 from kcg import plotting
 from kcg import probes
 from kcg import problems
@@ -67,7 +70,8 @@ def __getattr__(name: str):
   raise AttributeError(f"module 'kcg' has no attribute {name!r}")
 
 __all__ = [
-    "ablations", "alignment", "analysis", "baselines", "evaluation", "matching", "plotting", "probes", "study",
+    "ablations", "alignment", "analysis", "baselines", "evaluation", "matching", "ops", "plotting",
+    "probes", "study",
     "CompiledCG", "CompiledState", "Dimensions", "ForwardOutput", "ModelConfig", "Transformer",
     "bounds", "compile_cg", "compile_chebyshev", "dimensions", "features", "kernels", "problems", "prompt", "routes", "sketch", "solvers",
     "tasks", "training", "TrainedModel", "load_trained",

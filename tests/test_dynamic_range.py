@@ -234,9 +234,6 @@ def test_conditioning_beyond_the_dtype_is_refused():
 def test_under_jit_the_check_cannot_run():
   xs, ys, xq = _problem()
   compiled = _compiled("dual/prefix", 1.0)
-  # Build the float64 model outside the trace first: CompiledCG caches it per dtype, and a model
-  # first built under jit would cache tracers.
-  compiled.predict(xs, ys, xq)
   predict = jax.jit(lambda y: compiled.predict(xs, y, xq))
   assert predict(jnp.asarray(ys)).shape == (1, Q)  # traced y: no check, no error
   with pytest.raises(ValueError, match="concrete"):

@@ -19,7 +19,7 @@ these (B x k x p x t) points, `--sections=forward,compile` runs only some sectio
 Sections:
   probe      matmul GFLOP/s, memory GB/s and the dispatch floor of this machine (the roofline).
   forward    every method on the same prompts: the sweep over k (time vs k, linearity) and the
-             issue's target points. A method whose estimated cost exceeds its budget
+             target points (`targets`). A method whose estimated cost exceeds its budget
              (`compiled_flop_budget`, `kernel_memory_budget_gb`) runs on the first B' < B prompts
              instead; its ratio is then taken against plain CG timed at the same B' on the same
              prompts, and the reason is printed.
@@ -65,9 +65,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.sweep_features = 64
   config.sweep_steps = 16
   config.sweep_supports = (64, 256, 1024, 4096)
-  # The issue's targets, as "BxKxPxT".
+  # Target points (B x k x p x t): a mid-size and a long-prompt batch, as "BxKxPxT".
   config.targets = ("256x1024x64x16", "64x4096x128x16")
-  # FLOP per timed call of a compiled forward before its batch is scaled down (~10 s here).
+  # FLOP per timed call of a compiled forward before its batch is scaled down (BENCHMARKS.md
+  # gives the time this costs on the measured machine).
   config.compiled_flop_budget = 1e12
   # Bytes of K [B, k, k] (times 3: K, its factor, workspace) before kernel methods are scaled down.
   config.kernel_memory_budget_gb = 4.0
