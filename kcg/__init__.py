@@ -17,6 +17,8 @@ Public API (implementation lives in `kcg._src`):
 * `kcg.alignment`: do trained models run KRR, by CG, on their own hidden features (readings of
   phi_l, KRR and candidates on it, kernel alignment, smoother weights, y-linearity, grafting).
 * `kcg.analysis`, `kcg.plotting`: compiled-vs-reference comparisons and headless plots.
+* `kcg.lm`: pretrained causal LMs (penzai) as in-context learners; imported on first use, needs
+  `pip install -e ".[lm]"`.
 """
 
 from kcg import ablations
@@ -51,6 +53,14 @@ from kcg._src.trained import TrainedModel
 from kcg._src.trained import load_trained
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+  # kcg.lm needs the optional `lm` extra (penzai), so `import kcg` must not import it.
+  if name == "lm":
+    import importlib  # pylint: disable=import-outside-toplevel
+    return importlib.import_module("kcg.lm")
+  raise AttributeError(f"module 'kcg' has no attribute {name!r}")
 
 __all__ = [
     "ablations", "alignment", "analysis", "baselines", "evaluation", "matching", "plotting", "probes", "study",

@@ -1,0 +1,66 @@
+"""experiments.lm_icl at its runlocal size on the tiny random checkpoint, and kcg without the extra."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("penzai")
+pytest.importorskip("tokenizers")
+
+from experiments import lm_icl  # noqa: E402
+from experiments.configs import lm_icl as lm_icl_config  # noqa: E402
+
+
+def test_runlocal_writes_a_report_that_says_it_is_a_pipeline_check(tmp_path):
+  results = lm_icl.run(lm_icl_config.get_config("runlocal"), str(tmp_path))
+  saved = json.loads((tmp_path / "results.json").read_text())
+  report = (tmp_path / "report.md").read_text()
+  for name in ("error_vs_k.png", "krr_by_layer.png"):
+    assert (tmp_path / name).stat().st_size > 10_000
+  assert saved["model"]["random_init"] is True
+  # The warning comes before any number.
+  assert report.index("PIPELINE CHECK ONLY") < report.index("## Summary")
+  assert (tmp_path / "tiny_checkpoint" / "kcg_lm.json").exists()
+  # Every cell of the grid, both readouts, invalid greedy answers counted.
+  assert len(saved["regression"]) == 2 * 2 * 2
+  for cell in saved["regression"]:
+    g = cell["readouts"]["greedy"]
+    assert g["num_valid"] + g["num_invalid"] == 8 * 3
+    assert set(cell["baselines"]) == {"krr_rbf", "ridge", "gd_8", "knn_3", "mean"}
+  for family, sec in saved["features"].items():
+    assert [s["layer"] for s in sec["lm"]] == [0, 1, 2, 3]
+    assert len(sec["random_control"]) == len(sec["true_labels_control"]) == 4
+    assert sec["alignment"]["status"] == "pending"
+  assert {r["inputs"] for r in saved["classification"]} == {"numbers", "words"}
+  assert results["runtime_s"] > 0
+
+
+def test_kcg_imports_without_the_lm_extra():
+  code = ("import sys; sys.modules['penzai'] = None; import kcg; "
+          "assert 'kcg.lm' not in sys.modules\n"
+          "try:\n  kcg.lm\nexcept ImportError as e:\n  assert 'lm extra' in str(e)\n"
+          "else:\n  raise AssertionError('kcg.lm imported without penzai')")
+  subprocess.run([sys.executable, "-c", code], check=True, cwd=lm_icl.__file__.rsplit("/experiments/", 1)[0])
+
+
+def test_lm_bench_runlocal(tmp_path):
+  from experiments import lm_bench
+  from experiments.configs import lm_bench as lm_bench_config
+  results = lm_bench.run(lm_bench_config.get_config("runlocal"), str(tmp_path))
+  assert json.loads((tmp_path / "results.json").read_text())["tokens_per_s"] > 0
+  tokens = results["lm_icl_default_tokens"]
+  assert tokens["total"] == tokens["regression"] + tokens["features"] + tokens["classification"] > 1e6
+
+
+def test_checkpoint_flag_loads_that_checkpoint(tmp_path):
+  from kcg import lm as kcg_lm
+  path = kcg_lm.write_tiny_checkpoint(str(tmp_path / "ckpt"), seed=3)
+  config = lm_icl_config.get_config("runlocal")
+  config.model.checkpoint = path
+  lm = lm_icl._model(config, str(tmp_path / "work"))
+  assert lm.path == path and not (tmp_path / "work" / "tiny_checkpoint").exists()
+  config.model.checkpoint = str(tmp_path / "missing")
+  with pytest.raises(ValueError, match="not a kcg LM checkpoint"):
+    lm_icl._model(config, str(tmp_path / "work"))
