@@ -14,10 +14,11 @@ from experiments.configs import lm_icl as lm_icl_config  # noqa: E402
 
 
 def test_runlocal_writes_a_report_that_says_it_is_a_pipeline_check(tmp_path):
-  results = lm_icl.run(lm_icl_config.get_config("runlocal"), str(tmp_path))
+  config = lm_icl_config.get_config("runlocal")
+  results = lm_icl.run(config, str(tmp_path))
   saved = json.loads((tmp_path / "results.json").read_text())
   report = (tmp_path / "report.md").read_text()
-  for name in ("error_vs_k.png", "krr_by_layer.png"):
+  for name in ("error_vs_k.png", "alignment_by_layer.png", "y_linearity.png"):
     assert (tmp_path / name).stat().st_size > 10_000
   assert saved["model"]["random_init"] is True
   # The warning comes before any number.
@@ -29,10 +30,20 @@ def test_runlocal_writes_a_report_that_says_it_is_a_pipeline_check(tmp_path):
     g = cell["readouts"]["greedy"]
     assert g["num_valid"] + g["num_invalid"] == 8 * 3
     assert set(cell["baselines"]) == {"krr_rbf", "ridge", "gd_8", "knn_3", "mean"}
+  # The alignment instruments on the LM (every reading) and on the random-init control (the primary
+  # reading), per layer 0..3 of the tiny model.
   for family, sec in saved["features"].items():
-    assert [s["layer"] for s in sec["lm"]] == [0, 1, 2, 3]
-    assert len(sec["random_control"]) == len(sec["true_labels_control"]) == 4
-    assert sec["alignment"]["status"] == "pending"
+    assert list(sec["lm"]["krr"]) == list(config.features.readings)
+    for rows in sec["lm"]["krr"].values():
+      assert [s["layer"] for s in rows] == [0, 1, 2, 3]
+    assert list(sec["random_control"]["krr"]) == ["zero_labels"]
+    for analysis in (sec["lm"], sec["random_control"]):
+      assert len(analysis["smoother_weights"]["krr_phi"]) == 4
+      assert len(analysis["kernel_alignment"]["raw_x"]) == 4
+      assert len(analysis["y_nonlinearity"]["cg_by_step"]) == config.features.cg_steps
+      assert analysis["smoother_weights"]["num_prompts"] == config.features.smoother_prompts
+    assert f"- {family}, y-linearity: the LM's y-nonlinearity index is" in report
+  assert "## Alignment instruments" in report and "pending" not in report
   assert {r["inputs"] for r in saved["classification"]} == {"numbers", "words"}
   assert results["runtime_s"] > 0
 

@@ -227,6 +227,7 @@ class _Space(NamedTuple):
   ridge: float
   intercept: bool
   prediction: np.ndarray
+  ridge_at_edge: bool
 
 
 def _krr_space(fit_s, fit_q, ev_s, ev_q, y_fit, y_eval, model_fit, relative) -> _Space:
@@ -238,14 +239,15 @@ def _krr_space(fit_s, fit_q, ev_s, ev_q, y_fit, y_eval, model_fit, relative) -> 
       lambda r, i: measures.krr_predict(fit_s, y_fit, fit_q, r, intercept=i), model_fit,
       measures.relative_ridges(fit_s, relative))
   pred = np.asarray(measures.krr_predict(ev_s, y_eval, ev_q, choice.ridge, intercept=choice.intercept))
-  return _Space(ev_s, ev_q, choice.ridge, choice.intercept, pred)
+  edge = choice.ridge in (float(choice.ridges[0]), float(choice.ridges[-1]))
+  return _Space(ev_s, ev_q, choice.ridge, choice.intercept, pred, edge)
 
 
 def _agreement_row(space: _Space, model_eval, sigma, key, num_bootstrap) -> dict[str, Any]:
   agree = measures.agreement(space.prediction, model_eval, key, num_bootstrap=num_bootstrap)
   shuffled = measures.agreement(space.prediction, model_eval[sigma], num_bootstrap=1)
-  return {"ridge": space.ridge, "intercept": space.intercept, **agree._asdict(),
-          "shuffled_r2": shuffled.r2}
+  return {"ridge": space.ridge, "intercept": space.intercept, "ridge_at_edge": space.ridge_at_edge,
+          **agree._asdict(), "shuffled_r2": shuffled.r2}
 
 
 def _finite(x: float) -> float | None:
@@ -262,7 +264,8 @@ def analyse_lm(regressor: icl.LMRegressor, prompts: Any, fit_prompts: Any, label
   1. the LM's predictions (expected readout) with the true labels, `model_eval [B, q]`;
   2. `krr[reading]`: per layer, KRR on standardised phi_l against the LM (pooled R^2 with a bootstrap
      interval over prompts, relative distance; `shuffled_r2` pairs each prompt with another prompt's
-     predictions); `krr_raw_x` the same on the raw inputs; `best_layer` of the primary reading;
+     predictions; `ridge_at_edge` when the chosen ridge is the grid's smallest or largest);
+     `krr_raw_x` the same on the raw inputs; `best_layer` of the primary reading;
   3. `kernel_alignment`: centred alignment of Gram(phi_l) with raw x's linear kernel and with the
      target kernel `f f^T` (and the shuffled control);
   4. `smoother_weights`: the LM's finite-difference weights on the first `smoother_prompts` prompts,
