@@ -71,7 +71,9 @@ def hidden_features(regressor: icl.LMRegressor, x_support: Any, y_support: Any, 
 
   Args:
     regressor: the LM and its text format.
-    x_support, y_support, x_query: `[B, k, d]`, `[B, k]`, `[B, q, d]`.
+    x_support: `[B, k, d]`.
+    y_support: `[B, k]` (what the context shows of them depends on `reading`).
+    x_query: `[B, q, d]`.
     reading: one of `READINGS` (module docstring); the primary one is `"zero_labels"`.
     token: `"last"` or `"mean"` over the input's tokens.
 
@@ -276,8 +278,8 @@ def analyse_lm(regressor: icl.LMRegressor, prompts: Any, fit_prompts: Any, label
 
   Args:
     regressor: the LM (`kcg.lm.LMRegressor`; the expected readout is used whatever its readout).
-    prompts, fit_prompts: `kcg.tasks.Prompts` (evaluation and held-out), `f_support`/`f_query` used
-      by the target kernel.
+    prompts: evaluation `kcg.tasks.Prompts` (`f_support`/`f_query` give the target kernel).
+    fit_prompts: held-out `kcg.tasks.Prompts` for every choice.
     labels_b: `[B, k]` support labels of fresh tasks on `prompts`' inputs (`kcg.tasks.sample_targets`).
     settings: `LMSettings`.
     key: PRNG key (bootstrap, shuffled pairs).
