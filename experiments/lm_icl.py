@@ -284,7 +284,9 @@ def _plot_alignment(path, features):
     _integer_x(ax_ka)
     _legend_right(ax_ka)
   fig.tight_layout()
-  fig.savefig(path, dpi=100, bbox_inches="tight")
+  if path:
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+  return fig
 
 
 def _plot_linearity(path, features):
@@ -309,7 +311,9 @@ def _plot_linearity(path, features):
     _integer_x(ax)
     _legend_right(ax)
   fig.tight_layout()
-  fig.savefig(path, dpi=100, bbox_inches="tight")
+  if path:
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+  return fig
 
 
 def _best(rows):

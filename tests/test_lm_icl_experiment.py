@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 pytest.importorskip("penzai")
@@ -75,3 +76,31 @@ def test_checkpoint_flag_loads_that_checkpoint(tmp_path):
   config.model.checkpoint = str(tmp_path / "missing")
   with pytest.raises(ValueError, match="not a kcg LM checkpoint"):
     lm_icl._model(config, str(tmp_path / "work"))
+
+
+def _fake_analysis(num_layers, readings, steps, rng):
+  rows = lambda: [{"layer": l, "r2": float(rng.uniform(-1, 1))} for l in range(num_layers)]
+  per_layer = lambda: [float(v) for v in rng.uniform(-1, 1, num_layers)]
+  return {"krr": {r: rows() for r in readings}, "krr_raw_x": {"r2": 0.1},
+          "smoother_weights": {"krr_phi": per_layer(), "krr_phi_shuffled": per_layer()},
+          "kernel_alignment": {n: per_layer() for n in ("raw_x", "target", "raw_x_shuffled")},
+          "y_nonlinearity": {"index": 0.3, "cg_layer": 1, "cg_by_step": [0.1 / t for t in range(1, steps + 1)]}}
+
+
+def test_alignment_figures_follow_the_style_rules():
+  """Lines differ in (colour, marker, style); layer and step axes have integer ticks; axes labelled."""
+  from matplotlib.colors import to_hex
+  from matplotlib.ticker import MaxNLocator
+  rng = np.random.default_rng(0)
+  readings = lm_icl_config.get_config("runlocal").features.readings
+  features = {f: {"lm": _fake_analysis(4, readings, 3, rng),
+                  "random_control": _fake_analysis(4, ("zero_labels",), 3, rng)}
+              for f in ("linear", "relu_network")}
+  for fig in (lm_icl._plot_alignment(None, features), lm_icl._plot_linearity(None, features)):
+    for ax in fig.axes:
+      styles = [(to_hex(l.get_color()), l.get_marker(), l.get_linestyle()) for l in ax.get_lines()]
+      assert len(set(styles)) == len(styles), styles
+      assert ax.get_xlabel() and ax.get_ylabel()
+      locator = ax.xaxis.get_major_locator()
+      assert isinstance(locator, MaxNLocator) and locator._integer  # pylint: disable=protected-access
+      assert ax.get_legend() is not None and ax.get_legend().get_texts()[0].get_fontsize() >= 7
