@@ -39,7 +39,7 @@ prompt in the batch: `kcg.alignment`'s "other_labels"), `"placeholder"` (every l
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
