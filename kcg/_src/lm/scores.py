@@ -6,23 +6,16 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from kcg._src import alignment_measures as measures
 from kcg._src import baselines
 
 
 def rbf_kernel(bandwidth: float) -> Callable[[Any, Any], jax.Array]:
-  """`k(a, b) = exp(-|a - b|^2 / (2 bandwidth^2))` as a kcg kernel `([..., n, p], [..., m, p]) -> [..., n, m]`."""
-  if not np.isfinite(bandwidth) or bandwidth <= 0:
-    raise ValueError(f"bandwidth must be a finite number > 0, got {bandwidth!r}.")
-
-  def kernel(a, b):
-    sq = (jnp.sum(a * a, -1)[..., :, None] + jnp.sum(b * b, -1)[..., None, :]
-          - 2 * jnp.einsum("...np,...mp->...nm", a, b))
-    return jnp.exp(-jnp.maximum(sq, 0) / (2 * bandwidth ** 2))
-
-  return kernel
+  """`k(a, b) = exp(-|a - b|^2 / (2 bandwidth^2))` as a kcg kernel `([..., n, p], [..., m, p]) -> [..., n, m]`
+  (`kcg.alignment.gaussian_kernel`)."""
+  return measures.gaussian_kernel(float(bandwidth))
 
 
 def regression_baselines(input_dim: int, *, ridge: float = 0.1, num_steps: int = 8,
