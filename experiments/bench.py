@@ -1,4 +1,4 @@
-r"""Benchmark (issue 7): compiled CG transformer forwards against CG written directly in JAX.
+r"""Benchmark: compiled CG transformer forwards against CG written directly in JAX.
 
   python -m experiments.bench --workdir=/tmp/kcg/bench          # default grid, ~10 min on 2 cores
   python -m experiments.bench --smoke --workdir=/tmp/kcg/smoke  # ~30 s (run by the tests)
@@ -32,15 +32,14 @@ import sys
 import time
 from typing import Callable, NamedTuple
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
-from ml_collections import config_flags
 import numpy as np
 from flax import nnx
 import optax
 
+from experiments import _cli
 import kcg
 from kcg._src import model as model_lib
 from kcg._src import prompt as prompt_lib
@@ -662,30 +661,25 @@ def linearity(rows: list[dict]) -> dict[str, float]:
 
 
 def plot_time_vs_k(path: str, rows: list[dict]) -> None:
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
-
   curves = _sweep_per_prompt(rows)
-  figure = Figure(figsize=(6.4, 4.6))
-  FigureCanvasAgg(figure)
-  axes = figure.add_subplot()
-  for method, pts in curves.items():
+  figure, ((axes,),) = kcg.plotting.new_figure(size=(6.4, 4.6))
+  for i, (method, pts) in enumerate(curves.items()):
     ks, ts = zip(*pts)
-    axes.loglog(ks, np.asarray(ts) * 1e3, marker="o", label=method)
+    axes.loglog(ks, np.asarray(ts) * 1e3, "-", label=method, **kcg.plotting.line_style(i))
   sweep = [r for r in rows if r["kind"] == "sweep"]
   if sweep:
     ks = np.asarray(sorted({r["num_support"] for r in sweep}), np.float64)
     t_ref = max(pts[0][1] for pts in curves.values()) * 1e3
-    axes.loglog(ks, t_ref * ks / ks[0], "k--", alpha=0.4, label="slope 1 (linear in k)")
+    axes.loglog(ks, t_ref * ks / ks[0], "--", alpha=0.4, label="slope 1 (linear in k)",
+                **kcg.plotting.REFERENCE)
     first = sweep[0]
     axes.set_title(f"time per prompt vs k (p={first['feature_dim']}, t={first['num_steps']}, "
                    f"B={first['batch']} or less; {jax.default_backend()})", fontsize=9)
   axes.set_xlabel("supports k")
-  axes.set_ylabel("ms per prompt")
+  axes.set_ylabel("time per prompt (ms)")
   axes.grid(True, which="both", alpha=0.3)
-  axes.legend(fontsize=7)
-  figure.tight_layout()
-  figure.savefig(path, dpi=120)
+  kcg.plotting.add_legend(axes)
+  kcg.plotting.save_figure(figure, path)
 
 
 def markdown_report(results: dict) -> str:
@@ -778,28 +772,29 @@ def run(config, workdir: str, *, points: list[str] | None = None,
   return results
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS.workdir:
-    raise app.UsageError("--workdir is required.")
-  config = flags.FLAGS.config
-  if flags.FLAGS.smoke:
-    from experiments.configs import bench as bench_config
+def _flags() -> dict[str, flags.FlagHolder]:
+  return {
+      "smoke": flags.DEFINE_bool("smoke", False,
+                                 "Tiny grid that runs in seconds (the config's 'smoke' variant)."),
+      "points": flags.DEFINE_list("points", None,
+                                  "Grid points BxKxPxT replacing the sweep and the targets."),
+      "sections": flags.DEFINE_list("sections", None, "Sections to run (default: all in the config)."),
+      "methods": flags.DEFINE_list("methods", None, "Methods of the forward section (default: all; "
+                                   "plain_cg is always timed, as the baseline)."),
+  }
+
+
+def main(config, workdir: str, *, smoke: bool = False, points: list[str] | None = None,
+         sections: list[str] | None = None, methods: list[str] | None = None) -> dict:
+  """The binary: `--smoke` swaps in the smoke config, `--methods` narrows it, then `run`."""
+  if smoke:
+    from experiments.configs import bench as bench_config  # pylint: disable=g-import-not-at-top
     config = bench_config.get_config("smoke")
-  if flags.FLAGS.methods:
-    config.methods = tuple(flags.FLAGS.methods)
-  run(config, flags.FLAGS.workdir, points=flags.FLAGS.points, sections=flags.FLAGS.sections,
-      command="python -m experiments.bench " + " ".join(sys.argv[1:]))
+  if methods:
+    config.methods = tuple(methods)
+  return run(config, workdir, points=points, sections=sections,
+             command="python -m experiments.bench " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":
-  config_flags.DEFINE_config_file(
-      "config", _DEFAULT_CONFIG, "Benchmark config (append ':smoke' for the tiny variant).")
-  flags.DEFINE_string("workdir", None, "Directory for bench.json, bench.md and time_vs_k.png.")
-  flags.DEFINE_bool("smoke", False, "Tiny grid that runs in seconds (the config's 'smoke' variant).")
-  flags.DEFINE_list("points", None, "Grid points BxKxPxT replacing the sweep and the targets.")
-  flags.DEFINE_list("sections", None, "Sections to run (default: all in the config).")
-  flags.DEFINE_list("methods", None, "Methods of the forward section (default: all; plain_cg is "
-                    "always timed, as the baseline).")
-  app.run(main)
+  _cli.run_main(main, _DEFAULT_CONFIG, "bench.json, bench.md and time_vs_k.png", extra_flags=_flags)

@@ -13,12 +13,16 @@ Public API (implementation lives in `kcg._src`):
 * `kcg.tasks`, `kcg.features`: in-context task ladder and feature maps.
 * `kcg.training`, `kcg.load_trained(DIR)`: training the same model class with optax; loading it back.
 * `kcg.baselines`, `kcg.evaluation`: reference in-context predictors and similarity measures.
-* `kcg.probes`, `kcg.ablations`, `kcg.matching`, `kcg.study`: formal vs learned.
+* `kcg.probes`, `kcg.ablations`, `kcg.matching`, `kcg.study`: formal vs learned (probes with
+  controls, ablations against the damaged algorithm, layer-wise matching, the study's laws).
 * `kcg.alignment`: do trained models run KRR, by CG, on their own hidden features (readings of
   phi_l, KRR and candidates on it, kernel alignment, smoother weights, y-linearity, grafting).
-* `kcg.analysis`, `kcg.plotting`: compiled-vs-reference comparisons and headless plots.
+* `kcg.analysis`, `kcg.plotting`: compiled-vs-reference comparisons; headless plots and the style
+  helpers every kcg figure uses.
 * `kcg.lm`: pretrained causal LMs (penzai) as in-context learners; imported on first use, needs
   `pip install -e ".[lm]"`.
+
+The API reference (`mkdocs serve`, pages in docs/) is generated from these modules' docstrings.
 """
 
 from kcg import ablations

@@ -362,16 +362,8 @@ def operation_ablation(program: programs.Program, operation: str, *,
 
 
 def _reciprocal(spec: recip.ReciprocalSpec, s: Array) -> Array:
-  """The compiled initial guess of 1/s (`kcg._src.reciprocal.guess`) in the dtype of s."""
-  t, c, top = recip.guess_coefficients(spec)
-  dtype = s.dtype
-  ramp = top / (t[-1] * (spec.ratio - 1))
-  # Breakpoints on a trailing axis, broadcast explicitly (rank promotion may be set to raise).
-  expand = (1,) * s.ndim + (len(t),)
-  t_arr, c_arr = jnp.asarray(t, dtype).reshape(expand), jnp.asarray(c, dtype).reshape(expand)
-  x = jnp.asarray(top, dtype) + jnp.sum(c_arr * jax.nn.relu(t_arr - s[..., None]), axis=-1)
-  x = x - jnp.asarray(ramp, dtype) * jax.nn.relu(s - jnp.asarray(t[-1], dtype))
-  return x + jnp.asarray(ramp, dtype) * jax.nn.relu(s - jnp.asarray(spec.ratio * t[-1], dtype))
+  """The compiled initial guess of 1/s (`kcg._src.reciprocal.evaluate_guess`) in the dtype of s."""
+  return recip.evaluate_guess(spec, s, jnp)
 
 
 def _newton(x: Array, s: Array, num_steps: int) -> Array:

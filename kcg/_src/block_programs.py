@@ -237,13 +237,7 @@ def block_support_state(feature_dim: int, num_outputs: int, num_steps: int, ridg
   p = checks.check_positive_int("feature_dim", feature_dim)
   m = checks.check_positive_int("num_outputs", num_outputs)
   num_steps = checks.check_num_steps(num_steps)
-  try:
-    ridge = float(ridge)
-  except (TypeError, ValueError):
-    raise ValueError(f"ridge must be a positive number, got {ridge!r}.") from None
-  if not (math.isfinite(ridge) and ridge > 0):
-    raise ValueError(f"ridge must be finite and > 0 (K + ridge I must be positive definite), "
-                     f"got {ridge!r}.")
+  ridge = checks.scalar_ridge(ridge)
   coefficients = (newton_schulz_coefficients(m, guess_error=spec.guess_error)
                   if newton_schulz is None else tuple(float(c) for c in newton_schulz))
   if not coefficients or not all(0 < c < 2 for c in coefficients):

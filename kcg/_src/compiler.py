@@ -25,7 +25,9 @@ import numpy as np
 from flax import nnx
 
 from kcg._src import block_programs
+from kcg._src import checks
 from kcg._src import craft
+from kcg._src import dynamic_range
 from kcg._src import model as model_lib
 from kcg._src import multi_output as multi_output_lib
 from kcg._src import programs
@@ -77,13 +79,7 @@ def _validate(num_support, feature_dim, num_steps, ridge, mask, form, attention,
   positive_int("feature_dim", feature_dim)
   if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 0:
     raise ValueError(f"num_steps must be an int >= 0 (the number of CG steps), got {num_steps!r}.")
-  try:
-    ridge = float(ridge)
-  except (TypeError, ValueError):
-    raise ValueError(f"ridge must be a positive number, got {ridge!r}.") from None
-  if not math.isfinite(ridge) or ridge <= 0:
-    raise ValueError(f"ridge must be finite and > 0 (K + ridge I must be positive definite), "
-                     f"got {ridge!r}.")
+  ridge = checks.scalar_ridge(ridge)
   if mask not in MASKS:
     raise ValueError(f"mask={mask!r} is not one of {MASKS}.")
   if form not in FORMS:
@@ -109,6 +105,8 @@ def _validate(num_support, feature_dim, num_steps, ridge, mask, form, attention,
     if feature_params is None:
       raise ValueError("features='random_relu' needs feature_params=kcg.features.random_relu(m)"
                        ".init(key, input_dim) (the weights the first layer uses).")
+    for array in feature_params:
+      checks.check_real("feature_params", array)
     weights = np.asarray(feature_params[0])
     if weights.ndim != 2 or weights.shape[0] != feature_dim:
       raise ValueError(f"feature_params weights must have shape [feature_dim={feature_dim}, "
@@ -327,6 +325,10 @@ class CompiledCG:
     arrays = lower(program, self.prompt_layout, self.config)
     return assemble(self.config, arrays, dtype)
 
+  def norm_pin_for(self, dtype) -> float | None:
+    """M of the pre-norm pins of this model in `dtype` (`norm_pin`), or None without a norm."""
+    return None if self.norm is None else norm_pin(dtype)
+
   @property
   def dimensions(self) -> Dimensions:
     """Depth and width of this model, read from its own program and config."""
@@ -356,6 +358,7 @@ class CompiledCG:
     return x
 
   def encode(self, x_support, y_support, x_query) -> tuple[jax.Array, prompt_lib.PromptLayout]:
+    """The prompt's input tokens `[B, k + 1 + q, token_dim]` and their layout (q from x_query)."""
     x_query = jnp.asarray(x_query)
     num_query = x_query.shape[1] if x_query.ndim == 3 else 0
     if num_query < 1:
@@ -366,7 +369,10 @@ class CompiledCG:
 
   def forward(self, x_support, y_support, x_query, *, return_residuals=False, head_mask=None,
               layer_mask=None) -> model_lib.ForwardOutput:
-    """Runs the model on encoded prompts; see `kcg.Transformer.__call__`."""
+    """Runs the model on encoded prompts; see `kcg.Transformer.__call__`.
+
+    Unlike `predict`, no dynamic-range check: the residual streams of any prompt can be read.
+    """
     tokens, layout = self.encode(x_support, y_support, x_query)
     graphdef, state = self._split_for(tokens.dtype)
     return _apply(graphdef, state, tokens, layout.num_prefix, return_residuals, head_mask,
@@ -376,24 +382,36 @@ class CompiledCG:
   def _split_for(self, dtype):
     return nnx.split(self._model_for(dtype))
 
-  def predict(self, x_support, y_support, x_query) -> jax.Array:
-    """f_t(x_query) [B, q] for x_support [B,k,d], y_support [B,k], x_query [B,q,d]."""
+  def predict(self, x_support, y_support, x_query, *, normalize: bool = False) -> jax.Array:
+    """f_t(x_query) [B, q] for x_support [B,k,d], y_support [B,k], x_query [B,q,d].
+
+    The model divides with a reciprocal that is exact on a fixed interval, so a prompt whose
+    scale can push a divided quantity (r.r, p.Ap, ...) out of it raises ValueError, naming the
+    quantity and the fix (kcg._src.dynamic_range; ranges in BUILD.md). normalize=True instead
+    divides each prompt's y (each output column) by a power of two that centres those quantities
+    and multiplies the prediction back, exactly (KRR is linear in y); x cannot be rescaled here,
+    the ridge being a weight. Both need concrete inputs: under jax.jit the check cannot run (the
+    prompt is not checked) and normalize=True raises.
+    """
+    y_support, scale = dynamic_range.prepare(self, x_support, y_support, x_query, normalize)
     tokens, layout = self.encode(x_support, y_support, x_query)
     graphdef, state = self._split_for(tokens.dtype)
     outputs = _apply(graphdef, state, tokens, layout.num_prefix, False, None, None).outputs
-    return prompt_lib.query_outputs(layout, outputs)
+    return dynamic_range.restore(prompt_lib.query_outputs(layout, outputs), scale)
 
-  def predict_steps(self, x_support, y_support, x_query) -> jax.Array:
+  def predict_steps(self, x_support, y_support, x_query, *, normalize: bool = False) -> jax.Array:
     """f_t(x_query) for every t = 0..num_steps from one forward pass: [B, t+1, q] ([.., r]).
 
-    Read from the prediction channel of the query tokens after the layers of each step.
+    Read from the prediction channel of the query tokens after the layers of each step. Range
+    check and `normalize` as in `predict`.
     """
+    y_support, scale = dynamic_range.prepare(self, x_support, y_support, x_query, normalize)
     out = self.forward(x_support, y_support, x_query, return_residuals=True)
     at_step_ends = out.residuals[jnp.asarray(self.program.step_ends)]  # [t+1, B, T, D]
     columns = self.program.layout.slice(self.program.readout)
     first_query = self.prompt_layout.num_prefix
     steps = jnp.moveaxis(at_step_ends[:, :, first_query:, columns], 0, 1)
-    return steps[..., 0] if self.num_outputs == 1 else steps
+    return dynamic_range.restore(steps[..., 0] if self.num_outputs == 1 else steps, scale)
 
   def read_state(self, residuals_LxBxTxD: jax.Array) -> CompiledState:
     """The CG state after each step, read from the named channels of the residual streams."""
@@ -601,10 +619,11 @@ def compile_cg(num_support: int, feature_dim: int, num_steps: int, ridge: float,
   if norm == "layernorm":
     raise ValueError(
         "norm='layernorm' cannot carry CG: its division is a ReLU guess of 1/s whose units have "
-        "weights up to ~1e20 (the guess covers s in [1e-40, 1e20]) and stay off at non-aggregator "
-        "tokens only because their pre-activation is exactly 0 there. LayerNorm's mean subtraction "
-        "leaves ~eps |w| |token mean| absolute error in every read, so those units fire (measured: "
-        "~1e15 written into inv_rr at support tokens in the first layer), and the error spreads "
+        "weights up to 1e40 on s (the guess covers s in [1e-40, 1e20]) and stay off at "
+        "non-aggregator tokens only because their pre-activation is exactly 0 there. LayerNorm's "
+        "mean subtraction leaves ~eps |w| |token mean| absolute error in every read, so those "
+        "units fire (measured: ~1e62 written into inv_rr at support tokens in the first layer), "
+        "and the error spreads "
         "through the token means. kcg.routes.layernorm_departure shows the step. Use "
         "norm='rmsnorm' (exact, bit for bit equal to norm=None), or compile_chebyshev, which has no "
         "division and runs under LayerNorm.")
@@ -677,6 +696,7 @@ def _validate_kernel(attention, kernel, temperature, projection, feature_dim, ma
 
 
 def _check_projection(projection, feature_dim: int) -> np.ndarray:
+  checks.check_real("projection", projection)
   try:
     projection = np.asarray(projection, np.float64)
   except (TypeError, ValueError):

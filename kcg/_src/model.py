@@ -127,16 +127,19 @@ class ModelConfig:
 
   @property
   def resolved_value_dim(self) -> int:
+    """`value_dim`, or `head_dim` when it is None."""
     return self.head_dim if self.value_dim is None else self.value_dim
 
   @property
   def resolved_attention_scale(self) -> float:
+    """`attention_scale`, or 1 for linear attention and 1/sqrt(head_dim) for softmax when None."""
     if self.attention_scale is not None:
       return float(self.attention_scale)
     return 1.0 if self.attention == "linear" else 1.0 / math.sqrt(self.head_dim)
 
   @property
   def num_param_layers(self) -> int:
+    """Distinct parameter sets in `layer_schedule` (fewer than num_layers when layers are tied)."""
     return len(set(self.layer_schedule))
 
   @property

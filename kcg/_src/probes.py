@@ -89,6 +89,7 @@ class Subject(NamedTuple):
 
   @property
   def num_layers(self) -> int:
+    """L, the subject's number of layers (its residual streams are `L + 1`, with the input)."""
     return self.config.num_layers
 
 

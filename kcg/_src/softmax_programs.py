@@ -70,9 +70,19 @@ def _sum_over_supports(value: str, output: str, num_support: int, name: str) -> 
                idle_from=("is_support", "is_query"), idle_to=(AGG,))
 
 
+def _silencing_offset(spec) -> float:
+  """A pre-activation offset that keeps a unit off at tokens whose flag is 0.
+
+  There a channel holds only hard attention's leak, at most ~1e6 e^-80 times the largest value of
+  the channel elsewhere (<= high); units read it with weights up to 1/low. 3.6e31 for both dtypes
+  (their high/low is 1e60), so it fits float32.
+  """
+  return -2.0 * (1.0 + 1e6 * np.exp(-HARD) * spec.high / spec.low)
+
+
 def _aggregator_relu(source: str, target: str, coef: float, offset: float, spec) -> ReluUnits:
   """target += relu(coef * source + offset) at the aggregator; exactly 0 at other tokens."""
-  off = np.array([[-2.0 * spec.high / spec.low]])
+  off = np.array([[_silencing_offset(spec)]])
   pre = ((source, np.array([[coef]])), (AGG, np.array([[offset]])),
          ("is_support", off), ("is_query", off))
   return ReluUnits(pre, ((target, np.ones((1, 1))),), f"relu({coef:g} {source} + {offset:g})")
@@ -101,11 +111,12 @@ def _guess(source: str, target: str, flags, spec) -> ReluUnits:
   """Initial guess of 1/source at the tokens with one of `flags`; exactly 0 at every other token.
 
   Hard attention leaves ~e^-80 of other tokens' values in a token's channels, so `source` is only
-  ~0 (1e-35, of either sign) where it should be 0; relu(-source) c_i with c_i ~ 1e80 would turn
-  that into 1e45. The other roles' flags push every unit's pre-activation to -2 high instead.
+  ~0 (1e-35, of either sign) where it should be 0; relu(-source / t_i) with 1/t_i up to 1e40 would
+  turn that into up to 1e5 per unit. The other roles' flags push every unit's pre-activation far
+  below 0 instead (`_silencing_offset`).
   """
   on_s, on_flag, post = recip.guess_units_matrices(spec)
-  off = np.full((1, len(on_s)), -2.0 * spec.high)
+  off = np.full((1, len(on_s)), _silencing_offset(spec))
   pre = ((source, on_s[None, :]),) + tuple((flag, on_flag[None, :]) for flag in flags) + tuple(
       (role, off) for role in ROLES if role not in flags)
   return ReluUnits(pre, ((target, post[:, None]),), f"guess 1/{source}")
