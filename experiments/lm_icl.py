@@ -175,74 +175,45 @@ def _classification(lm, control, fmt, config, rng) -> list[dict[str, Any]]:
 
 
 def _plot_errors(path, regression, families, dims):
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
-
-  fig = Figure(figsize=(5 * len(families), 4))
-  FigureCanvasAgg(fig)
-  markers = "osD^v<>"
+  """Per family: test MSE against k of the LM (expected readout), RBF KRR and the mean, per d."""
+  fig, axes = kcg.plotting.new_figure(1, len(families), panel_size=(6.0, 3.9))
+  methods = (("LM", lambda c: c["readouts"].get("expected", {}).get("mse"), "-"),
+             ("KRR (RBF)", lambda c: c["baselines"]["krr_rbf"]["mse"], "--"),
+             ("mean", lambda c: c["baselines"]["mean"]["mse"], ":"))
   for i, family in enumerate(families):
-    ax = fig.add_subplot(1, len(families), i + 1)
+    ax = axes[0, i]
     for j, d in enumerate(dims):
       cells = [c for c in regression if c["family"] == family and c["input_dim"] == d]
       ks = [c["num_support"] for c in cells]
-      lm = [c["readouts"].get("expected", {}).get("mse") for c in cells]
-      krr = [c["baselines"]["krr_rbf"]["mse"] for c in cells]
-      mean = [c["baselines"]["mean"]["mse"] for c in cells]
-      color = f"C{j}"
-      ax.plot(ks, [np.nan if v is None else v for v in lm], marker=markers[j], color=color,
-              label=f"LM, d={d}")
-      ax.plot(ks, krr, marker=markers[j], color=color, linestyle="--", label=f"KRR (RBF), d={d}")
-      ax.plot(ks, mean, marker=markers[j], color=color, linestyle=":", alpha=0.6, label=f"mean, d={d}")
+      for m, (name, value, style) in enumerate(methods):
+        ax.plot(ks, [np.nan if value(c) is None else value(c) for c in cells], linestyle=style,
+                label=f"{name}, d={d}", **kcg.plotting.line_style(len(methods) * j + m))
     ax.set_xscale("log", base=2)
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_xlabel("in-context examples k")
     ax.set_ylabel("test MSE (y units squared)")
-    ax.set_title(family)
-    ax.legend(fontsize=7, loc="best")
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
+    ax.set_title(family, fontsize=9)
+    kcg.plotting.add_legend(ax, where="right")
+  kcg.plotting.save_figure(fig, path)
+  return fig
 
 
-# Figure style as kcg's plotting helpers: distinct (colour, marker) per line, integer layer and step
-# ticks, legends outside the axes.
-_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
-_MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*")
-_FLOOR = 1e-12
 _READING_LABELS = {
     "zero_labels": "labels written as 0", "other_labels": "another prompt's labels",
     "placeholder_labels": "labels written as ?", "context_free": "no supports",
     "with_labels": "true labels (circular)"}
 
 
-def _figure(nrows, ncols):
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
-
-  fig = Figure(figsize=(5.2 * ncols + 2.0, 3.9 * nrows))
-  FigureCanvasAgg(fig)
-  return fig, fig.subplots(nrows, ncols, squeeze=False)
-
-
-def _integer_x(ax):
-  from matplotlib.ticker import MaxNLocator
-  ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
-
-
-def _legend_right(ax):
-  ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=7.5)
-
-
 def _gap(values):
   """1 - R^2 for a log axis (None, NaN -> NaN; below the floor -> the floor)."""
-  return [np.nan if v is None else max(1.0 - v, _FLOOR) for v in values]
+  return [np.nan if v is None else max(1.0 - v, kcg.plotting.PLOT_FLOOR) for v in values]
 
 
 def _plot_alignment(path, features):
   """Per family: 1 - R^2 of KRR on phi_l against the LM per reading (and the control), by layer; the
   cosine of the LM's smoother weights with KRR's on phi_l; centred kernel alignment."""
   families = list(features)
-  fig, axes = _figure(len(families), 3)
+  fig, axes = kcg.plotting.new_figure(len(families), 3, panel_size=(6.4, 3.9))
   for row, family in enumerate(families):
     sec = features[family]
     ax_r2, ax_w, ax_ka = axes[row]
@@ -252,40 +223,38 @@ def _plot_alignment(path, features):
       series.append(("random-init control, labels written as 0",
                      [s["r2"] for s in sec["random_control"]["krr"]["zero_labels"]], "--"))
     for i, (label, r2, style) in enumerate(series):
-      ax_r2.semilogy(range(len(r2)), _gap(r2), color=_COLOURS[i], marker=_MARKERS[i], linestyle=style,
-                     label=label)
-    ax_r2.axhline(max(1 - (sec["lm"]["krr_raw_x"]["r2"] or -np.inf), _FLOOR), color="k",
-                  linestyle=":", label="KRR on raw x")
+      ax_r2.semilogy(range(len(r2)), _gap(r2), linestyle=style, label=label,
+                     **kcg.plotting.line_style(i))
+    ax_r2.axhline(_gap([sec["lm"]["krr_raw_x"]["r2"]])[0], linestyle=":", label="KRR on raw x",
+                  **kcg.plotting.REFERENCE)
     ax_r2.set_xlabel("layer (0 = embeddings)")
     ax_r2.set_ylabel("1 - R^2 of KRR on phi_l vs the LM")
     ax_r2.set_title(f"{family}: KRR on phi_l (lower = closer)", fontsize=9)
-    _integer_x(ax_r2)
-    _legend_right(ax_r2)
+    kcg.plotting.integer_ticks(ax_r2)
+    kcg.plotting.add_legend(ax_r2, where="right")
     lines = [("LM vs KRR on phi_l", sec["lm"]["smoother_weights"]["krr_phi"]),
              ("shuffled prompts", sec["lm"]["smoother_weights"]["krr_phi_shuffled"])]
     if "random_control" in sec:
       lines.append(("random-init control", sec["random_control"]["smoother_weights"]["krr_phi"]))
     for i, (label, values) in enumerate(lines):
-      ax_w.plot(range(len(values)), [np.nan if v is None else v for v in values], color=_COLOURS[i],
-                marker=_MARKERS[i], label=label)
+      ax_w.plot(range(len(values)), [np.nan if v is None else v for v in values], label=label,
+                **kcg.plotting.line_style(i))
     ax_w.set_xlabel("layer (0 = embeddings)")
     ax_w.set_ylabel("cosine of smoother weights")
     ax_w.set_title(f"{family}: smoother weights (finite differences)", fontsize=9)
-    _integer_x(ax_w)
-    _legend_right(ax_w)
+    kcg.plotting.integer_ticks(ax_w)
+    kcg.plotting.add_legend(ax_w, where="right")
     ka = sec["lm"]["kernel_alignment"]
     for i, (name, label) in enumerate((("raw_x", "vs raw x's linear kernel"),
                                        ("target", "vs target kernel f f^T"),
                                        ("raw_x_shuffled", "vs raw x, shuffled"))):
-      ax_ka.plot(range(len(ka[name])), ka[name], color=_COLOURS[i], marker=_MARKERS[i], label=label)
+      ax_ka.plot(range(len(ka[name])), ka[name], label=label, **kcg.plotting.line_style(i))
     ax_ka.set_xlabel("layer (0 = embeddings)")
     ax_ka.set_ylabel("centred kernel alignment of Gram(phi_l)")
     ax_ka.set_title(f"{family}: kernel alignment", fontsize=9)
-    _integer_x(ax_ka)
-    _legend_right(ax_ka)
-  fig.tight_layout()
-  if path:
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    kcg.plotting.integer_ticks(ax_ka)
+    kcg.plotting.add_legend(ax_ka, where="right")
+  kcg.plotting.save_figure(fig, path)
   return fig
 
 
@@ -293,26 +262,25 @@ def _plot_linearity(path, features):
   """Per family: the y-nonlinearity index of CG_t on phi_l (best layer) by step, the LM's and the
   random-init control's (0 for every predictor affine in the labels)."""
   families = list(features)
-  fig, axes = _figure(1, len(families))
+  fig, axes = kcg.plotting.new_figure(1, len(families), panel_size=(6.4, 3.9))
   for col, family in enumerate(families):
     ax = axes[0, col]
     sec = features[family]
     nl = sec["lm"]["y_nonlinearity"]
     steps = list(range(1, len(nl["cg_by_step"]) + 1))
-    ax.semilogy(steps, [max(v, _FLOOR) for v in nl["cg_by_step"]], color=_COLOURS[0],
-                marker=_MARKERS[0], label=f"CG_t on phi_{nl['cg_layer']} (LM's features)")
-    ax.axhline(max(nl["index"], _FLOOR), color=_COLOURS[1], linestyle="--", label="the LM")
+    floor = kcg.plotting.PLOT_FLOOR
+    ax.semilogy(steps, [np.nan if v is None else max(v, floor) for v in nl["cg_by_step"]],
+                label=f"CG_t on phi_{nl['cg_layer']} (LM's features)", **kcg.plotting.line_style(0))
+    ax.axhline(max(nl["index"], floor), color=kcg.plotting.PALETTE[1], linestyle="--", label="the LM")
     if "random_control" in sec:
-      ax.axhline(max(sec["random_control"]["y_nonlinearity"]["index"], _FLOOR), color=_COLOURS[2],
-                 linestyle="-.", label="random-init control")
+      ax.axhline(max(sec["random_control"]["y_nonlinearity"]["index"], floor),
+                 color=kcg.plotting.PALETTE[2], linestyle="-.", label="random-init control")
     ax.set_xlabel("CG step t")
     ax.set_ylabel("y-nonlinearity index (0 = affine in y)")
     ax.set_title(f"{family}: the y-linearity signature", fontsize=9)
-    _integer_x(ax)
-    _legend_right(ax)
-  fig.tight_layout()
-  if path:
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    kcg.plotting.integer_ticks(ax)
+    kcg.plotting.add_legend(ax, where="right")
+  kcg.plotting.save_figure(fig, path)
   return fig
 
 

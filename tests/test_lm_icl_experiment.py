@@ -11,6 +11,7 @@ pytest.importorskip("penzai")
 pytest.importorskip("tokenizers")
 
 from experiments import lm_icl  # noqa: E402
+import figure_style  # noqa: E402
 from experiments.configs import lm_icl as lm_icl_config  # noqa: E402
 
 
@@ -87,20 +88,16 @@ def _fake_analysis(num_layers, readings, steps, rng):
           "y_nonlinearity": {"index": 0.3, "cg_layer": 1, "cg_by_step": [0.1 / t for t in range(1, steps + 1)]}}
 
 
-def test_alignment_figures_follow_the_style_rules():
-  """Lines differ in (colour, marker, style); layer and step axes have integer ticks; axes labelled."""
-  from matplotlib.colors import to_hex
-  from matplotlib.ticker import MaxNLocator
+def test_figures_follow_the_style_rules():
+  """kcg's figure style (tests/figure_style.py) on every figure lm_icl draws, from fake results."""
   rng = np.random.default_rng(0)
   readings = lm_icl_config.get_config("runlocal").features.readings
   features = {f: {"lm": _fake_analysis(4, readings, 3, rng),
                   "random_control": _fake_analysis(4, ("zero_labels",), 3, rng)}
               for f in ("linear", "relu_network")}
-  for fig in (lm_icl._plot_alignment(None, features), lm_icl._plot_linearity(None, features)):
-    for ax in fig.axes:
-      styles = [(to_hex(l.get_color()), l.get_marker(), l.get_linestyle()) for l in ax.get_lines()]
-      assert len(set(styles)) == len(styles), styles
-      assert ax.get_xlabel() and ax.get_ylabel()
-      locator = ax.xaxis.get_major_locator()
-      assert isinstance(locator, MaxNLocator) and locator._integer  # pylint: disable=protected-access
-      assert ax.get_legend() is not None and ax.get_legend().get_texts()[0].get_fontsize() >= 7
+  regression = [{"family": f, "input_dim": d, "num_support": k, "readouts": {"expected": {"mse": 1.0}},
+                 "baselines": {"krr_rbf": {"mse": 0.5}, "mean": {"mse": 1.2}}}
+                for f in features for d in (1, 2) for k in (4, 8)]
+  for fig in (lm_icl._plot_alignment(None, features), lm_icl._plot_linearity(None, features),
+              lm_icl._plot_errors(None, regression, list(features), (1, 2))):
+    figure_style.check_style(fig)
