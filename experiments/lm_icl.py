@@ -199,8 +199,8 @@ def _plot_errors(path, regression, families, dims):
 
 
 _READING_LABELS = {
-    "zero_labels": "labels written as 0", "other_labels": "another prompt's labels",
-    "placeholder_labels": "labels written as ?", "context_free": "no supports",
+    "zero_labels": "labels as 0", "other_labels": "other prompt's labels",
+    "placeholder_labels": "labels as ?", "context_free": "no supports",
     "with_labels": "true labels (circular)"}
 
 
@@ -213,14 +213,14 @@ def _plot_alignment(path, features):
   """Per family: 1 - R^2 of KRR on phi_l against the LM per reading (and the control), by layer; the
   cosine of the LM's smoother weights with KRR's on phi_l; centred kernel alignment."""
   families = list(features)
-  fig, axes = kcg.plotting.new_figure(len(families), 3, panel_size=(6.4, 3.9))
+  # Wide panels: each legend sits right of its axes.
+  fig, axes = kcg.plotting.new_figure(len(families), 3, panel_size=(7.8, 3.9))
   for row, family in enumerate(families):
     sec = features[family]
     ax_r2, ax_w, ax_ka = axes[row]
-    series = [(f"LM, {_READING_LABELS[r]}", [s["r2"] for s in rows], "-")
-              for r, rows in sec["lm"]["krr"].items()]
+    series = [(_READING_LABELS[r], [s["r2"] for s in rows], "-") for r, rows in sec["lm"]["krr"].items()]
     if "random_control" in sec:
-      series.append(("random-init control, labels written as 0",
+      series.append(("random init, labels as 0",
                      [s["r2"] for s in sec["random_control"]["krr"]["zero_labels"]], "--"))
     for i, (label, r2, style) in enumerate(series):
       ax_r2.semilogy(range(len(r2)), _gap(r2), linestyle=style, label=label,
@@ -229,7 +229,7 @@ def _plot_alignment(path, features):
                   **kcg.plotting.REFERENCE)
     ax_r2.set_xlabel("layer (0 = embeddings)")
     ax_r2.set_ylabel("1 - R^2 of KRR on phi_l vs the LM")
-    ax_r2.set_title(f"{family}: KRR on phi_l (lower = closer)", fontsize=9)
+    ax_r2.set_title(f"{family}: KRR on the LM's phi_l, by context labels (lower = closer)", fontsize=9)
     kcg.plotting.integer_ticks(ax_r2)
     kcg.plotting.add_legend(ax_r2, where="right")
     lines = [("LM vs KRR on phi_l", sec["lm"]["smoother_weights"]["krr_phi"]),
