@@ -50,11 +50,21 @@ def lm_icl_tokens(icl_config, tokenizer: kcg_lm.Tokenizer) -> dict[str, int]:
 
   regression = sum(prompt_tokens(d, k, r.num_query, r.batch_size) * (expected + greedy + control)
                    for _ in r.families for d in r.input_dims for k in r.num_supports)
-  # An as_query read asks k + q inputs per prompt: (k + q) / q times a prediction pass; three reads
-  # (labels withheld, true labels, control) and the prediction passes of the LM and the control.
-  per_family = prompt_tokens(f.input_dim, f.num_support, r.num_query, r.batch_size)
-  features = len(r.families) * per_family * (
-      (f.num_support + r.num_query) / r.num_query * (2 + control) + 1 + control)
+  # kcg.lm.analyse_lm on the LM and the control: prediction passes on the evaluation and fit prompts;
+  # per reading, an as_query read asks k + q inputs per prompt ((k + q) / q times a prediction pass;
+  # a context-free read is one line of the k + 1); central differences 2 k passes on the smoother
+  # prompts; the y-nonlinearity index 4 passes. The control reads phi_l the primary way only.
+  k, q = f.num_support, f.num_query
+  per_eval = prompt_tokens(f.input_dim, k, q, f.batch_size)
+  per_fit = per_eval * f.num_fit_prompts / f.batch_size
+  read = (per_eval + per_fit) * (k + q) / q
+
+  def analysis(readings):
+    reads = sum(read / (k + 1) if r == "context_free" else read for r in readings)
+    smoother = 2 * k * per_eval * min(f.smoother_prompts, f.batch_size) / f.batch_size
+    return per_eval + per_fit + reads + smoother + 4 * per_eval
+
+  features = len(r.families) * (analysis(f.readings) + control * analysis(("zero_labels",)))
   classification = len(c.inputs) * prompt_tokens(c.input_dim, c.num_support, c.num_query,
                                                  c.batch_size) * (1 + (2 if greedy else 0) + control)
   return {"regression": int(regression), "features": int(features),

@@ -1,15 +1,17 @@
-r"""A pretrained LM as an in-context learner, with kcg's baselines and per-layer KRR on its features.
+r"""A pretrained LM as an in-context learner: kcg's baselines, and the alignment instruments on its features.
 
   python -m experiments.lm_icl --workdir=DIR [--config=experiments/configs/lm_icl.py[:runlocal]] \
       [--config.model.checkpoint=PATH]
 
 Writes `DIR/report.md` (summary generated from the numbers), `DIR/results.json` and PNGs. See the
-config's docstring for scales and runtimes. The alignment instruments plug in at
-`alignment_instruments` below.
+config's docstring for scales and runtimes. The alignment instruments (`kcg.lm.analyse_lm`: KRR on
+phi_l per reading and layer, kernel alignment, finite-difference smoother weights, the y-linearity
+signature against CG_t) run on the LM and on its random-initialisation control.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -41,29 +43,19 @@ def _fmt(x: float | None, spec: str = ".3g") -> str:
   return "n/a" if x is None else format(x, spec)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Where the alignment instruments go.
-# ----------------------------------------------------------------------------------------------------
-
-
-def alignment_instruments(regressor: kcg_lm.LMRegressor, features: kcg_lm.LMFeatures,
-                          prompts: kcg.tasks.Prompts, key: Any) -> dict[str, Any]:
-  """The alignment instruments on the LM (the place to call them once `kcg.alignment` exists).
-
-  Inputs are what they need: `regressor(x_support [B,k,d], y_support [B,k], x_query [B,q,d]) -> [B,q]`
-  for the y-nonlinearity index and finite-difference smoother weights. The LM reads labels rounded to
-  `regressor.fmt.resolution` and clipped to the code range: finite-difference steps must be
-  multiples of the resolution (smaller changes are not written into the prompt), y_a and y_b of the
-  linearity index should be written labels (`regressor.fmt.written(y)`, so that y_a + y_b is
-  written exactly), and `regressor.predict(...).clipped_support_labels` says when a sum clipped. And
-  `features.layer(l) -> (phi_support [B,k,p], phi_query [B,q,p])`, `features.y_support`,
-  `features.predictions` for KRR on phi_l with bootstrap R^2, CKA and smoother weights against
-  KRR's. Until then this returns what is pending; the report lists it.
-  """
-  del regressor, features, prompts, key
-  return {"status": "pending", "instruments": [
-      "y_nonlinearity", "smoother_weights", "cka", "krr_on_phi_with_bootstrap (kcg.alignment)",
-      "grafting (not applicable to an LM)"]}
+def _json_ready(x: Any) -> Any:
+  """Non-finite floats (an R^2 of -inf when the LM's predictions do not vary) become None."""
+  if isinstance(x, dict):
+    return {k: _json_ready(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_json_ready(v) for v in x]
+  if isinstance(x, (float, np.floating)):
+    return _num(x)
+  if isinstance(x, np.integer):
+    return int(x)
+  if isinstance(x, np.bool_):
+    return bool(x)
+  return x
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -120,31 +112,34 @@ def _regression_cell(lm, control, fmt, config, prompts) -> dict[str, Any]:
   return cell
 
 
-def _layer_scores(features, key, num_bootstrap) -> list[dict[str, Any]]:
-  return [{k: (_num(v) if isinstance(v, float) else v) for k, v in s.__dict__.items()}
-          for s in kcg_lm.krr_on_layers(features, key, num_bootstrap=num_bootstrap)]
+def _settings(config, control: bool) -> kcg_lm.LMSettings:
+  f = config.features
+  # The control reads phi_l the primary way only (its other readings would control nothing new).
+  readings = ("zero_labels",) if control else tuple(f.readings)
+  return kcg_lm.LMSettings(readings=readings, token=f.token, relative_ridges=tuple(f.relative_ridges),
+                           num_bootstrap=config.num_bootstrap, fd_step=f.fd_step,
+                           smoother_prompts=f.smoother_prompts, cg_steps=f.cg_steps)
 
 
 def _feature_section(lm, control, fmt, config, family, key) -> dict[str, Any]:
+  """`kcg.lm.analyse_lm` on the LM and on the random-init control, on the same prompts."""
   f = config.features
-  prompts = _prompts(family, f.input_dim, f.num_support, config, key)
-  xs, ys, xq = prompts.x_support, prompts.y_support, prompts.x_query
+  k_eval, k_fit, k_labels, k_lm, k_control = jax.random.split(key, 5)
+  task = kcg.tasks.TaskConfig(family=family, input_dim=f.input_dim, num_support=f.num_support,
+                              num_query=f.num_query, batch_size=f.batch_size)
+  prompts = jax.tree.map(np.asarray, kcg.tasks.sample(k_eval, task))
+  fit = jax.tree.map(np.asarray, kcg.tasks.sample(
+      k_fit, dataclasses.replace(task, batch_size=f.num_fit_prompts)))
+  labels_b = np.asarray(kcg.tasks.sample_targets(k_labels, task, prompts.x_support,
+                                                 prompts.x_query).y_support)
+  out: dict[str, Any] = {"num_support": f.num_support, "input_dim": f.input_dim, "token": f.token,
+                         "label_std": float(np.std(fmt.written(prompts.y_support)))}
   reg = kcg_lm.LMRegressor(lm, fmt, chunk_size=config.model.chunk_size)
-  keys = jax.random.split(key, 4)
-  out: dict[str, Any] = {"num_support": f.num_support, "input_dim": f.input_dim,
-                         "reading": f.reading, "labels": f.labels, "token": f.token}
-  feats = kcg_lm.read_features(reg, xs, ys, xq, reading=f.reading, labels=f.labels, token=f.token)
-  out["lm"] = _layer_scores(feats, keys[0], config.num_bootstrap)
-  circular = kcg_lm.read_features(reg, xs, ys, xq, reading=f.reading, labels="true", token=f.token)
-  out["true_labels_control"] = _layer_scores(circular, keys[1], config.num_bootstrap)
-  raw = kcg_lm.LMFeatures(xs[None], xq[None], feats.y_support, feats.predictions, feats.label_mass,
-                          "raw inputs", "-", "-")
-  out["raw_x"] = _layer_scores(raw, keys[1], config.num_bootstrap)[0]
+  out["lm"] = kcg_lm.analyse_lm(reg, prompts, fit, labels_b, _settings(config, False), k_lm)
   if control is not None:
     creg = kcg_lm.LMRegressor(control, fmt, chunk_size=config.model.chunk_size)
-    cfeats = kcg_lm.read_features(creg, xs, ys, xq, reading=f.reading, labels=f.labels, token=f.token)
-    out["random_control"] = _layer_scores(cfeats, keys[2], config.num_bootstrap)
-  out["alignment"] = alignment_instruments(reg, feats, prompts, keys[3])
+    out["random_control"] = kcg_lm.analyse_lm(creg, prompts, fit, labels_b, _settings(config, True),
+                                              k_control)
   return out
 
 
@@ -180,64 +175,223 @@ def _classification(lm, control, fmt, config, rng) -> list[dict[str, Any]]:
 
 
 def _plot_errors(path, regression, families, dims):
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
-
-  fig = Figure(figsize=(5 * len(families), 4))
-  FigureCanvasAgg(fig)
-  markers = "osD^v<>"
+  """Per family: test MSE against k of the LM (expected readout), RBF KRR and the mean, per d."""
+  fig, axes = kcg.plotting.new_figure(1, len(families), panel_size=(6.0, 3.9))
+  methods = (("LM", lambda c: c["readouts"].get("expected", {}).get("mse"), "-"),
+             ("KRR (RBF)", lambda c: c["baselines"]["krr_rbf"]["mse"], "--"),
+             ("mean", lambda c: c["baselines"]["mean"]["mse"], ":"))
   for i, family in enumerate(families):
-    ax = fig.add_subplot(1, len(families), i + 1)
+    ax = axes[0, i]
     for j, d in enumerate(dims):
       cells = [c for c in regression if c["family"] == family and c["input_dim"] == d]
       ks = [c["num_support"] for c in cells]
-      lm = [c["readouts"].get("expected", {}).get("mse") for c in cells]
-      krr = [c["baselines"]["krr_rbf"]["mse"] for c in cells]
-      mean = [c["baselines"]["mean"]["mse"] for c in cells]
-      color = f"C{j}"
-      ax.plot(ks, [np.nan if v is None else v for v in lm], marker=markers[j], color=color,
-              label=f"LM, d={d}")
-      ax.plot(ks, krr, marker=markers[j], color=color, linestyle="--", label=f"KRR (RBF), d={d}")
-      ax.plot(ks, mean, marker=markers[j], color=color, linestyle=":", alpha=0.6, label=f"mean, d={d}")
+      for m, (name, value, style) in enumerate(methods):
+        ax.plot(ks, [np.nan if value(c) is None else value(c) for c in cells], linestyle=style,
+                label=f"{name}, d={d}", **kcg.plotting.line_style(len(methods) * j + m))
     ax.set_xscale("log", base=2)
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_xlabel("in-context examples k")
     ax.set_ylabel("test MSE (y units squared)")
-    ax.set_title(family)
-    ax.legend(fontsize=7, loc="best")
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
+    ax.set_title(family, fontsize=9)
+    kcg.plotting.add_legend(ax, where="right")
+  kcg.plotting.save_figure(fig, path)
+  return fig
 
 
-def _plot_layers(path, features):
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
+_READING_LABELS = {
+    "zero_labels": "labels as 0", "other_labels": "other prompt's labels",
+    "placeholder_labels": "labels as ?", "context_free": "no supports",
+    "with_labels": "true labels (circular)"}
 
+
+def _gap(values):
+  """1 - R^2 for a log axis (None, NaN -> NaN; below the floor -> the floor)."""
+  return [np.nan if v is None else max(1.0 - v, kcg.plotting.PLOT_FLOOR) for v in values]
+
+
+def _plot_alignment(path, features):
+  """Per family: 1 - R^2 of KRR on phi_l against the LM per reading (and the control), by layer; the
+  cosine of the LM's smoother weights with KRR's on phi_l; centred kernel alignment."""
   families = list(features)
-  fig = Figure(figsize=(5 * len(families), 4))
-  FigureCanvasAgg(fig)
-  series = (("lm", "LM, labels withheld", "o", "C0"), ("true_labels_control", "LM, true labels (circular)",
-                                                        "s", "C1"),
-            ("random_control", "random-init control", "D", "C2"))
-  for i, family in enumerate(families):
-    ax = fig.add_subplot(1, len(families), i + 1)
+  # Wide panels: each legend sits right of its axes.
+  fig, axes = kcg.plotting.new_figure(len(families), 3, panel_size=(7.8, 3.9))
+  for row, family in enumerate(families):
     sec = features[family]
-    for key, label, marker, color in series:
-      if key not in sec:
-        continue
-      layers = [s["layer"] for s in sec[key]]
-      ax.plot(layers, [np.nan if s["pooled_r2"] is None else s["pooled_r2"] for s in sec[key]],
-              marker=marker, color=color, label=label)
-    raw = sec["raw_x"]["pooled_r2"]
-    if raw is not None:
-      ax.axhline(raw, color="k", linestyle="--", label="KRR on raw x")
-    ax.set_xticks(layers, [str(l) for l in layers])
-    ax.set_xlabel("layer (0 = embeddings)")
-    ax.set_ylabel("pooled R^2 of KRR on phi_l vs LM predictions")
-    ax.set_title(family)
-    ax.legend(fontsize=7, loc="best")
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
+    ax_r2, ax_w, ax_ka = axes[row]
+    series = [(_READING_LABELS[r], [s["r2"] for s in rows], "-") for r, rows in sec["lm"]["krr"].items()]
+    if "random_control" in sec:
+      series.append(("random init, labels as 0",
+                     [s["r2"] for s in sec["random_control"]["krr"]["zero_labels"]], "--"))
+    for i, (label, r2, style) in enumerate(series):
+      ax_r2.semilogy(range(len(r2)), _gap(r2), linestyle=style, label=label,
+                     **kcg.plotting.line_style(i))
+    ax_r2.axhline(_gap([sec["lm"]["krr_raw_x"]["r2"]])[0], linestyle=":", label="KRR on raw x",
+                  **kcg.plotting.REFERENCE)
+    ax_r2.set_xlabel("layer (0 = embeddings)")
+    ax_r2.set_ylabel("1 - R^2 of KRR on phi_l vs the LM")
+    ax_r2.set_title(f"{family}: KRR on the LM's phi_l, by context labels (lower = closer)", fontsize=9)
+    kcg.plotting.integer_ticks(ax_r2)
+    kcg.plotting.add_legend(ax_r2, where="right")
+    lines = [("LM vs KRR on phi_l", sec["lm"]["smoother_weights"]["krr_phi"]),
+             ("shuffled prompts", sec["lm"]["smoother_weights"]["krr_phi_shuffled"])]
+    if "random_control" in sec:
+      lines.append(("random-init control", sec["random_control"]["smoother_weights"]["krr_phi"]))
+    for i, (label, values) in enumerate(lines):
+      ax_w.plot(range(len(values)), [np.nan if v is None else v for v in values], label=label,
+                **kcg.plotting.line_style(i))
+    ax_w.set_xlabel("layer (0 = embeddings)")
+    ax_w.set_ylabel("cosine of smoother weights")
+    ax_w.set_title(f"{family}: smoother weights (finite differences)", fontsize=9)
+    kcg.plotting.integer_ticks(ax_w)
+    kcg.plotting.add_legend(ax_w, where="right")
+    ka = sec["lm"]["kernel_alignment"]
+    for i, (name, label) in enumerate((("raw_x", "vs raw x's linear kernel"),
+                                       ("target", "vs target kernel f f^T"),
+                                       ("raw_x_shuffled", "vs raw x, shuffled"))):
+      ax_ka.plot(range(len(ka[name])), ka[name], label=label, **kcg.plotting.line_style(i))
+    ax_ka.set_xlabel("layer (0 = embeddings)")
+    ax_ka.set_ylabel("centred kernel alignment of Gram(phi_l)")
+    ax_ka.set_title(f"{family}: kernel alignment", fontsize=9)
+    kcg.plotting.integer_ticks(ax_ka)
+    kcg.plotting.add_legend(ax_ka, where="right")
+  kcg.plotting.save_figure(fig, path)
+  return fig
+
+
+def _plot_linearity(path, features):
+  """Per family: the y-nonlinearity index of CG_t on phi_l (best layer) by step, the LM's and the
+  random-init control's (0 for every predictor affine in the labels)."""
+  families = list(features)
+  fig, axes = kcg.plotting.new_figure(1, len(families), panel_size=(6.4, 3.9))
+  for col, family in enumerate(families):
+    ax = axes[0, col]
+    sec = features[family]
+    nl = sec["lm"]["y_nonlinearity"]
+    steps = list(range(1, len(nl["cg_by_step"]) + 1))
+    floor = kcg.plotting.PLOT_FLOOR
+    ax.semilogy(steps, [np.nan if v is None else max(v, floor) for v in nl["cg_by_step"]],
+                label=f"CG_t on phi_{nl['cg_layer']} (LM's features)", **kcg.plotting.line_style(0))
+    ax.axhline(max(nl["index"], floor), color=kcg.plotting.PALETTE[1], linestyle="--", label="the LM")
+    if "random_control" in sec:
+      ax.axhline(max(sec["random_control"]["y_nonlinearity"]["index"], floor),
+                 color=kcg.plotting.PALETTE[2], linestyle="-.", label="random-init control")
+    ax.set_xlabel("CG step t")
+    ax.set_ylabel("y-nonlinearity index (0 = affine in y)")
+    ax.set_title(f"{family}: the y-linearity signature", fontsize=9)
+    kcg.plotting.integer_ticks(ax)
+    kcg.plotting.add_legend(ax, where="right")
+  kcg.plotting.save_figure(fig, path)
+  return fig
+
+
+def _best(rows):
+  scored = [r for r in rows if r["r2"] is not None]
+  return max(scored, key=lambda r: r["r2"]) if scored else None
+
+
+def _alignment_summary(family: str, sec: dict[str, Any]) -> list[str]:
+  """Summary lines of the alignment instruments on one task family, generated from the numbers."""
+  a = sec["lm"]
+  lines = []
+  pred = a["predictions"]
+  spread = (f"the LM's predictions vary with std {_fmt(pred['std_within_prompt'])} within a prompt "
+            f"(labels: std {_fmt(sec['label_std'])})")
+  if pred["std_within_prompt"] < 0.1 * sec["label_std"]:
+    spread += ", so they barely depend on the query and every R^2 below compares with a near-constant"
+  best = _best(a["krr"]["zero_labels"])
+  if best is None:
+    return [f"- {family}: {spread}; KRR on phi_l gave no finite R^2."]
+  if best["r2_lower"] is not None and best["r2_lower"] > 0.9:
+    verdict = "describes the LM closely (R^2 interval above 0.9) at"
+  elif best["r2"] > 0:
+    verdict = "explains part of the LM's predictions, best at"
+  else:
+    verdict = "explains none of the LM's predictions (R^2 <= 0 at every layer); least badly at"
+  if best["shuffled_r2"] is not None and best["r2"] <= best["shuffled_r2"]:
+    verdict = "does no better than pairing each prompt with another one's predictions; best at"
+  layer = best["layer"]
+  circular = a["krr"].get("with_labels", [{}] * (layer + 1))[layer].get("r2")
+  line = (f"- {family}: {spread}. KRR on phi_l (labels written as 0: the features cannot carry the "
+          f"answer) {verdict} layer {layer}: R^2 {_fmt(best['r2'])} [{_fmt(best['r2_lower'])}, "
+          f"{_fmt(best['r2_upper'])}], shuffled control {_fmt(best['shuffled_r2'])}; the circular "
+          f"reading (true labels) there {_fmt(circular)}; KRR on raw x {_fmt(a['krr_raw_x']['r2'])}")
+  if best["ridge_at_edge"]:
+    line += " (the ridge chosen there is at the edge of the grid)"
+  if "random_control" in sec:
+    ctrl = _best(sec["random_control"]["krr"]["zero_labels"])
+    if ctrl is not None:
+      line += f"; random-init control, best layer {ctrl['layer']}: {_fmt(ctrl['r2'])}"
+  lines.append(line + ".")
+  w = a["smoother_weights"]
+  lines.append(
+      f"- {family}, smoother weights (central differences, step {w['step']:g} in y, "
+      f"{w['num_prompts']} prompts): the LM's weights sum to {_fmt(w['weight_sum'])} (1: it follows "
+      f"a shift of every label; 0: it ignores the labels); cosine with KRR's on phi_{layer} "
+      f"{_fmt(w['krr_phi'][layer])} (shuffled {_fmt(w['krr_phi_shuffled'][layer])}), with linear "
+      f"KRR's on raw x {_fmt(w['linear_x'])}.")
+  nl = a["y_nonlinearity"]
+  cg = [v for v in nl["cg_by_step"] if v is not None]
+  r2s = [v if v is not None else -np.inf for v in nl["cg_r2_by_step"]]
+  t = 1 + int(np.argmax(r2s))
+  cg_t = nl["cg_by_step"][t - 1]
+  text = (f"- {family}, y-linearity: the LM's y-nonlinearity index is {_fmt(nl['index'])}")
+  if "random_control" in sec:
+    text += f" (random-init control {_fmt(sec['random_control']['y_nonlinearity']['index'])})"
+  if cg:
+    text += (f"; CG_t on phi_{nl['cg_layer']} gives {_fmt(min(cg))} to {_fmt(max(cg))} over t = 1.."
+             f"{len(nl['cg_by_step'])}, {_fmt(cg_t)} at t = {t} (the step closest to the LM)")
+  text += "; every predictor affine in the labels (KRR, GD, Chebyshev) gives 0"
+  if cg_t is not None and nl["index"] is not None:
+    text += (". The LM is further from affine in its labels than that CG_t" if nl["index"] > cg_t
+             else ". The LM is closer to affine in its labels than that CG_t")
+  if nl["clipped_labels"]:
+    text += f" ({nl['clipped_labels']} summed labels clipped)"
+  lines.append(text + ".")
+  return lines
+
+
+def _alignment_tables(features: dict[str, Any]) -> list[str]:
+  lines = ["", "## Alignment instruments on the LM's features (held-out prompts)", "",
+           "phi_l is read at the last token of each input, every input asked as the query of a prompt "
+           "of its own (`kcg.lm.hidden_features`); KRR is fitted per layer on standardised phi_l with "
+           "the written support labels, ridge and intercept chosen on separate fit prompts to agree "
+           "with the LM; R^2 is pooled over the evaluation prompts, [95% bootstrap interval].", "",
+           "![alignment](alignment_by_layer.png)", ""]
+  for family, sec in features.items():
+    readings = list(sec["lm"]["krr"])
+    head = " | ".join(_READING_LABELS[r] for r in readings)
+    lines += [f"### {family}", "", f"| layer | {head} | shuffled (labels as 0) | random control | "
+              "ridge | intercept |", "|---|" + "---|" * (len(readings) + 4)]
+    ctrl = sec.get("random_control", {}).get("krr", {}).get("zero_labels")
+    for layer, row in enumerate(sec["lm"]["krr"]["zero_labels"]):
+      cells = []
+      for r in readings:
+        s = sec["lm"]["krr"][r][layer]
+        cells.append(f"{_fmt(s['r2'])} [{_fmt(s['r2_lower'])}, {_fmt(s['r2_upper'])}]")
+      lines.append(f"| {layer} | " + " | ".join(cells) + f" | {_fmt(row['shuffled_r2'])} | "
+                   f"{_fmt(ctrl[layer]['r2']) if ctrl else '-'} | {row['ridge']:.3g} | "
+                   f"{row['intercept']} |")
+    raw = sec["lm"]["krr_raw_x"]
+    lines += [f"| raw x | {_fmt(raw['r2'])} [{_fmt(raw['r2_lower'])}, {_fmt(raw['r2_upper'])}] |"
+              + " |" * (len(readings) - 1) + f" {_fmt(raw['shuffled_r2'])} | - | {raw['ridge']:.3g} | "
+              f"{raw['intercept']} |", ""]
+    w, ka = sec["lm"]["smoother_weights"], sec["lm"]["kernel_alignment"]
+    cw = sec.get("random_control", {}).get("smoother_weights")
+    lines += ["| layer | smoother cosine vs KRR on phi_l | shuffled | random control | CKA vs raw x | "
+              "CKA vs target f f^T | CKA vs raw x, shuffled |", "|---|---|---|---|---|---|---|"]
+    for layer, cos in enumerate(w["krr_phi"]):
+      lines.append(f"| {layer} | {_fmt(cos)} | {_fmt(w['krr_phi_shuffled'][layer])} | "
+                   f"{_fmt(cw['krr_phi'][layer]) if cw else '-'} | {_fmt(ka['raw_x'][layer])} | "
+                   f"{_fmt(ka['target'][layer])} | {_fmt(ka['raw_x_shuffled'][layer])} |")
+    nl = sec["lm"]["y_nonlinearity"]
+    lines += ["", f"y-nonlinearity index: LM {_fmt(nl['index'])}"
+              + (f", random control {_fmt(sec['random_control']['y_nonlinearity']['index'])}"
+                 if "random_control" in sec else "")
+              + f"; CG_t on phi_{nl['cg_layer']} by step t = 1..{len(nl['cg_by_step'])}: "
+              + ", ".join(_fmt(v) for v in nl["cg_by_step"]) + " (its R^2 vs the LM: "
+              + ", ".join(_fmt(v) for v in nl["cg_r2_by_step"]) + ").", ""]
+  lines += ["![y-linearity](y_linearity.png)", ""]
+  return lines
 
 
 def _report(results: dict[str, Any]) -> str:
@@ -261,24 +415,12 @@ def _report(results: dict[str, Any]) -> str:
   mass = np.mean([c["readouts"]["expected"]["label_mass"] for c in reg if "expected" in c["readouts"]])
   lines.append(f"- Mean probability on label tokens at the answer: {mass:.3f}.")
   for family, sec in results["features"].items():
-    scores = [s for s in sec["lm"] if s["pooled_r2"] is not None]
-    if scores:
-      best = max(scores, key=lambda s: s["pooled_r2"])
-      raw = sec["raw_x"]["pooled_r2"]
-      verdict = ("explains the LM best at" if best["pooled_r2"] > 0 else
-                 "explains none of the LM's predictions (R^2 <= 0 at every layer); least badly at")
-      lines.append(f"- {family}: KRR on phi_l (labels withheld, {sec['reading']}) {verdict} "
-                   f"layer {best['layer']} (pooled R^2 {_fmt(best['pooled_r2'])}; per-prompt R^2 "
-                   f"{_fmt(best['r2'])} [{_fmt(best['r2_lower'])}, {_fmt(best['r2_upper'])}]); KRR on raw "
-                   f"x: {_fmt(raw)}; true-label (circular) control at that layer: "
-                   f"{_fmt(sec['true_labels_control'][best['layer']]['pooled_r2'])}.")
+    lines += _alignment_summary(family, sec)
   for row in results["classification"]:
     acc = row["readouts"].get("expected", {}).get("accuracy")
     best = max(row["baselines"].items(), key=lambda kv: kv[1]["accuracy"] or 0)
     lines.append(f"- Classification ({row['inputs']} inputs): LM accuracy {_fmt(acc)}, best baseline "
                  f"{best[0]} {_fmt(best[1]['accuracy'])}, chance {1 / results['num_classes']:.2f}.")
-  lines.append(f"- Alignment instruments (y-linearity, smoother weights, CKA): "
-               f"{next(iter(results['features'].values()))['alignment']['status']}.")
   lines += ["", "## Regression (test MSE; baselines on the labels the LM read)", "",
             "| family | d | k | LM expected | LM greedy (invalid) | random control | krr_rbf | ridge | gd | knn | mean |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -292,15 +434,7 @@ def _report(results: dict[str, Any]) -> str:
         f"{_fmt(g['mse']) + ' (' + str(g['num_invalid']) + ')' if g else '-'} | "
         f"{_fmt(c.get('random_control_mse'))} | "
         + " | ".join(_fmt(b[n]["mse"]) for n in names) + " |")
-  lines += ["", "## KRR on the LM's features per layer (vs the LM's predictions, held-out prompts)", "",
-            "![layers](krr_by_layer.png)", "", "| family | layer | pooled R^2 (withheld) | per-prompt R^2 [95% CI] | "
-            "true labels (circular) | random control | ridge/p |", "|---|---|---|---|---|---|---|"]
-  for family, sec in results["features"].items():
-    for i, s in enumerate(sec["lm"]):
-      ctrl = sec.get("random_control", [{}] * len(sec["lm"]))[i].get("pooled_r2")
-      lines.append(f"| {family} | {s['layer']} | {_fmt(s['pooled_r2'])} | {_fmt(s['r2'])} "
-                   f"[{_fmt(s['r2_lower'])}, {_fmt(s['r2_upper'])}] | "
-                   f"{_fmt(sec['true_labels_control'][i]['pooled_r2'])} | {_fmt(ctrl)} | {s['ridge']:g} |")
+  lines += _alignment_tables(results["features"])
   lines += ["", "![errors](error_vs_k.png)", "", "## Classification (accuracy)", "",
             "| inputs | LM expected | LM greedy (invalid) | random control | " +
             " | ".join(results["classification"][0]["baselines"]) + " |",
@@ -316,7 +450,8 @@ def _report(results: dict[str, Any]) -> str:
 
 
 def run(config, workdir: str) -> dict[str, Any]:
-  """Every stage; writes report.md, results.json, error_vs_k.png, krr_by_layer.png; returns results."""
+  """Every stage; writes report.md, results.json, error_vs_k.png, alignment_by_layer.png and
+  y_linearity.png; returns the results."""
   start = time.time()
   os.makedirs(workdir, exist_ok=True)
   with jax.enable_x64(True):
@@ -350,7 +485,9 @@ def run(config, workdir: str) -> dict[str, Any]:
       "runtime_s": time.time() - start,
   }
   _plot_errors(os.path.join(workdir, "error_vs_k.png"), regression, r.families, r.input_dims)
-  _plot_layers(os.path.join(workdir, "krr_by_layer.png"), features)
+  _plot_alignment(os.path.join(workdir, "alignment_by_layer.png"), features)
+  _plot_linearity(os.path.join(workdir, "y_linearity.png"), features)
+  results = _json_ready(results)
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(results, f, indent=1, allow_nan=False, default=str)
   with open(os.path.join(workdir, "report.md"), "w") as f:

@@ -25,7 +25,6 @@ from kcg import lm as kcg_lm  # noqa: E402
 from kcg._src.lm import model as model_lib  # noqa: E402
 from kcg._src.lm import prompts as prompts_lib  # noqa: E402
 from kcg._src.lm import readout as readout_lib  # noqa: E402
-from kcg._src.lm import scores as scores_lib  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -335,20 +334,6 @@ def test_classification_numbers_and_words(lm):
   with pytest.raises(ValueError, match="lexicon"):
     kcg_lm.sample_classification(rng, fmt, inputs="words", num_classes=2, num_support=40,
                                  num_query=2, batch_size=1)
-
-
-def test_krr_on_layers_finds_the_layer_the_predictions_come_from():
-  rng = np.random.default_rng(0)
-  b, k, q, p = 16, 12, 4, 3
-  phi_s, phi_q = rng.normal(size=(3, b, k, p)), rng.normal(size=(3, b, q, p))
-  y = rng.normal(size=(b, k))
-  s_std, q_std = scores_lib._standardise(phi_s[1], phi_q[1])
-  lm_pred = np.asarray(kcg.solvers.krr_predict(s_std, y, q_std, 1.0 * p))  # ridge 1 is on the grid
-  feats = kcg_lm.LMFeatures(phi_s, phi_q, y, lm_pred, np.ones((b, q)), "as_query", "shuffled", "last")
-  scores = kcg_lm.krr_on_layers(feats, jax.random.key(0), num_bootstrap=200)
-  assert scores[1].ridge == 1.0
-  assert scores[1].r2 > 1 - 1e-10 and scores[1].relative_distance < 1e-10
-  assert scores[0].r2 < 0.9 and scores[2].r2 < 0.9
 
 
 @pytest.mark.slow

@@ -4,20 +4,23 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 pytest.importorskip("penzai")
 pytest.importorskip("tokenizers")
 
 from experiments import lm_icl  # noqa: E402
+import figure_style  # noqa: E402
 from experiments.configs import lm_icl as lm_icl_config  # noqa: E402
 
 
 def test_runlocal_writes_a_report_that_says_it_is_a_pipeline_check(tmp_path):
-  results = lm_icl.run(lm_icl_config.get_config("runlocal"), str(tmp_path))
+  config = lm_icl_config.get_config("runlocal")
+  results = lm_icl.run(config, str(tmp_path))
   saved = json.loads((tmp_path / "results.json").read_text())
   report = (tmp_path / "report.md").read_text()
-  for name in ("error_vs_k.png", "krr_by_layer.png"):
+  for name in ("error_vs_k.png", "alignment_by_layer.png", "y_linearity.png"):
     assert (tmp_path / name).stat().st_size > 10_000
   assert saved["model"]["random_init"] is True
   # The warning comes before any number.
@@ -29,10 +32,20 @@ def test_runlocal_writes_a_report_that_says_it_is_a_pipeline_check(tmp_path):
     g = cell["readouts"]["greedy"]
     assert g["num_valid"] + g["num_invalid"] == 8 * 3
     assert set(cell["baselines"]) == {"krr_rbf", "ridge", "gd_8", "knn_3", "mean"}
+  # The alignment instruments on the LM (every reading) and on the random-init control (the primary
+  # reading), per layer 0..3 of the tiny model.
   for family, sec in saved["features"].items():
-    assert [s["layer"] for s in sec["lm"]] == [0, 1, 2, 3]
-    assert len(sec["random_control"]) == len(sec["true_labels_control"]) == 4
-    assert sec["alignment"]["status"] == "pending"
+    assert list(sec["lm"]["krr"]) == list(config.features.readings)
+    for rows in sec["lm"]["krr"].values():
+      assert [s["layer"] for s in rows] == [0, 1, 2, 3]
+    assert list(sec["random_control"]["krr"]) == ["zero_labels"]
+    for analysis in (sec["lm"], sec["random_control"]):
+      assert len(analysis["smoother_weights"]["krr_phi"]) == 4
+      assert len(analysis["kernel_alignment"]["raw_x"]) == 4
+      assert len(analysis["y_nonlinearity"]["cg_by_step"]) == config.features.cg_steps
+      assert analysis["smoother_weights"]["num_prompts"] == config.features.smoother_prompts
+    assert f"- {family}, y-linearity: the LM's y-nonlinearity index is" in report
+  assert "## Alignment instruments" in report and "pending" not in report
   assert {r["inputs"] for r in saved["classification"]} == {"numbers", "words"}
   assert results["runtime_s"] > 0
 
@@ -64,3 +77,27 @@ def test_checkpoint_flag_loads_that_checkpoint(tmp_path):
   config.model.checkpoint = str(tmp_path / "missing")
   with pytest.raises(ValueError, match="not a kcg LM checkpoint"):
     lm_icl._model(config, str(tmp_path / "work"))
+
+
+def _fake_analysis(num_layers, readings, steps, rng):
+  rows = lambda: [{"layer": l, "r2": float(rng.uniform(-1, 1))} for l in range(num_layers)]
+  per_layer = lambda: [float(v) for v in rng.uniform(-1, 1, num_layers)]
+  return {"krr": {r: rows() for r in readings}, "krr_raw_x": {"r2": 0.1},
+          "smoother_weights": {"krr_phi": per_layer(), "krr_phi_shuffled": per_layer()},
+          "kernel_alignment": {n: per_layer() for n in ("raw_x", "target", "raw_x_shuffled")},
+          "y_nonlinearity": {"index": 0.3, "cg_layer": 1, "cg_by_step": [0.1 / t for t in range(1, steps + 1)]}}
+
+
+def test_figures_follow_the_style_rules():
+  """kcg's figure style (tests/figure_style.py) on every figure lm_icl draws, from fake results."""
+  rng = np.random.default_rng(0)
+  readings = lm_icl_config.get_config("runlocal").features.readings
+  features = {f: {"lm": _fake_analysis(4, readings, 3, rng),
+                  "random_control": _fake_analysis(4, ("zero_labels",), 3, rng)}
+              for f in ("linear", "relu_network")}
+  regression = [{"family": f, "input_dim": d, "num_support": k, "readouts": {"expected": {"mse": 1.0}},
+                 "baselines": {"krr_rbf": {"mse": 0.5}, "mean": {"mse": 1.2}}}
+                for f in features for d in (1, 2) for k in (4, 8)]
+  for fig in (lm_icl._plot_alignment(None, features), lm_icl._plot_linearity(None, features),
+              lm_icl._plot_errors(None, regression, list(features), (1, 2))):
+    figure_style.check_style(fig)

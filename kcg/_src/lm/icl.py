@@ -10,28 +10,36 @@ What the alignment instruments consume (all plain numpy arrays):
 * `read_features(...)` returns `LMFeatures`: per layer `phi_support [B, k, p]`, `phi_query [B, q, p]`,
   with `y_support [B, k]` (the labels as the LM saw them) and the LM's `predictions [B, q]`.
 
-Where features are read (`reading`):
+Where features are read (`reading`), and what the read tokens can see (attention is causal, so a
+token reads itself and everything before it, nothing after):
 
 * `"as_query"` (default): every input, support or query, is asked as the query of a prompt whose
-  supports are the prompt's supports, and phi is read at the asked input's tokens. Every input is
-  then read in the same position and context, and with `labels="shuffled"` or `"placeholder"` the
-  context holds no label of the prompt: the features cannot carry the answer. (A support asked
-  as query also appears earlier in its context, with a withheld label; a query does not.)
-* `"in_context"`: one pass per query prompt; phi of support i at its own tokens in the prompt (it
-  sees supports 1..i-1 and their labels, by causality), phi of a query at its tokens.
-* `"context_free"`: the asked input alone, `"x: <input> -> y:"`, no supports.
+  supports are the prompt's supports with the context labels, and phi is read at the asked input's
+  tokens. The read tokens see the k support inputs, the k context labels and the asked input: every
+  input is read in the same position and context. With `labels="zero"`, `"placeholder"` or
+  `"shuffled"` the context holds no label of the prompt, so the features cannot carry the answer (a
+  support asked as query also appears earlier in its context, with a withheld label). With
+  `labels="true"` they see every label of the prompt, a support's own label included: the circular
+  control.
+* `"in_context"`: one pass per query prompt; phi of support i at its own tokens in the prompt, phi of
+  a query at its tokens. Support i sees x_1, y_1, ..., x_{i-1}, y_{i-1}, x_i: never its own label,
+  but (with `labels="true"`) the real labels of the supports before it, so its feature depends on
+  other supports' answers and on its position; a query sees every context label (with `"true"`, it
+  is read in the very pass that makes the prediction). Leak-free only with withheld labels.
+* `"context_free"`: the asked input alone, `"x: <input> -> y:"`: it sees nothing of the prompt.
 
-`labels`: `"true"` (the circular control: at a query or a support asked as query, the context holds
-the labels), `"shuffled"` (each prompt's supports carry the labels of the next prompt in the batch),
-`"placeholder"` (every label is `"?"`). `token`: `"last"` (the token holding the input's last
-character: under causal attention it has read the whole input) or `"mean"` (mean over the input's
-tokens).
+`labels`: `"true"` (the circular control), `"zero"` (every label written as y = 0, the code of 0:
+`kcg.alignment`'s "zero_labels"), `"shuffled"` (each prompt's supports carry the labels of the next
+prompt in the batch: `kcg.alignment`'s "other_labels"), `"placeholder"` (every label is `"?"`).
+`token`: `"last"` (the token holding the input's last character: it has read the whole input) or
+`"mean"` (mean over the input's tokens). `kcg.lm.hidden_features` reads them under
+`kcg.alignment`'s reading names.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -40,7 +48,7 @@ from kcg._src.lm import prompts as prompts_lib
 from kcg._src.lm import readout as readout_lib
 
 READINGS = ("as_query", "in_context", "context_free")
-LABEL_MODES = ("true", "shuffled", "placeholder")
+LABEL_MODES = ("true", "zero", "shuffled", "placeholder")
 TOKENS = ("last", "mean")
 
 
@@ -182,14 +190,23 @@ class LMFeatures:
     return self.phi_support[index], self.phi_query[index]
 
 
-def _context_labels(true_labels: list[list[str]], labels: str) -> list[list[str]]:
+def context_label_texts(true_labels: list[list[str]], labels: str, zero_label: str | None = None
+                        ) -> list[list[str]]:
+  """The label texts written into the context: the true ones, `zero_label` (the code of y = 0)
+  everywhere, the next prompt's (shuffled) or the placeholder (module docstring)."""
+  labels = _choice("labels", labels, LABEL_MODES)
   if labels == "true":
     return true_labels
   if labels == "placeholder":
     return [[prompts_lib.PLACEHOLDER] * len(row) for row in true_labels]
+  if labels == "zero":
+    if zero_label is None:
+      raise ValueError("labels='zero' writes the label of y = 0, which word labels do not have; use "
+                       "labels='placeholder' or 'shuffled'.")
+    return [[zero_label] * len(row) for row in true_labels]
   if len(true_labels) < 2:
     raise ValueError("labels='shuffled' takes each prompt's labels from the next prompt; it needs a "
-                     "batch of at least 2 prompts (or use labels='placeholder').")
+                     "batch of at least 2 prompts (or use labels='zero' or 'placeholder').")
   return true_labels[1:] + true_labels[:1]
 
 
@@ -244,7 +261,8 @@ def read_features(regressor: LMRegressor, x_support, y_support, x_query, *, read
   fmt = regressor.fmt
   true_labels, _ = regressor.support_labels(y_support)
   phi_support, phi_query = read_input_features(
-      regressor.lm, fmt, prompts_lib.numeric_texts(fmt, x_support), _context_labels(true_labels, labels),
+      regressor.lm, fmt, prompts_lib.numeric_texts(fmt, x_support),
+      context_label_texts(true_labels, labels, str(fmt.encode_labels(0.0)[0])),
       prompts_lib.numeric_texts(fmt, x_query), reading=reading, token=token,
       chunk_size=regressor.chunk_size)
   pred = _expected(regressor, x_support, y_support, x_query)
@@ -320,7 +338,7 @@ def read_class_features(lm: model_lib.LanguageModel, fmt: prompts_lib.TextFormat
   true_labels = [[prompts.label_words[i][c] for c in prompts.c_support[i]]
                  for i in range(len(prompts.label_words))]
   phi_support, phi_query = read_input_features(
-      lm, fmt, prompts.support_text, _context_labels(true_labels, labels), prompts.query_text,
+      lm, fmt, prompts.support_text, context_label_texts(true_labels, labels), prompts.query_text,
       reading=reading, token=token)
   pred = classify(lm, fmt, prompts)
   return LMFeatures(phi_support, phi_query, prompts.c_support.astype(np.float64),
