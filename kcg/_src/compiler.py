@@ -327,7 +327,9 @@ class CompiledCG:
     assembled = self._assembled_for(tokens.dtype)
     outputs = _apply(assembled.graphdef, assembled.params, tokens, layout.num_prefix, False, None,
                      None).outputs
-    return dynamic_range.restore(prompt_lib.query_outputs(layout, outputs), scale)
+    predictions = prompt_lib.query_outputs(layout, outputs)
+    dynamic_range.check_finite(predictions, tokens.dtype)
+    return dynamic_range.restore(predictions, scale)
 
   def predict_steps(self, x_support, y_support, x_query, *, normalize: bool = False) -> jax.Array:
     """f_t(x_query) for every t = 0..num_steps from one forward pass: [B, t+1, q] ([.., r]).
@@ -341,6 +343,7 @@ class CompiledCG:
     columns = self.program.layout.slice(self.program.readout)
     first_query = self.prompt_layout.num_prefix
     steps = jnp.moveaxis(at_step_ends[:, :, first_query:, columns], 0, 1)
+    dynamic_range.check_finite(steps, steps.dtype)
     return dynamic_range.restore(steps[..., 0] if self.num_outputs == 1 else steps, scale)
 
   def read_state(self, residuals_LxBxTxD: jax.Array) -> CompiledState:

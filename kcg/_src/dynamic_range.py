@@ -525,6 +525,23 @@ def prepare(compiled, x_support, y_support, x_query, normalize: bool):
   return y_scaled, scale
 
 
+def check_finite(predictions, dtype) -> None:
+  """Refuses concrete predictions [B, ...] that are not finite: NaN never leaves `predict`.
+
+  The bounds of `prompt_bounds` cover the divided quantities of the constructions they model; this
+  catches what they do not (for instance Route B in float32 run far past convergence, where the
+  softmax normalisers and r.r leave float32 together). Under jax.jit it cannot run.
+  """
+  if not _is_concrete(predictions):
+    return
+  bad = ~np.isfinite(np.asarray(predictions)).reshape(np.shape(predictions)[0], -1).all(axis=1)
+  if bad.any():
+    raise ValueError(
+        f"the compiled model's prediction is not finite for prompt(s) {np.flatnonzero(bad)[:8].tolist()} "
+        f"in {np.dtype(dtype).name}: an intermediate left the dtype's range. Fix: float64 inputs, "
+        "fewer steps (CG has converged long before), or normalize=True.")
+
+
 def restore(predictions, scale):
   """Undoes `prepare`'s rescaling on predictions [B, ..., q] or [B, ..., q, r]."""
   if scale is None:
