@@ -133,9 +133,14 @@ def test_ablation_matches_damaged_cg(construction, operation, prompts):
   _check(construction, operation, prompts, steps)
 
 
+# CI runs each slow (construction, operation) once, over all steps (-m "slow and ci").
+_SLOW_CASES = [pytest.param(c, op, steps, id=f"{c}-{op}-{name}",
+                            marks=[pytest.mark.ci] if steps is None else [])
+               for c, op in SLOW for steps, name in ((None, "all"), ((0,), "step0"), ((1,), "step1"))]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("construction,operation", SLOW)
-@pytest.mark.parametrize("steps", [None, (0,), (1,)], ids=["all", "step0", "step1"])
+@pytest.mark.parametrize("construction,operation,steps", _SLOW_CASES)
 def test_ablation_matches_damaged_cg_all(construction, operation, steps, prompts):
   if operation == "residual_norm" and steps == (T - 1,):
     pytest.skip("r.r of the last step is never used")

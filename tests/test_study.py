@@ -293,6 +293,7 @@ def test_study_resumes_saved_models_and_reports_their_final_loss(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_runlocal_study_binary(tmp_path):
   """The runlocal study finishes and writes the report with every section's figures."""
   workdir = str(tmp_path / "study")

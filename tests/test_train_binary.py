@@ -162,6 +162,7 @@ def test_gpt_icl_families_runlocal(family, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_killed_binary_resumes_exactly(tmp_path):
   """SIGKILL mid-run, rerun, and compare with an uninterrupted run of the same seed: bitwise equal."""
   args = ["--config.num_steps=1000", "--config.checkpoint_every=100", "--config.log_every=10",
