@@ -39,6 +39,7 @@ import numpy as np
 from flax import nnx
 import optax
 
+from experiments import _bench_study
 from experiments import _cli
 import kcg
 from kcg._src import model as model_lib
@@ -725,6 +726,8 @@ def markdown_report(results: dict) -> str:
                    f"{r['batch']} | {r['tokens']} | {_fmt_s(r['step_s'])} | "
                    f"{_fmt_s(r['first_step_s'])} | {r['losses'][0]:.4f} -> {r['losses'][-1]:.4f} |")
     parts.append("")
+  if "study_training" in results:
+    parts.append(_bench_study.format_study_training(results["study_training"]))
   return "\n".join(parts)
 
 
@@ -734,7 +737,8 @@ def run(config, workdir: str, *, points: list[str] | None = None,
   start = time.time()
   os.makedirs(workdir, exist_ok=True)
   sections = list(sections or config.sections)
-  unknown = set(sections) - {"probe", "forward", "compile", "attention", "ablation", "train"}
+  unknown = set(sections) - {"probe", "forward", "compile", "attention", "ablation", "train",
+                             "study_training"}
   if unknown:
     raise ValueError(f"Unknown sections {sorted(unknown)}.")
   unknown = set(config.methods) - set(BASELINES) - set(COMPILED)
@@ -762,6 +766,9 @@ def run(config, workdir: str, *, points: list[str] | None = None,
     results["ablation"] = run_ablation(config)
   if "train" in sections:
     results["train"] = run_train(config)
+  if "study_training" in sections:
+    results["study_training"] = _bench_study.run_study_training(
+        config.study_training_scale, config.study_training_steps, tuple(config.study_training_groups))
   results["machine"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
   results["runtime_s"] = time.time() - start
   with open(os.path.join(workdir, "bench.json"), "w") as f:

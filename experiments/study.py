@@ -121,8 +121,8 @@ def _train_models(runs: Mapping[Any, tuple[training.TrainConfig, str | None]]) -
   return out
 
 
-def _train(report: Report, config, models_dir: str | None) -> dict[tuple[str, int], probes.Subject]:
-  """Trains (or resumes from `models_dir`) the study's models; returns them as probe subjects."""
+def main_runs(config, models_dir: str | None) -> dict[tuple[str, int], tuple]:
+  """{(attention, depth L): (training config, model directory or None)} of the main models."""
   runs = {}
   for attention in config.train.attentions:
     depths = (config.train.softmax_depths if attention == "softmax" and config.train.softmax_depths
@@ -131,6 +131,12 @@ def _train(report: Report, config, models_dir: str | None) -> dict[tuple[str, in
       runs[(attention, int(depth))] = (
           _train_config(config, attention, int(depth)),
           os.path.join(models_dir, f"{attention}_L{depth}") if models_dir else None)
+  return runs
+
+
+def _train(report: Report, config, models_dir: str | None) -> dict[tuple[str, int], probes.Subject]:
+  """Trains (or resumes from `models_dir`) the study's models; returns them as probe subjects."""
+  runs = main_runs(config, models_dir)
   trained, rows = {}, []
   for (attention, depth), done in _train_models(runs).items():
     name = f"{attention} L={depth}"
@@ -203,15 +209,15 @@ def _chebyshev_note(cmp: dict) -> str:
           "lambda_max(K + ridge I) above it.")
 
 
-def _depth_sweeps(report: Report, config, eval_key, fit_key, ridge: float,
-                  models_dir: str | None) -> list[str]:
-  """Models trained afresh across input condition numbers and ridges against compiled solvers."""
-  t, sw = config.task, config.sweeps
-  d = t.input_dim
-  # condition number: the task's noise, so the ridge stays the study's; the covariance's eigenbasis
-  # is fixed (one data distribution a model can learn). ridge: the task's noise is set so that the
-  # Bayes ridge noise^2 d equals the value, and oracle and solvers use that ridge.
-  sweeps = {
+def _sweep_values(config, ridge: float) -> dict[str, tuple[str, list]]:
+  """{knob: (tag, [(value, task overrides, ridge of the oracle and solvers)])} of the depth sweeps.
+
+  condition number: the task's noise, so the ridge stays the study's; the covariance's eigenbasis
+  is fixed (one data distribution a model can learn). ridge: the task's noise is set so that the
+  Bayes ridge noise^2 d equals the value, and oracle and solvers use that ridge.
+  """
+  sw, d = config.sweeps, config.task.input_dim
+  return {
       "condition number": ("condition", [
           (float(c), {"condition_number": float(c), "input_rotation": "fixed"}, ridge)
           for c in sw.condition_numbers]),
@@ -219,6 +225,30 @@ def _depth_sweeps(report: Report, config, eval_key, fit_key, ridge: float,
           (float(lam), {"family": "noisy_linear", "noise_std": math.sqrt(float(lam) / d)}, float(lam))
           for lam in sw.ridges]),
   }
+
+
+def sweep_runs(config, models_dir: str | None) -> dict[str, tuple]:
+  """{name: (training config, model directory or None)} of the depth sweeps' models."""
+  sw, runs = config.sweeps, {}
+  for _, (tag, values) in _sweep_values(config, _ridge(config)).items():
+    for i, (value, overrides, _) in enumerate(values):
+      salt = 1000 + 100 * i + (0 if tag == "condition" else 50)
+      for attention in sw.attentions:
+        for depth in sw.depths:
+          runs[f"{tag}={value:g} {attention} L={depth}"] = (
+              _train_config(config, attention, int(depth), num_steps=sw.num_steps,
+                            seed_offset=salt, **overrides),
+              os.path.join(models_dir, "sweeps", f"{tag}{value:g}_{attention}_L{depth}")
+              if models_dir else None)
+  return runs
+
+
+def _depth_sweeps(report: Report, config, eval_key, fit_key, ridge: float,
+                  models_dir: str | None) -> list[str]:
+  """Models trained afresh across input condition numbers and ridges against compiled solvers."""
+  t, sw = config.task, config.sweeps
+  d = t.input_dim
+  sweeps = _sweep_values(config, ridge)
   report.section("Error vs depth across input condition numbers and ridges", (
       f"For each value a fresh set of models ({', '.join(sw.attentions)} attention, L = "
       f"{', '.join(map(str, sw.depths))}, {sw.num_steps} steps each) is trained on the task at that "
@@ -230,18 +260,7 @@ def _depth_sweeps(report: Report, config, eval_key, fit_key, ridge: float,
       + " Cells: test mse / mse against the KRR oracle; 'CG bound' is mean bound^2, which bounds "
       "CG's mse against the oracle."))
   # Every sweep model first: the models of one (attention, depth) train together across the values.
-  runs = {}
-  for knob, (tag, values) in sweeps.items():
-    for i, (value, overrides, _) in enumerate(values):
-      salt = 1000 + 100 * i + (0 if tag == "condition" else 50)
-      for attention in sw.attentions:
-        for depth in sw.depths:
-          runs[f"{tag}={value:g} {attention} L={depth}"] = (
-              _train_config(config, attention, int(depth), num_steps=sw.num_steps,
-                            seed_offset=salt, **overrides),
-              os.path.join(models_dir, "sweeps", f"{tag}{value:g}_{attention}_L{depth}")
-              if models_dir else None)
-  trained = _train_models(runs)
+  trained = _train_models(sweep_runs(config, models_dir))
   timings = {name: {"group_seconds": t.seconds, "group_size": t.group_size,
                     "final_loss": t.final_loss} for name, t in trained.items()}
   results, summary = {}, []

@@ -28,6 +28,9 @@ Sections:
   ablation   which term of the compiled forward dominates: the same configs with parts removed.
   train      one training step of the GPT-style config (kcg.Transformer + optax.adamw), float32
              and bfloat16 compute.
+  study_training  (only when named: `--sections=study_training`) the study's models at
+             `study_training_scale`, each trained alone against `kcg.training.train_group`, per
+             model-step in CPU and wall seconds, extrapolated to the study's training time.
 """
 
 import ml_collections
@@ -86,6 +89,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.learning_rate = 1e-4
   config.train.clip_norm = 1.0
   config.train.compute_dtypes = ("float32", "bfloat16")
+  # The study_training section (not run by default): the study's scale, timed steps per model.
+  config.study_training_scale = "full"
+  config.study_training_steps = 30
+  # Indices of the groups to time, in kcg.training.group_by_structure order (empty: all).
+  config.study_training_groups = ()
   config.probe_matmul = 2048
   config.probe_megabytes = 256
   if arg in ("smoke", "runlocal"):
@@ -116,6 +124,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.steps = 2
     config.train.compute_dtypes = ("float32",)
     config.probe_matmul = 64
+    config.study_training_scale = "smoke"
+    config.study_training_steps = 2
     config.probe_megabytes = 1
   elif arg not in (None, ""):
     raise ValueError(f"Unknown config variant {arg!r}; use no argument or 'smoke'.")

@@ -86,6 +86,40 @@ def _group_init_fn(key: config_lib.TrainConfig, mesh: Mesh) -> Callable:
   return jax.jit(jax.vmap(init), out_shardings=training.replicated(mesh))
 
 
+@functools.lru_cache(maxsize=64)
+def _group_sampler(datas: tuple[config_lib.DataSpec, ...], stage: data_lib.Stage, batch_size: int,
+                   dtype_name: str) -> Callable:
+  """`(data keys [M], step) -> Batch [M, B, ...]`: every model's own sampler (`kcg.training`'s, of
+  its `DataSpec`) on its own key `fold_in(data_key, step)`, all in one jitted call on one device."""
+  samplers = [training.whole_batch_sampler(data, stage, batch_size, dtype_name) for data in datas]
+
+  @jax.jit
+  def sample(data_keys, step):
+    return _stack([sampler(jax.random.fold_in(data_keys[i], step))
+                   for i, sampler in enumerate(samplers)])
+
+  return sample
+
+
+def make_group_batch_fn(configs: Sequence[config_lib.TrainConfig],
+                        mesh: Mesh) -> Callable[[int], data_lib.Batch]:
+  """step -> the stacked `Batch` [M, B, ...] of that step: model `i`'s batch is the one
+  `kcg.training.make_batch_fn(configs[i], mesh)` draws. Drawn whole on one device (one jitted call
+  for the group), then split over the mesh along B, as in `kcg.training.train`."""
+  key = structure_key(configs[0])
+  dtype_name = config_lib.dtype_of(key).name
+  datas = tuple(config.data for config in configs)
+  data_keys = jnp.stack([data_lib.data_key(config.seed) for config in configs])
+  stacked = _stacked_sharding(mesh)
+
+  def batch_at(step: int) -> data_lib.Batch:
+    sample = _group_sampler(datas, data_lib.curriculum_stage(key, step), key.batch_size, dtype_name)
+    return jax.tree.map(lambda x: training.split_over_mesh(x, stacked),
+                        sample(data_keys, jnp.asarray(step, jnp.int32)))
+
+  return batch_at
+
+
 def _stack(trees: Sequence[Any]) -> Any:
   return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
 
@@ -232,15 +266,7 @@ def _train_together(runs: list[_Run], key: config_lib.TrainConfig, graphdef: nnx
   for run in runs:
     run.state = None
   step_fn = group_step_fn(key, mesh)
-  dtype_name = config_lib.dtype_of(key).name
-  stacked = _stacked_sharding(mesh)
-  data_keys = [data_lib.data_key(run.config.seed) for run in runs]
-
-  def batch_at(step: int) -> data_lib.Batch:
-    stage = data_lib.curriculum_stage(key, step)
-    batches = [training.whole_batch_sampler(run.config.data, stage, key.batch_size, dtype_name)(
-        jax.random.fold_in(k, step)) for run, k in zip(runs, data_keys)]
-    return jax.tree.map(lambda x: training.split_over_mesh(x, stacked), _stack(batches))
+  batch_at = make_group_batch_fn([run.config for run in runs], mesh)
 
   schedule = optim_lib.learning_rate_schedule(key.optim, num_steps)
   host = lambda x: np.asarray(x.addressable_data(0))
