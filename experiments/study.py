@@ -104,17 +104,26 @@ class _Trained(NamedTuple):
   group_size: int
 
 
-def _train_models(runs: Mapping[Any, tuple[training.TrainConfig, str | None]]) -> dict[Any, _Trained]:
-  """Trains (or resumes) `{name: (config, workdir)}`, the models of one structure together
-  (`kcg.training.train_group`: one vmapped step per group, each model's numbers as if alone)."""
+def _train_models(runs: Mapping[Any, tuple[training.TrainConfig, str | None]],
+                  group_size: int) -> dict[Any, _Trained]:
+  """Trains (or resumes) `{name: (config, workdir)}`: up to `group_size` models of one structure
+  together (`kcg.training.train_group`: one vmapped step, each model's numbers as if alone), a
+  model without a partner alone (`kcg.training.train`)."""
+  if group_size < 1:
+    raise ValueError(f"train.group_size must be >= 1 (1: every model alone), got {group_size}.")
   names = list(runs)
   configs = [runs[n][0] for n in names]
+  groups = [group[i:i + group_size] for group in training.group_by_structure(configs)
+            for i in range(0, len(group), group_size)]
   out = {}
-  for group in training.group_by_structure(configs):
+  for group in groups:
     members = [names[i] for i in group]
     began = time.perf_counter()
-    results = training.train_group([runs[n][0] for n in members], [runs[n][1] for n in members],
-                                   names=[str(n) for n in members])
+    if len(members) == 1:
+      results = [training.train(*runs[members[0]])]
+    else:
+      results = training.train_group([runs[n][0] for n in members], [runs[n][1] for n in members],
+                                     names=[str(n) for n in members])
     seconds = time.perf_counter() - began
     for n, result in zip(members, results):
       out[n] = _Trained(result, _final_loss(result, runs[n][1]), seconds, len(members))
@@ -138,7 +147,7 @@ def _train(report: Report, config, models_dir: str | None) -> dict[tuple[str, in
   """Trains (or resumes from `models_dir`) the study's models; returns them as probe subjects."""
   runs = main_runs(config, models_dir)
   trained, rows = {}, []
-  for (attention, depth), done in _train_models(runs).items():
+  for (attention, depth), done in _train_models(runs, config.train.group_size).items():
     name = f"{attention} L={depth}"
     trained[(attention, depth)] = probes.subject_from_model(
         done.result.model, input_dim=config.task.input_dim, name=name)
@@ -146,8 +155,9 @@ def _train(report: Report, config, models_dir: str | None) -> dict[tuple[str, in
                  done.group_size])
   report.section("Trained models", "`kcg.training`, query encoding, prefix mask, no MLP and no "
                  "norm (the class of the compiled models); checkpoints under `models/` when saved "
-                 "(load with `kcg.load_trained`). Models of one architecture train together "
-                 "(`kcg.training.train_group`), each with its own seed, data and numbers.")
+                 "(load with `kcg.load_trained`). Up to `train.group_size` models of one architecture "
+                 "train together (`kcg.training.train_group`), each with its own seed, data and "
+                 "numbers.")
   report.table(["model", "steps", "final train loss",
                 "seconds of its group (this run; ~0 when resumed)", "models in its group"], rows)
   report.add("training", {r[0]: {"steps": r[1], "final_loss": r[2], "group_seconds": r[3],
@@ -260,7 +270,7 @@ def _depth_sweeps(report: Report, config, eval_key, fit_key, ridge: float,
       + " Cells: test mse / mse against the KRR oracle; 'CG bound' is mean bound^2, which bounds "
       "CG's mse against the oracle."))
   # Every sweep model first: the models of one (attention, depth) train together across the values.
-  trained = _train_models(sweep_runs(config, models_dir))
+  trained = _train_models(sweep_runs(config, models_dir), config.train.group_size)
   timings = {name: {"group_seconds": t.seconds, "group_size": t.group_size,
                     "final_loss": t.final_loss} for name, t in trained.items()}
   results, summary = {}, []

@@ -86,6 +86,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.warmup_steps = 500
   config.train.qkv_init_scale = 0.5
   config.train.save_models = True
+  # At most this many models of one architecture train together (kcg.training.train_group, one
+  # vmapped step); 1 trains every model alone. Measured (BENCHMARKS.md, "The study's training"):
+  # at this scale a step is compute-bound and a group saves no CPU time (softmax L = 8: 33 ms per
+  # model-step alone, 45 ms in a group of 7), so the full scale trains alone.
+  config.train.group_size = 1
 
   # Error vs depth across tasks: models trained afresh at each input condition number (eigenbasis
   # fixed) and at each ridge (task noise sqrt(ridge / d), so the Bayes ridge is the value; the
@@ -164,6 +169,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.batch_size = 64
     config.train.learning_rate = 2e-3
     config.train.warmup_steps = 50
+    config.train.group_size = 4
     config.eval.num_prompts = 64
     config.eval.num_fit_prompts = 64
     config.compiled.num_steps = 3
@@ -204,6 +210,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.batch_size = 8
     config.train.warmup_steps = 2
     config.train.save_models = False
+    config.train.group_size = 2
     config.eval.num_prompts = 16
     config.eval.num_fit_prompts = 16
     config.sweeps.condition_numbers = (10.0,)

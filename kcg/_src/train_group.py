@@ -190,7 +190,9 @@ def train_group(configs: Sequence[config_lib.TrainConfig],
       `group_by_structure` to split a list).
     workdirs: one work directory (or None: nothing written) per config; default all None.
     names: names of the models in logs and errors (default: the work directory, or `configs[i]`).
-    stop_at_step, devices, evaluate_fn: as in `kcg.training.train`, for every model.
+    stop_at_step: as in `kcg.training.train`, for every model.
+    devices: as in `kcg.training.train`.
+    evaluate_fn: as in `kcg.training.train`, for every model.
 
   Returns:
     One `TrainResult` per config, in order.
