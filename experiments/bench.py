@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from experiments import _bench_study
 from experiments import _cli
 import kcg
 from experiments import bench_training
@@ -661,6 +662,8 @@ def markdown_report(results: dict) -> str:
   if "training_throughput" in results:
     parts += ["Training throughput:", "",
               bench_training.format_table(results["training_throughput"]), ""]
+  if "study_training" in results:
+    parts.append(_bench_study.format_study_training(results["study_training"]))
   return "\n".join(parts)
 
 
@@ -671,7 +674,7 @@ def run(config, workdir: str, *, points: list[str] | None = None,
   os.makedirs(workdir, exist_ok=True)
   sections = list(sections or config.sections)
   unknown = set(sections) - {"probe", "forward", "compile", "attention", "ablation", "train",
-                             "training_throughput"}
+                             "training_throughput", "study_training"}
   if unknown:
     raise ValueError(f"Unknown sections {sorted(unknown)}.")
   unknown = set(config.methods) - set(BASELINES) - set(COMPILED)
@@ -702,6 +705,9 @@ def run(config, workdir: str, *, points: list[str] | None = None,
   if "training_throughput" in sections:
     results["training_throughput"] = bench_training.run_training_throughput(config.throughput)
     print(bench_training.format_table(results["training_throughput"]))
+  if "study_training" in sections:
+    results["study_training"] = _bench_study.run_study_training(
+        config.study_training_scale, config.study_training_steps, tuple(config.study_training_groups))
   results["machine"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
   results["runtime_s"] = time.time() - start
   with open(os.path.join(workdir, "bench.json"), "w") as f:

@@ -23,7 +23,7 @@ import functools
 import math
 import os
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 from absl import logging
 import jax
@@ -97,28 +97,71 @@ def _final_loss(result, model_dir: str | None) -> float | None:
   return losses[-1] if losses else None
 
 
-def _train(report: Report, config, models_dir: str | None) -> dict[tuple[str, int], probes.Subject]:
-  """Trains (or resumes from `models_dir`) the study's models; returns them as probe subjects."""
-  trained, rows = {}, []
+class _Trained(NamedTuple):
+  result: training.TrainResult
+  final_loss: float | None
+  seconds: float  # of its whole group
+  group_size: int
+
+
+def _train_models(runs: Mapping[Any, tuple[training.TrainConfig, str | None]],
+                  group_size: int) -> dict[Any, _Trained]:
+  """Trains (or resumes) `{name: (config, workdir)}`: up to `group_size` models of one structure
+  together (`kcg.training.train_group`: one vmapped step, each model's numbers as if alone), a
+  model without a partner alone (`kcg.training.train`)."""
+  if group_size < 1:
+    raise ValueError(f"train.group_size must be >= 1 (1: every model alone), got {group_size}.")
+  names = list(runs)
+  configs = [runs[n][0] for n in names]
+  groups = [group[i:i + group_size] for group in training.group_by_structure(configs)
+            for i in range(0, len(group), group_size)]
+  out = {}
+  for group in groups:
+    members = [names[i] for i in group]
+    began = time.perf_counter()
+    if len(members) == 1:
+      results = [training.train(*runs[members[0]])]
+    else:
+      results = training.train_group([runs[n][0] for n in members], [runs[n][1] for n in members],
+                                     names=[str(n) for n in members])
+    seconds = time.perf_counter() - began
+    for n, result in zip(members, results):
+      out[n] = _Trained(result, _final_loss(result, runs[n][1]), seconds, len(members))
+  return out
+
+
+def main_runs(config, models_dir: str | None) -> dict[tuple[str, int], tuple]:
+  """{(attention, depth L): (training config, model directory or None)} of the main models."""
+  runs = {}
   for attention in config.train.attentions:
     depths = (config.train.softmax_depths if attention == "softmax" and config.train.softmax_depths
               else config.train.depths)
     for depth in depths:
-      tc = _train_config(config, attention, int(depth))
-      model_dir = (os.path.join(models_dir, f"{attention}_L{depth}") if models_dir
-                   else None)
-      began = time.perf_counter()
-      result = training.train(tc, model_dir)
-      loss = _final_loss(result, model_dir)
-      name = f"{attention} L={depth}"
-      trained[(attention, int(depth))] = probes.subject_from_model(
-          result.model, input_dim=config.task.input_dim, name=name)
-      rows.append([name, tc.num_steps, loss, time.perf_counter() - began])
+      runs[(attention, int(depth))] = (
+          _train_config(config, attention, int(depth)),
+          os.path.join(models_dir, f"{attention}_L{depth}") if models_dir else None)
+  return runs
+
+
+def _train(report: Report, config, models_dir: str | None) -> dict[tuple[str, int], probes.Subject]:
+  """Trains (or resumes from `models_dir`) the study's models; returns them as probe subjects."""
+  runs = main_runs(config, models_dir)
+  trained, rows = {}, []
+  for (attention, depth), done in _train_models(runs, config.train.group_size).items():
+    name = f"{attention} L={depth}"
+    trained[(attention, depth)] = probes.subject_from_model(
+        done.result.model, input_dim=config.task.input_dim, name=name)
+    rows.append([name, runs[(attention, depth)][0].num_steps, done.final_loss, done.seconds,
+                 done.group_size])
   report.section("Trained models", "`kcg.training`, query encoding, prefix mask, no MLP and no "
                  "norm (the class of the compiled models); checkpoints under `models/` when saved "
-                 "(load with `kcg.load_trained`).")
-  report.table(["model", "steps", "final train loss", "seconds (this run; ~0 when resumed)"], rows)
-  report.add("training", {r[0]: {"steps": r[1], "final_loss": r[2], "seconds": r[3]} for r in rows})
+                 "(load with `kcg.load_trained`). Up to `train.group_size` models of one architecture "
+                 "train together (`kcg.training.train_group`), each with its own seed, data and "
+                 "numbers.")
+  report.table(["model", "steps", "final train loss",
+                "seconds of its group (this run; ~0 when resumed)", "models in its group"], rows)
+  report.add("training", {r[0]: {"steps": r[1], "final_loss": r[2], "group_seconds": r[3],
+                                 "group_size": r[4]} for r in rows})
   return trained
 
 
@@ -176,15 +219,15 @@ def _chebyshev_note(cmp: dict) -> str:
           "lambda_max(K + ridge I) above it.")
 
 
-def _depth_sweeps(report: Report, config, eval_key, fit_key, ridge: float,
-                  models_dir: str | None) -> list[str]:
-  """Models trained afresh across input condition numbers and ridges against compiled solvers."""
-  t, sw = config.task, config.sweeps
-  d = t.input_dim
-  # condition number: the task's noise, so the ridge stays the study's; the covariance's eigenbasis
-  # is fixed (one data distribution a model can learn). ridge: the task's noise is set so that the
-  # Bayes ridge noise^2 d equals the value, and oracle and solvers use that ridge.
-  sweeps = {
+def _sweep_values(config, ridge: float) -> dict[str, tuple[str, list]]:
+  """{knob: (tag, [(value, task overrides, ridge of the oracle and solvers)])} of the depth sweeps.
+
+  condition number: the task's noise, so the ridge stays the study's; the covariance's eigenbasis
+  is fixed (one data distribution a model can learn). ridge: the task's noise is set so that the
+  Bayes ridge noise^2 d equals the value, and oracle and solvers use that ridge.
+  """
+  sw, d = config.sweeps, config.task.input_dim
+  return {
       "condition number": ("condition", [
           (float(c), {"condition_number": float(c), "input_rotation": "fixed"}, ridge)
           for c in sw.condition_numbers]),
@@ -192,6 +235,30 @@ def _depth_sweeps(report: Report, config, eval_key, fit_key, ridge: float,
           (float(lam), {"family": "noisy_linear", "noise_std": math.sqrt(float(lam) / d)}, float(lam))
           for lam in sw.ridges]),
   }
+
+
+def sweep_runs(config, models_dir: str | None) -> dict[str, tuple]:
+  """{name: (training config, model directory or None)} of the depth sweeps' models."""
+  sw, runs = config.sweeps, {}
+  for _, (tag, values) in _sweep_values(config, _ridge(config)).items():
+    for i, (value, overrides, _) in enumerate(values):
+      salt = 1000 + 100 * i + (0 if tag == "condition" else 50)
+      for attention in sw.attentions:
+        for depth in sw.depths:
+          runs[f"{tag}={value:g} {attention} L={depth}"] = (
+              _train_config(config, attention, int(depth), num_steps=sw.num_steps,
+                            seed_offset=salt, **overrides),
+              os.path.join(models_dir, "sweeps", f"{tag}{value:g}_{attention}_L{depth}")
+              if models_dir else None)
+  return runs
+
+
+def _depth_sweeps(report: Report, config, eval_key, fit_key, ridge: float,
+                  models_dir: str | None) -> list[str]:
+  """Models trained afresh across input condition numbers and ridges against compiled solvers."""
+  t, sw = config.task, config.sweeps
+  d = t.input_dim
+  sweeps = _sweep_values(config, ridge)
   report.section("Error vs depth across input condition numbers and ridges", (
       f"For each value a fresh set of models ({', '.join(sw.attentions)} attention, L = "
       f"{', '.join(map(str, sw.depths))}, {sw.num_steps} steps each) is trained on the task at that "
@@ -202,7 +269,11 @@ def _depth_sweeps(report: Report, config, eval_key, fit_key, ridge: float,
       f"solvers use it (input condition number {t.condition_number:g}). " + _SOLVERS_TEXT
       + " Cells: test mse / mse against the KRR oracle; 'CG bound' is mean bound^2, which bounds "
       "CG's mse against the oracle."))
-  results, timings, summary = {}, {}, []
+  # Every sweep model first: the models of one (attention, depth) train together across the values.
+  trained = _train_models(sweep_runs(config, models_dir), config.train.group_size)
+  timings = {name: {"group_seconds": t.seconds, "group_size": t.group_size,
+                    "final_loss": t.final_loss} for name, t in trained.items()}
+  results, summary = {}, []
   for knob, (tag, values) in sweeps.items():
     if not values:
       continue
@@ -216,14 +287,7 @@ def _depth_sweeps(report: Report, config, eval_key, fit_key, ridge: float,
       families = {}
       for attention in sw.attentions:
         for depth in sw.depths:
-          tc = _train_config(config, attention, int(depth), num_steps=sw.num_steps,
-                             seed_offset=salt, **overrides)
-          began = time.perf_counter()
-          model_dir = (os.path.join(models_dir, "sweeps", f"{tag}{value:g}_{attention}_L{depth}")
-                       if models_dir else None)
-          result = training.train(tc, model_dir)
-          timings[f"{tag}={value:g} {attention} L={depth}"] = {
-              "seconds": time.perf_counter() - began, "final_loss": _final_loss(result, model_dir)}
+          result = trained[f"{tag}={value:g} {attention} L={depth}"].result
           subject = probes.subject_from_model(result.model, input_dim=d,
                                               name=f"{attention} L={depth}")
           families.setdefault(f"{attention} attention", {})[int(depth)] = probes.predict_fn(subject)

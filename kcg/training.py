@@ -1,6 +1,8 @@
 """Training in-context learners with Flax NNX and optax (the design is in `kcg._src.training`).
 
-`train(config, workdir)` fits the very `kcg.Transformer` class that `kcg.compile_cg` fills; configs are
+`train(config, workdir)` fits the very `kcg.Transformer` class that `kcg.compile_cg` fills;
+`train_group(configs, workdirs)` trains models that differ only in seed and task together, one
+`vmap`ped step for all (`kcg._src.train_group`); configs are
 `TrainConfig` dataclasses (built from ml_collections files by `config_from_dict`); `load_trained(workdir)`
 loads a run back with `.predict(x_support, y_support, x_query)`, `.model` and `.config`.
 """
@@ -27,6 +29,10 @@ from kcg._src.train_data import decision_tree_targets
 from kcg._src.train_data import make_batch
 from kcg._src.train_data import sample_prompts
 from kcg._src.train_data import training_batch
+from kcg._src.train_group import TASK_FIELDS
+from kcg._src.train_group import group_by_structure
+from kcg._src.train_group import structure_key
+from kcg._src.train_group import train_group
 from kcg._src.train_eval import baseline_suite
 from kcg._src.train_eval import evaluate_trained
 from kcg._src.train_eval import make_predict_fn
@@ -48,11 +54,14 @@ from kcg._src.training import train_step_fn
 
 __all__ = (
     "Batch", "CheckpointError", "Checkpointer", "CurriculumSpec", "DECISION_TREE", "DataSpec",
+    "TASK_FIELDS",
     "DivergenceError", "ENCODINGS", "FAMILIES", "ModelSpec", "OptimSpec", "Stage", "TrainConfig",
     "TrainResult", "TrainedModel", "baseline_suite", "config_from_dict", "config_to_dict",
-    "curriculum_stage", "decision_tree_targets", "evaluate_trained", "init_state",
+    "curriculum_stage", "decision_tree_targets", "evaluate_trained", "group_by_structure",
+    "init_state",
     "learning_rate_schedule", "load_history", "load_trained", "loss_fn", "make_batch",
     "make_batch_fn", "make_mesh", "make_optimizer", "make_predict_fn", "model_config", "predict",
-    "read_config", "sample_prompts", "train", "train_step_fn", "training_batch",
+    "read_config", "sample_prompts", "structure_key", "train", "train_group", "train_step_fn",
+    "training_batch",
     "write_final_evaluation", "write_plots",
 )

@@ -476,7 +476,7 @@ def test_loop_step_keeps_the_run_unhealthy():
 # Structure.
 
 _TRAINING_MODULES = ("train_config", "train_data", "train_optim", "training", "train_eval",
-                     "train_metrics", "checkpointing", "trained")
+                     "train_metrics", "checkpointing", "trained", "train_group")
 
 
 _SRC = pathlib.Path(__file__).parent.parent / "kcg" / "_src"

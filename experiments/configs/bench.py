@@ -40,6 +40,9 @@ Sections:
              Runtime: 11 min measured with 5 rounds on the shared machine (load ~12, bench at
              nice -19; 2 min of it compilation); about 5 min expected with the default 7 rounds on
              2 idle cores (~25 s per round).
+  study_training  (only when named: `--sections=study_training`) the study's models at
+             `study_training_scale`, each trained alone against `kcg.training.train_group`, per
+             model-step in CPU and wall seconds, extrapolated to the study's training time.
 """
 
 import ml_collections
@@ -99,6 +102,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.learning_rate = 1e-4
   config.train.clip_norm = 1.0
   config.train.compute_dtypes = ("float32", "bfloat16")
+  # The study_training section (not run by default): the study's scale, timed steps per model.
+  config.study_training_scale = "full"
+  config.study_training_steps = 30
+  # Indices of the groups to time, in kcg.training.group_by_structure order (empty: all).
+  config.study_training_groups = ()
   config.probe_matmul = 2048
   config.probe_megabytes = 256
   # Training throughput against references (Garg et al. 2022's GPT-2 setup, gpt_icl's model).
@@ -153,6 +161,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.steps = 2
     config.train.compute_dtypes = ("float32",)
     config.probe_matmul = 64
+    config.study_training_scale = "smoke"
+    config.study_training_steps = 2
     config.probe_megabytes = 1
     config.throughput.num_layers = 2
     config.throughput.width = 16

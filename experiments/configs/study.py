@@ -8,7 +8,9 @@ Three scales (`--config=experiments/configs/study.py[:runlocal|:smoke]`):
   depth 1, 2, 4, 8 trained 3000 steps afresh at input condition numbers 1, 10, 100, 1000 and at
   ridges 0.02, 0.2, 2 (56 more models), against compiled CG / PCG / Chebyshev and reference GD.
   Measured on 2 CPU cores (machine otherwise idle): about 95 minutes from scratch, peak memory
-  4.6 GB. Per section: training the 16 models 2687 s (~250 steps/s at L = 1 down to ~35 steps/s for
+  4.6 GB. Every model trains alone (`train.group_size = 1`): at this size a training step is
+  compute-bound and training models together under `vmap` costs more CPU, not less (BENCHMARKS.md,
+  "The study's training"). Per section: training the 16 models 2687 s (~250 steps/s at L = 1 down to ~35 steps/s for
   softmax L = 8), depth sweeps 2540 s (56 models), depth comparison 12 s, laws and reference sweeps
   ~60 s, compiled models ~150 s (layer matching with gradients on the 49-layer causal model 61 s),
   trained analyses 207 s. Trained models (main and depth-sweep ones) are checkpointed under
@@ -22,7 +24,10 @@ Three scales (`--config=experiments/configs/study.py[:runlocal|:smoke]`):
   L = 1, 2, 3, 500 steps: 12 more models); small grids. About 3 minutes on 2 CPU cores: measured
   2 min 54 s with the machine otherwise idle (depth sweeps 47 s, compiled section 42 s, training
   15 s) and 8 min 17 s while other jobs held both cores (load ~2.5); the slow test runs it (2 min
-  56 s). Peak memory ~6 GB.
+  56 s). Peak memory ~6 GB. The depth sweeps' models train 4 at a time (`train.group_size = 4`,
+  `kcg.training.train_group`): training and depth sweeps alone (`--config.sections=depth_sweeps`)
+  took 106 s of CPU (294 s wall) against 149 s of CPU (339 s wall) with `group_size=1`, both at
+  load ~14.5 on the 2 cores; the sweep models' final losses agree to 1e-6 (float32).
 
       python -m experiments.study --config=experiments/configs/study.py:runlocal --workdir=/tmp/study_local
 
@@ -86,6 +91,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.warmup_steps = 500
   config.train.qkv_init_scale = 0.5
   config.train.save_models = True
+  # At most this many models of one architecture train together (kcg.training.train_group, one
+  # vmapped step); 1 trains every model alone. Measured (BENCHMARKS.md, "The study's training"):
+  # at this scale a step is compute-bound and a group saves no CPU time (softmax L = 8: 33 ms per
+  # model-step alone, 45 ms in a group of 7), so the full scale trains alone.
+  config.train.group_size = 1
 
   # Error vs depth across tasks: models trained afresh at each input condition number (eigenbasis
   # fixed) and at each ridge (task noise sqrt(ridge / d), so the Bayes ridge is the value; the
@@ -164,6 +174,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.batch_size = 64
     config.train.learning_rate = 2e-3
     config.train.warmup_steps = 50
+    config.train.group_size = 4
     config.eval.num_prompts = 64
     config.eval.num_fit_prompts = 64
     config.compiled.num_steps = 3
@@ -204,6 +215,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.batch_size = 8
     config.train.warmup_steps = 2
     config.train.save_models = False
+    config.train.group_size = 2
     config.eval.num_prompts = 16
     config.eval.num_fit_prompts = 16
     config.sweeps.condition_numbers = (10.0,)

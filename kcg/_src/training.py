@@ -60,10 +60,12 @@ DATA_AXIS = "data"
 # Model and loss.
 
 
-def init_model(config: config_lib.TrainConfig) -> model_lib.Transformer:
+def init_model(config: config_lib.TrainConfig, seed: Any = None) -> model_lib.Transformer:
   """A freshly initialised model: `kcg.Transformer(model_config(config), rngs=nnx.Rngs(seed))` with
-  the query, key and value weights multiplied by `qkv_init_scale`."""
-  model = model_lib.Transformer(config_lib.model_config(config), rngs=nnx.Rngs(config.seed))
+  the query, key and value weights multiplied by `qkv_init_scale`. `seed` (default `config.seed`) may
+  be a traced integer, so that `kcg.training.train_group` initialises a group under `vmap`."""
+  seed = config.seed if seed is None else seed
+  model = model_lib.Transformer(config_lib.model_config(config), rngs=nnx.Rngs(seed))
   scale = config.model.qkv_init_scale
   if scale != 1.0:
     for name in ("query", "key", "value"):
@@ -82,9 +84,10 @@ def loss_fn(model: model_lib.Transformer, batch: data_lib.Batch,
   return jnp.sum(squared) / jnp.sum(batch.weights)
 
 
-def init_train_state(config: config_lib.TrainConfig) -> tuple[model_lib.Transformer, nnx.Optimizer]:
-  """A fresh model and its `nnx.Optimizer(model, tx, wrt=nnx.Param)`."""
-  model = init_model(config)
+def init_train_state(config: config_lib.TrainConfig,
+                     seed: Any = None) -> tuple[model_lib.Transformer, nnx.Optimizer]:
+  """A fresh model (`init_model(config, seed)`) and its `nnx.Optimizer(model, tx, wrt=nnx.Param)`."""
+  model = init_model(config, seed)
   return model, nnx.Optimizer(model, optim_lib.make_optimizer(config), wrt=nnx.Param)
 
 
@@ -142,7 +145,7 @@ def _all_finite(tree) -> jax.Array:
   return functools.reduce(jnp.logical_and, leaves, jnp.asarray(True))
 
 
-def _step_with_health(config: config_lib.TrainConfig) -> Callable:
+def step_with_health(config: config_lib.TrainConfig) -> Callable:
   """`(state, batch, healthy) -> (state, healthy, metrics)`: one AdamW step on `loss_fn`; `healthy`
   stays True while every step's loss, gradient norm and updated parameters are finite."""
   graphdef, _ = abstract_train_state(config)
@@ -173,7 +176,7 @@ def train_step_fn(config: config_lib.TrainConfig, mesh: Mesh) -> Callable:
   both and the updated parameters are finite). Cached per (config, mesh), so repeated runs in one
   process compile once.
   """
-  step = _step_with_health(config)
+  step = step_with_health(config)
 
   def step_without_health(state, batch):
     state, _, metrics = step(state, batch, jnp.asarray(True))
@@ -187,17 +190,31 @@ def train_step_fn(config: config_lib.TrainConfig, mesh: Mesh) -> Callable:
 def loop_step_fn(config: config_lib.TrainConfig, mesh: Mesh) -> Callable:
   """The loop's step `(state, batch, healthy) -> (state, healthy, metrics)`: `train_step_fn` carrying
   a flag that turns False at the first non-finite step and stays False, read only at check points."""
-  return jax.jit(_step_with_health(config),
+  return jax.jit(step_with_health(config),
                  in_shardings=(replicated(mesh), batch_sharding(mesh), replicated(mesh)),
                  out_shardings=(replicated(mesh), replicated(mesh), replicated(mesh)),
                  donate_argnums=0)
 
 
-def _split_over_mesh(x: jax.Array, sharding: NamedSharding) -> jax.Array:
+def split_over_mesh(x: jax.Array, sharding: NamedSharding) -> jax.Array:
   """The whole batch `x` (the same on every process) laid out as `sharding`."""
   if jax.process_count() == 1:
     return jax.device_put(x, sharding)
   return jax.make_array_from_process_local_data(sharding, np.asarray(x), x.shape)
+
+
+@functools.lru_cache(maxsize=256)
+def whole_batch_sampler(data: config_lib.DataSpec, stage: data_lib.Stage, batch_size: int,
+                        dtype_name: str) -> Callable[[jax.Array], data_lib.Batch]:
+  """One curriculum stage's jitted sampler `key -> Batch`, drawing the whole batch on one device."""
+
+  @jax.jit
+  def sample(key):
+    prompts = data_lib.sample_prompts(key, data, batch_size=batch_size,
+                                      input_dim=stage.input_dim, num_support=stage.num_support)
+    return data_lib.make_batch(prompts, data, jnp.dtype(dtype_name))
+
+  return sample
 
 
 @functools.lru_cache(maxsize=64)
@@ -207,15 +224,9 @@ def _batch_sampler(data: config_lib.DataSpec, stage: data_lib.Stage, batch_size:
   mesh. Drawing prompts runs batched LAPACK (QR for the per-prompt rotations); partitioned over the
   mesh it would run one such call per device at once, which can deadlock XLA:CPU's intra-op thread
   pool (see `kcg._src.train_eval`)."""
-
-  @jax.jit
-  def sample(key):
-    prompts = data_lib.sample_prompts(key, data, batch_size=batch_size,
-                                      input_dim=stage.input_dim, num_support=stage.num_support)
-    return data_lib.make_batch(prompts, data, jnp.dtype(dtype_name))
-
+  sample = whole_batch_sampler(data, stage, batch_size, dtype_name)
   sharding = batch_sharding(mesh)
-  return lambda key: jax.tree.map(lambda x: _split_over_mesh(x, sharding), sample(key))
+  return lambda key: jax.tree.map(lambda x: split_over_mesh(x, sharding), sample(key))
 
 
 def make_batch_fn(config: config_lib.TrainConfig,
@@ -232,7 +243,7 @@ def make_batch_fn(config: config_lib.TrainConfig,
   return batch_at
 
 
-def _host_scalar(x: jax.Array) -> Any:
+def host_scalar(x: jax.Array) -> Any:
   """A replicated scalar on the host; reads the local copy so that it also works across hosts."""
   return np.asarray(x.addressable_data(0)).item()
 
@@ -263,17 +274,20 @@ class DivergenceError(FloatingPointError):
   Attributes:
     step: the first bad step (counted like the log lines: the update that would have made step `s`).
     last_checkpoint: the newest checkpoint on disk (all finite), or None.
+    model: which model of a `train_group` call diverged (its name), or None for `train`.
   """
 
-  def __init__(self, message: str, step: int, last_checkpoint: int | None):
+  def __init__(self, message: str, step: int, last_checkpoint: int | None,
+               model: str | None = None):
     super().__init__(message)
     self.step = step
     self.last_checkpoint = last_checkpoint
+    self.model = model
 
 
-def _divergence(config: config_lib.TrainConfig, step: int, metrics: dict,
-                last_checkpoint: int | None) -> DivergenceError:
-  loss, grad_norm = _host_scalar(metrics["loss"]), _host_scalar(metrics["grad_norm"])
+def divergence_error(config: config_lib.TrainConfig, step: int, loss: float, grad_norm: float,
+                     last_checkpoint: int | None, model: str | None = None) -> DivergenceError:
+  """The `DivergenceError` of the first bad step, with its loss and gradient norm on the host."""
   lr = float(optim_lib.learning_rate_schedule(config.optim, config.num_steps)(step - 1))
   what = (f"loss {loss:.4g}, gradient norm {grad_norm:.4g}"
           if not (np.isfinite(loss) and np.isfinite(grad_norm)) else
@@ -281,10 +295,11 @@ def _divergence(config: config_lib.TrainConfig, step: int, metrics: dict,
   saved = (f"the last checkpoint is step {last_checkpoint}" if last_checkpoint is not None
            else "no checkpoint was written")
   return DivergenceError(
-      f"Training diverged at step {step}: {what}; {saved}. Likely "
+      (f"Model {model}: t" if model is not None else "T") +
+      f"raining diverged at step {step}: {what}; {saved}. Likely "
       f"cause: the learning rate ({lr:.3g} at that step; optim.learning_rate="
       f"{config.optim.learning_rate:g}) is too large; lower it, or add warmup "
-      "(optim.warmup_steps) or gradient clipping (optim.clip_norm).", step, last_checkpoint)
+      "(optim.warmup_steps) or gradient clipping (optim.clip_norm).", step, last_checkpoint, model)
 
 
 def train(config: config_lib.TrainConfig, workdir: str | None = None, *,
@@ -357,9 +372,10 @@ def train(config: config_lib.TrainConfig, workdir: str | None = None, *,
   pending = []  # (step, metrics) since the last log line: where to look for the first bad step.
 
   def check_health():
-    if not _host_scalar(healthy):
-      bad_step, metrics = next((s, m) for s, m in pending if not _host_scalar(m["finite"]))
-      raise _divergence(config, bad_step, metrics, last_checkpoint)
+    if not host_scalar(healthy):
+      bad_step, metrics = next((s, m) for s, m in pending if not host_scalar(m["finite"]))
+      raise divergence_error(config, bad_step, host_scalar(metrics["loss"]),
+                             host_scalar(metrics["grad_norm"]), last_checkpoint)
 
   interval_start = time.perf_counter()
   interval_steps = 0
@@ -377,8 +393,8 @@ def train(config: config_lib.TrainConfig, workdir: str | None = None, *,
         interval_start, interval_steps = time.perf_counter(), 0
       if done % config.log_every == 0 or done == end_step:
         check_health()
-        losses = [_host_scalar(m["loss"]) for _, m in pending]
-        grad_norm = _host_scalar(pending[-1][1]["grad_norm"])
+        losses = [host_scalar(m["loss"]) for _, m in pending]
+        grad_norm = host_scalar(pending[-1][1]["grad_norm"])
         elapsed = time.perf_counter() - interval_start
         stage = data_lib.curriculum_stage(config, step)
         entry = {"step": done, "loss": float(np.mean(losses)), "grad_norm": grad_norm,
