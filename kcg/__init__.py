@@ -16,6 +16,7 @@ Public API (implementation lives in `kcg._src`):
 * `kcg.probes`, `kcg.ablations`, `kcg.matching`, `kcg.study`: formal vs learned.
 * `kcg.alignment`: do trained models run KRR, by CG, on their own hidden features (readings of
   phi_l, KRR and candidates on it, kernel alignment, smoother weights, y-linearity, grafting).
+* `kcg.finetune`: from compiled to trained (fine-tuning compiled CG, learning CG from random init).
 * `kcg.analysis`, `kcg.plotting`: compiled-vs-reference comparisons and headless plots.
 """
 
@@ -26,6 +27,7 @@ from kcg import baselines
 from kcg import bounds
 from kcg import evaluation
 from kcg import features
+from kcg import finetune
 from kcg import kernels
 from kcg import matching
 from kcg import plotting
@@ -55,6 +57,6 @@ __version__ = "0.1.0"
 __all__ = [
     "ablations", "alignment", "analysis", "baselines", "evaluation", "matching", "plotting", "probes", "study",
     "CompiledCG", "CompiledState", "Dimensions", "ForwardOutput", "ModelConfig", "Transformer",
-    "bounds", "compile_cg", "compile_chebyshev", "dimensions", "features", "kernels", "problems", "prompt", "routes", "sketch", "solvers",
+    "bounds", "compile_cg", "finetune", "compile_chebyshev", "dimensions", "features", "kernels", "problems", "prompt", "routes", "sketch", "solvers",
     "tasks", "training", "TrainedModel", "load_trained",
 ]
