@@ -48,13 +48,17 @@ def plan(config) -> list[tuple]:
         for mode in config.modes:
           if dtype == "float64" and mode not in config.float64_modes:
             continue
-          lr = config.gains_learning_rate if mode == "gains" else config.learning_rate
+          lr = {"gains": config.gains_learning_rate,
+                "random": config.random_learning_rate}.get(mode, config.learning_rate)
+          warmup = config.random_warmup_steps if mode == "random" else 0
           runs.append((setup, finetune.Run(mode=mode, dtype=dtype, num_steps=int(config.num_steps),
-                                           learning_rate=float(lr), **common)))
+                                           learning_rate=float(lr), warmup_steps=int(warmup),
+                                           **common)))
       if config.imitate:
         runs.append((setup, finetune.Run(mode="random", task="imitate", dtype="float32",
                                          num_steps=int(config.imitate_steps),
-                                         learning_rate=float(config.learning_rate), **common)))
+                                         learning_rate=float(config.random_learning_rate),
+                                         warmup_steps=int(config.random_warmup_steps), **common)))
   return [(f"{s.construction}_t{s.num_steps}_{r.name}", s, r) for s, r in runs]
 
 

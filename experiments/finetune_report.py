@@ -56,6 +56,9 @@ def _summary_row(key: str, r: dict) -> dict:
       "gain_change_end": (last.get("distance") or {}).get("max_gain_change"),
       "teacher_end": last.get("teacher_relative"), "teacher_scaled_end": last.get("teacher_relative_scaled"),
       "teacher_start": first.get("teacher_relative"),
+      "y_nl_median_start": first.get("y_nonlinearity_median"),
+      "y_nl_median_end": last.get("y_nonlinearity_median"),
+      "departure": next((h.get("departure") for h in r["history"] if "departure" in h), None),
   }
 
 
@@ -131,8 +134,13 @@ def _sentences(rows: list[dict], construction: str, t: int) -> list[str]:
       if r is None:
         continue
       if r["diverged_at"] is not None:
+        where = r["departure"] or {}
+        detail = "" if where.get("layer") is None else (
+            f"; the model the non-finite step started from first leaves the compiled one at layer "
+            f"{where['layer']} ({where['name']}), channel {where['channel']} of a {where['token']} token "
+            f"(relative change {_f(where['relative_change'])})")
         out.append(f"{construction}, t={t}, {dtype}: training {_MODE_TEXT[mode]} from the compiled "
-                   f"weights gave a non-finite loss at step {r['diverged_at']} (stopped).")
+                   f"weights gave a non-finite loss at step {r['diverged_at']} (stopped){detail}.")
       else:
         out.append(f"{construction}, t={t}, {dtype}: training {_MODE_TEXT[mode]} ran {r['last_step']} "
                    f"steps; test MSE {_f(r['mse_start'])} -> {_f(r['mse_end'])} (CG_t {_f(r['cg_mse'])}, "
@@ -148,7 +156,8 @@ def _sentences(rows: list[dict], construction: str, t: int) -> list[str]:
             f"{construction}, t={t}, {dtype}, gains (exact at step 0): {r['last_step']} steps; test MSE "
             f"{_f(r['mse_start'])} -> {_f(r['mse_end'])} (CG_t {_f(r['cg_mse'])}, KRR oracle "
             f"{_f(r['krr_mse'])}); R^2 against CG_t {_f(r['cg_r2_start'], 4)} -> {_f(r['cg_r2_end'], 4)} "
-            f"({kept} CG_t); y-nonlinearity {_f(r['y_nl_start'])} -> {_f(r['y_nl_end'])}; the reciprocal "
+            f"({kept} CG_t); y-nonlinearity {_f(r['y_nl_start'])} -> {_f(r['y_nl_end'])} (median over "
+            f"prompts {_f(r['y_nl_median_start'])} -> {_f(r['y_nl_median_end'])}); the reciprocal "
             f"divides to max |s x - 1| = {_f(r['reciprocal_error_max'])} throughout; max |gain - 1| "
             f"{_f(r['gain_change_end'])}.")
   r = by.get(("task", "random", "float32"))
@@ -158,7 +167,8 @@ def _sentences(rows: list[dict], construction: str, t: int) -> list[str]:
     else:
       out.append(f"{construction}, t={t}: random init of the same architecture, {r['last_step']} steps: "
                  f"test MSE {_f(r['mse_start'])} -> {_f(r['mse_end'])}; R^2 against CG_t "
-                 f"{_f(r['cg_r2_end'], 4)}; y-nonlinearity {_f(r['y_nl_end'])}.")
+                 f"{_f(r['cg_r2_end'], 4)}; y-nonlinearity {_f(r['y_nl_end'])} (median "
+                 f"{_f(r['y_nl_median_end'])}).")
   r = by.get(("imitate", "random", "float32"))
   if r is not None:
     if r["diverged_at"] is not None:
@@ -169,7 +179,8 @@ def _sentences(rows: list[dict], construction: str, t: int) -> list[str]:
       out.append(f"{construction}, t={t}: learning CG (random init imitating CG_t), {r['last_step']} "
                  f"steps: relative error against the teacher {_f(r['teacher_start'])} -> "
                  f"{_f(r['teacher_end'])} on held-out prompts, {_f(r['teacher_scaled_end'])} on inputs "
-                 f"scaled by 2; y-nonlinearity {_f(r['y_nl_end'])} (CG_t's own: {_f(cg_index)}).")
+                 f"scaled by 2; y-nonlinearity {_f(r['y_nl_end'])} (median {_f(r['y_nl_median_end'])}; "
+                 f"CG_t's own: {_f(cg_index)}).")
   return out
 
 
@@ -207,12 +218,13 @@ def write(workdir: str, results: dict) -> dict:
              "on a shared machine wall time is inflated by other load).", "", "## Figures", ""]
   report += [f"![{n}]({n})" for n in figures]
   header = ["run", "diverged at", "MSE start", "MSE end", "CG_t MSE", "KRR MSE", "R^2 vs CG_t end",
-            "y-NL start", "y-NL end", "max |sx-1|", "rel. weight dist.", "teacher err end",
+            "y-NL start", "y-NL end", "y-NL median end", "max |sx-1|", "rel. weight dist.", "teacher err end",
             "teacher err (x2)"]
   report += ["", "## All runs", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for r in rows_all:
     values = [r["run"], r["diverged_at"], r["mse_start"], r["mse_end"], r["cg_mse"], r["krr_mse"],
-              r["cg_r2_end"], r["y_nl_start"], r["y_nl_end"], r["reciprocal_error_max"],
+              r["cg_r2_end"], r["y_nl_start"], r["y_nl_end"], r["y_nl_median_end"],
+              r["reciprocal_error_max"],
               r["distance_end"], r["teacher_end"], r["teacher_scaled_end"]]
     report.append("| " + " | ".join(v if isinstance(v, str) else _f(v) for v in values) + " |")
   with open(os.path.join(workdir, "report.md"), "w") as f:

@@ -63,6 +63,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Random init of the compiled architecture (no norm, attention scale 1): small q/k/v keep the
   # cubic layers near the identity.
   config.qkv_init_scale = 0.2
+  # Random init (task and imitation): a smaller step with a warmup (at 1e-3 it diverged in runlocal).
+  config.random_learning_rate = 3e-4
+  config.random_warmup_steps = 50
   # Learning CG: random init trained to imitate CG_t (float32).
   config.imitate = True
   config.imitate_steps = 2000

@@ -205,8 +205,9 @@ def random_model(config: model_lib.ModelConfig, seed: int, qkv_init_scale: float
 
 
 def masked_updates(keep: dict) -> optax.GradientTransformation:
-  """Multiplies each update entry by `keep` (a pure dict of 0/1 arrays, `nnx.to_pure_dict` layout),
-  looked up by the update's own tree path."""
+  """Zeroes the update entries where `keep` (a pure dict of 0/1 arrays, `nnx.to_pure_dict` layout,
+  looked up by the update's own tree path) is 0; `where`, not a product, so that a non-finite update
+  of a frozen entry is still 0."""
 
   def lookup(path):
     node = keep
@@ -218,7 +219,7 @@ def masked_updates(keep: dict) -> optax.GradientTransformation:
   def update(updates, state, params=None):
     del params
     scaled = jax.tree_util.tree_map_with_path(
-        lambda path, u: u * jnp.asarray(lookup(path), u.dtype), updates)
+        lambda path, u: jnp.where(jnp.asarray(lookup(path)) != 0, u, jnp.zeros((), u.dtype)), updates)
     return scaled, state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
@@ -367,7 +368,7 @@ def make_predict(model, setup: Setup, dtype) -> Callable:
 
 
 def reciprocal_error(model, compiled: compiler.CompiledCG, ev: EvalSet, dtype) -> float:
-  """max |s x - 1| over the aggregator's (s, x ~ 1/s) channel pairs after every step's last Newton
+  """`model` (a Transformer of the compiled architecture, or a `GainedTransformer`): max |s x - 1| over the aggregator's (s, x ~ 1/s) channel pairs after every step's last Newton
   layer, on the eval prompts; 0 when the model still divides exactly (in exact arithmetic).
 
   Pairs with s = 0 (nothing to divide) are skipped."""
@@ -394,6 +395,36 @@ def reciprocal_error(model, compiled: compiler.CompiledCG, ev: EvalSet, dtype) -
   return worst
 
 
+def departure(model, compiled: compiler.CompiledCG, ev: EvalSet, dtype, rtol: float = 1e-3) -> dict:
+  """Where `model` first leaves the compiled model on the eval prompts: the first layer whose residual
+  differs from the compiled one by more than rtol (1 + |compiled|) in some entry (or is not finite),
+  its name (`programs.layer_names`), the channel and the token role of the worst entry there.
+  {"layer": None} when no layer departs."""
+  layout = prompt_lib.make_layout(compiled.num_support, ev.x_query.shape[1], compiled.input_dim)
+  cast = lambda a: jnp.asarray(a, dtype)
+  tokens = prompt_lib.encode(layout, cast(ev.x_support), cast(ev.y_support), cast(ev.x_query))
+  residuals = []
+  for m in (model, compiled.model):
+    graphdef, state = nnx.split(m)
+    residuals.append(np.asarray(_forward(graphdef, state, tokens, layout.num_prefix, True).residuals,
+                                np.float64))
+  got, want = residuals
+  with np.errstate(invalid="ignore", over="ignore"):
+    excess = np.where(np.isfinite(got), np.abs(got - want) / (1.0 + np.abs(want)), np.inf)
+  bad = np.nonzero(np.max(excess.reshape(excess.shape[0], -1), axis=1) > rtol)[0]
+  if bad.size == 0:
+    return {"layer": None}
+  layer = int(bad[0])
+  _, token, channel = np.unravel_index(np.argmax(excess[layer]), excess[layer].shape)
+  names = ("embedding",) + programs.layer_names(compiled.program)
+  offsets = np.cumsum([0] + [size for _, size in compiled.program.layout.channels])
+  channel_name = compiled.program.layout.channels[int(np.searchsorted(offsets, channel, "right")) - 1][0]
+  role = ("support" if token < layout.num_support else
+          "aggregator" if token == layout.aggregator_index else "query")
+  return {"layer": layer, "name": names[layer], "channel": channel_name, "token": role,
+          "relative_change": float(excess[layer].max())}
+
+
 def _params(model) -> dict:
   base = model.base if isinstance(model, GainedTransformer) else model
   return jax.tree.map(lambda a: np.asarray(a, np.float64), nnx.to_pure_dict(nnx.state(base, nnx.Param)))
@@ -416,6 +447,8 @@ def weight_distance(model, reference: dict) -> dict:
 
 
 def _relative(a, b) -> float:
+  if not np.all(np.isfinite(a)):
+    return math.inf
   norm = float(np.linalg.norm(b))
   return float(np.linalg.norm(a - b)) / norm if norm > 0 else float(np.linalg.norm(a))
 
@@ -426,7 +459,7 @@ def evaluate(model, compiled: compiler.CompiledCG, setup: Setup, run: Run, ev: E
 
   Keys: mse (against the noiseless f), krr_mse (the oracle's), cg_mse, cg_r2 and cg_relative
   (agreement with CG_t: R^2 = 1 - |f - f_cg|^2 / |f_cg - mean|^2, relative error |f - f_cg| / |f_cg|),
-  y_nonlinearity, reciprocal_error (compiled starts only), distance (compiled starts only) and, for
+  y_nonlinearity (pooled) and y_nonlinearity_median (over prompts), reciprocal_error (compiled starts only), distance (compiled starts only) and, for
   imitation runs, teacher_relative and teacher_relative_scaled (relative error against CG_t on the
   eval prompts and on `scaled`).
   """
@@ -441,11 +474,11 @@ def evaluate(model, compiled: compiler.CompiledCG, setup: Setup, run: Run, ev: E
   out["cg_mse"] = float(np.mean(np.square(ev.cg - ev.f_query)))
   agree = agreement(pred, ev.cg, num_bootstrap=20)
   out["cg_r2"], out["cg_relative"] = agree.r2, agree.relative_distance
-  out["y_nonlinearity"] = y_nonlinearity(predict, ev.x_support, ev.y_support, ev.y_other,
-                                         ev.x_query).index
+  nonlinearity = y_nonlinearity(predict, ev.x_support, ev.y_support, ev.y_other, ev.x_query)
+  out["y_nonlinearity"] = nonlinearity.index
+  out["y_nonlinearity_median"] = float(np.median(nonlinearity.per_prompt))
   if run.mode != "random":
-    out["reciprocal_error"] = reciprocal_error(
-        model.base if isinstance(model, GainedTransformer) else model, compiled, ev, dtype)
+    out["reciprocal_error"] = reciprocal_error(model, compiled, ev, dtype)
     out["distance"] = weight_distance(model, reference)
   if run.task == "imitate":
     out["teacher_relative"] = _relative(pred, ev.cg)
@@ -485,7 +518,8 @@ def train_step(graphdef, data: training.DataSpec, wrt) -> Callable:
       optimizer.update(model, grads)
     return nnx.state((model, optimizer)), {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
-  return jax.jit(step, donate_argnums=0)
+  # No donation: on a non-finite loss `fit` keeps the state the step started from.
+  return jax.jit(step)
 
 
 class FitResult(NamedTuple):
@@ -493,7 +527,8 @@ class FitResult(NamedTuple):
 
   Attributes:
     model: the trained model (a `kcg.Transformer` or a `GainedTransformer`); after a divergence the
-      non-finite one (the checkpoint on disk is the last evaluated finite one).
+      one whose loss was not finite (its weights are finite; the checkpoint on disk is the last
+      evaluated one).
     history: evaluation records `{"step", "train_loss", **evaluate(...)}`, step 0 first.
     diverged_at: the first step whose training loss was not finite (the run stopped there), or None.
     compiled: the compiled starting point (in the run's dtype).
@@ -506,11 +541,12 @@ class FitResult(NamedTuple):
 
 
 def fit(setup: Setup, run: Run, directory: str | None = None, *, num_eval_prompts: int = 64,
+        stop_at_step: int | None = None,
         log: Callable[[str], None] = lambda message: None) -> FitResult:
   """Trains `run` from its start; with a directory, checkpoints there at every evaluation and resumes.
 
   A non-finite training loss stops the run at once (recorded as `diverged_at`; the checkpoint on disk
-  stays the last evaluated finite one).
+  stays the last evaluated finite one). `stop_at_step` stops there, checkpointed, as if killed.
   """
   from kcg._src import checkpointing  # the training loop's checkpoint format
   import json
@@ -576,20 +612,29 @@ def fit(setup: Setup, run: Run, directory: str | None = None, *, num_eval_prompt
       history.append(evaluate_now(0, None))
       save(0)
     losses = []
-    for step in range(start, run.num_steps if diverged_at is None else start):
-      state, metrics = step_fn(state, batch_at(step))
+    end = run.num_steps if stop_at_step is None else min(run.num_steps, int(stop_at_step))
+    for step in range(start, end if diverged_at is None else start):
+      new_state, metrics = step_fn(state, batch_at(step))
       loss = float(metrics["loss"])
       if not math.isfinite(loss):
         diverged_at = step
         log(f"{run.name}: non-finite training loss at step {step}; stopped")
-        history.append({"step": step, "train_loss": loss, "finite": False})
+        record = {"step": step, "train_loss": loss, "finite": False}
+        if run.mode != "random":
+          model_now, _ = nnx.merge(graphdef, state)
+          record["departure"] = departure(model_now, compiled, ev, dtype)
+          log(f"{run.name}: departs from the compiled model at {record['departure']}")
+        history.append(record)
         save(None)
         break
+      state = new_state
       losses.append(loss)
       done = step + 1
       if done % run.eval_every == 0 or done == run.num_steps:
         history.append(evaluate_now(done, float(np.mean(losses))))
         losses = []
+        save(done)
+      elif done == end:
         save(done)
   finally:
     if manager is not None:
