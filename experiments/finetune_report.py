@@ -37,6 +37,10 @@ def _clean(x):
   return x
 
 
+def _article(word: str) -> str:
+  return ("an " if word[:1] in "aeiou" else "a ") + word
+
+
 def _evals(record: dict) -> list[dict]:
   return [h for h in record["history"] if h.get("finite", True) and "mse" in h]
 
@@ -52,6 +56,9 @@ def _summary_row(key: str, r: dict) -> dict:
       "cg_mse": last.get("cg_mse"), "cg_r2_start": first.get("cg_r2"), "cg_r2_end": last.get("cg_r2"),
       "y_nl_start": first.get("y_nonlinearity"), "y_nl_end": last.get("y_nonlinearity"),
       "reciprocal_error_max": max(recip) if recip else None,
+      "reciprocal_error_median_end": last.get("reciprocal_error_median"),
+      "reciprocal_breaks_at": next((h["step"] for h in evals
+                                    if (h.get("reciprocal_error") or 0.0) > 1e-3), None),
       "distance_end": (last.get("distance") or {}).get("relative_l2"),
       "gain_change_end": (last.get("distance") or {}).get("max_gain_change"),
       "teacher_end": last.get("teacher_relative"), "teacher_scaled_end": last.get("teacher_relative_scaled"),
@@ -59,6 +66,7 @@ def _summary_row(key: str, r: dict) -> dict:
       "y_nl_median_start": first.get("y_nonlinearity_median"),
       "y_nl_median_end": last.get("y_nonlinearity_median"),
       "departure": next((h.get("departure") for h in r["history"] if "departure" in h), None),
+      "blowup": next((h.get("blowup") for h in r["history"] if "blowup" in h), None),
   }
 
 
@@ -137,8 +145,13 @@ def _sentences(rows: list[dict], construction: str, t: int) -> list[str]:
         where = r["departure"] or {}
         detail = "" if where.get("layer") is None else (
             f"; the model the non-finite step started from first leaves the compiled one at layer "
-            f"{where['layer']} ({where['name']}), channel {where['channel']} of a {where['token']} token "
+            f"{where['layer']} ({where['name']}), channel {where['channel']} of {_article(where['token'])} token "
             f"(relative change {_f(where['relative_change'])})")
+        blow = r["blowup"] or {}
+        if blow.get("layer") is not None:
+          detail += (f"; the first change above 1e6 (relative) is at layer {blow['layer']} "
+                     f"({blow['name']}), channel {blow['channel']} of {_article(blow['token'])} token "
+                     f"({_f(blow['relative_change'])})")
         out.append(f"{construction}, t={t}, {dtype}: training {_MODE_TEXT[mode]} from the compiled "
                    f"weights gave a non-finite loss at step {r['diverged_at']} (stopped){detail}.")
       else:
@@ -151,15 +164,21 @@ def _sentences(rows: list[dict], construction: str, t: int) -> list[str]:
       if r["diverged_at"] is not None:
         out.append(f"{construction}, t={t}, {dtype}, gains: non-finite loss at step {r['diverged_at']}.")
       else:
-        kept = "kept" if (r["cg_r2_end"] or -1) > 0.99 else "left"
+        kept = "within R^2 0.99 of" if (r["cg_r2_end"] or -1) > 0.99 else "below R^2 0.99 against"
+        if r["reciprocal_breaks_at"] is None:
+          division = (f"the division still divides (max |s x - 1| = {_f(r['reciprocal_error_max'])} over "
+                      "training)")
+        else:
+          division = (f"the division stops dividing: max |s x - 1| > 1e-3 from step "
+                      f"{r['reciprocal_breaks_at']}, {_f(r['reciprocal_error_max'])} at worst, median "
+                      f"{_f(r['reciprocal_error_median_end'])} at the end")
         out.append(
             f"{construction}, t={t}, {dtype}, gains (exact at step 0): {r['last_step']} steps; test MSE "
             f"{_f(r['mse_start'])} -> {_f(r['mse_end'])} (CG_t {_f(r['cg_mse'])}, KRR oracle "
             f"{_f(r['krr_mse'])}); R^2 against CG_t {_f(r['cg_r2_start'], 4)} -> {_f(r['cg_r2_end'], 4)} "
             f"({kept} CG_t); y-nonlinearity {_f(r['y_nl_start'])} -> {_f(r['y_nl_end'])} (median over "
-            f"prompts {_f(r['y_nl_median_start'])} -> {_f(r['y_nl_median_end'])}); the reciprocal "
-            f"divides to max |s x - 1| = {_f(r['reciprocal_error_max'])} throughout; max |gain - 1| "
-            f"{_f(r['gain_change_end'])}.")
+            f"prompts {_f(r['y_nl_median_start'])} -> {_f(r['y_nl_median_end'])}); {division}; "
+            f"max |gain - 1| {_f(r['gain_change_end'])}.")
   r = by.get(("task", "random", "float32"))
   if r is not None:
     if r["diverged_at"] is not None:

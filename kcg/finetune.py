@@ -29,7 +29,9 @@ from kcg._src.finetune import make_predict
 from kcg._src.finetune import make_tx
 from kcg._src.finetune import masked_updates
 from kcg._src.finetune import random_model
+from kcg._src.finetune import departure
 from kcg._src.finetune import reciprocal_error
+from kcg._src.finetune import reciprocal_errors
 from kcg._src.finetune import reciprocal_mask
 from kcg._src.finetune import reciprocal_parts
 from kcg._src.finetune import start_model
@@ -39,6 +41,6 @@ from kcg._src.finetune import weight_distance
 __all__ = (
     "CONSTRUCTIONS", "MODES", "TASKS", "EvalSet", "FitResult", "Gain", "GainedTransformer", "Run",
     "Setup", "compile_setup", "eval_set", "evaluate", "fit", "imitation_batch_fn", "make_predict",
-    "make_tx", "masked_updates", "random_model", "reciprocal_error", "reciprocal_mask",
+    "make_tx", "masked_updates", "random_model", "departure", "reciprocal_error", "reciprocal_errors", "reciprocal_mask",
     "reciprocal_parts", "start_model", "train_step", "weight_distance",
 )

@@ -367,7 +367,7 @@ def make_predict(model, setup: Setup, dtype) -> Callable:
   return predict
 
 
-def reciprocal_error(model, compiled: compiler.CompiledCG, ev: EvalSet, dtype) -> float:
+def reciprocal_errors(model, compiled: compiler.CompiledCG, ev: EvalSet, dtype) -> np.ndarray:
   """`model` (a Transformer of the compiled architecture, or a `GainedTransformer`): max |s x - 1| over the aggregator's (s, x ~ 1/s) channel pairs after every step's last Newton
   layer, on the eval prompts; 0 when the model still divides exactly (in exact arithmetic).
 
@@ -385,14 +385,20 @@ def reciprocal_error(model, compiled: compiler.CompiledCG, ev: EvalSet, dtype) -
   graphdef, state = nnx.split(model)
   residuals = _forward(graphdef, state, tokens, layout.num_prefix, True).residuals
   at_agg = np.asarray(residuals[np.asarray(layers), :, layout.aggregator_index], np.float64)
-  worst = 0.0
+  errors = []
   for s_name, x_name in pairs:
     s = at_agg[..., program.layout.slice(s_name)]
     x = at_agg[..., program.layout.slice(x_name)]
-    err = np.abs(s * x - 1.0)[s != 0]
-    if err.size:
-      worst = max(worst, float(np.max(err)) if np.all(np.isfinite(err)) else math.inf)
-  return worst
+    with np.errstate(invalid="ignore", over="ignore"):
+      err = np.abs(s * x - 1.0)[s != 0]
+    errors.append(np.where(np.isfinite(err), err, np.inf))
+  return np.concatenate(errors)
+
+
+def reciprocal_error(model, compiled: compiler.CompiledCG, ev: EvalSet, dtype) -> float:
+  """The largest of `reciprocal_errors`: max |s x - 1| over pairs, steps and prompts (0.0 if none)."""
+  errors = reciprocal_errors(model, compiled, ev, dtype)
+  return float(np.max(errors)) if errors.size else 0.0
 
 
 def departure(model, compiled: compiler.CompiledCG, ev: EvalSet, dtype, rtol: float = 1e-3) -> dict:
@@ -434,7 +440,7 @@ def weight_distance(model, reference: dict) -> dict:
   """Distance of the (base) weights from `reference` (pure dict): relative L2, max |delta|, and the
   number of entries that changed; for a `GainedTransformer`, also max |gain - 1|."""
   now = jax.tree.leaves(_params(model))
-  ref = jax.tree.leaves(reference)
+  ref = [np.asarray(b, np.float64) for b in jax.tree.leaves(reference)]
   diff2 = sum(float(np.sum(np.square(a - b))) for a, b in zip(now, ref))
   ref2 = sum(float(np.sum(np.square(b))) for b in ref)
   out = {"relative_l2": math.sqrt(diff2 / ref2) if ref2 > 0 else math.sqrt(diff2),
@@ -459,7 +465,8 @@ def evaluate(model, compiled: compiler.CompiledCG, setup: Setup, run: Run, ev: E
 
   Keys: mse (against the noiseless f), krr_mse (the oracle's), cg_mse, cg_r2 and cg_relative
   (agreement with CG_t: R^2 = 1 - |f - f_cg|^2 / |f_cg - mean|^2, relative error |f - f_cg| / |f_cg|),
-  y_nonlinearity (pooled) and y_nonlinearity_median (over prompts), reciprocal_error (compiled starts only), distance (compiled starts only) and, for
+  y_nonlinearity (pooled) and y_nonlinearity_median (over prompts), reciprocal_error and
+  reciprocal_error_median (max and median of `reciprocal_errors`) (compiled starts only), distance (compiled starts only) and, for
   imitation runs, teacher_relative and teacher_relative_scaled (relative error against CG_t on the
   eval prompts and on `scaled`).
   """
@@ -478,7 +485,9 @@ def evaluate(model, compiled: compiler.CompiledCG, setup: Setup, run: Run, ev: E
   out["y_nonlinearity"] = nonlinearity.index
   out["y_nonlinearity_median"] = float(np.median(nonlinearity.per_prompt))
   if run.mode != "random":
-    out["reciprocal_error"] = reciprocal_error(model, compiled, ev, dtype)
+    errors = reciprocal_errors(model, compiled, ev, dtype)
+    out["reciprocal_error"] = float(np.max(errors)) if errors.size else 0.0
+    out["reciprocal_error_median"] = float(np.median(errors)) if errors.size else 0.0
     out["distance"] = weight_distance(model, reference)
   if run.task == "imitate":
     out["teacher_relative"] = _relative(pred, ev.cg)
@@ -623,7 +632,9 @@ def fit(setup: Setup, run: Run, directory: str | None = None, *, num_eval_prompt
         if run.mode != "random":
           model_now, _ = nnx.merge(graphdef, state)
           record["departure"] = departure(model_now, compiled, ev, dtype)
-          log(f"{run.name}: departs from the compiled model at {record['departure']}")
+          record["blowup"] = departure(model_now, compiled, ev, dtype, rtol=1e6)
+          log(f"{run.name}: departs from the compiled model at {record['departure']}, by more than "
+              f"1e6 at {record['blowup']}")
         history.append(record)
         save(None)
         break
