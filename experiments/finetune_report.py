@@ -75,7 +75,7 @@ def _figure(path: str, groups: dict, construction: str, t: int) -> None:
   from matplotlib.figure import Figure
   from matplotlib.ticker import MaxNLocator
 
-  figure = Figure(figsize=(11, 3.8))
+  figure = Figure(figsize=(11, 4.6))
   FigureCanvasAgg(figure)
   loss_ax, agree_ax, ynl_ax = figure.subplots(1, 3)
   reference = None
@@ -102,9 +102,11 @@ def _figure(path: str, groups: dict, construction: str, t: int) -> None:
     ax.set_ylabel(ylabel, fontsize=8)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=5))
     ax.grid(True, alpha=0.3)
-  loss_ax.legend(fontsize=6, loc="best")
+  handles, labels = loss_ax.get_legend_handles_labels()
   figure.suptitle(f"{construction}, t = {t}: from compiled weights vs from random init", fontsize=9)
-  figure.tight_layout()
+  figure.tight_layout(rect=(0, 0.16, 1, 1))
+  # Below the panels, so that it hides no data.
+  figure.legend(handles, labels, loc="lower center", ncol=4, fontsize=7, frameon=False)
   figure.savefig(path, dpi=110)
 
 

@@ -11,21 +11,22 @@ resumes.
 Scales (`--config=experiments/configs/finetune.py[:runlocal|:smoke]`):
 
 * default (full): t = 2, 4, 6, 8; d = 6, k = 12, q = 4, noise 0.3; 2000 steps of batch 32; every mode
-  in float32 and float64; imitation 2000 steps. Not measured on the shared CPU (an estimate from
-  runlocal's per-step cost: about 2 hours on 2 idle cores; a GPU is not needed).
+  in float32 and float64; imitation 2000 steps (72 runs). Not run yet: its runtime is unmeasured
+  (runlocal's 14 runs of 300 steps take ~4 CPU minutes, mostly compilation; expect hours on 2 cores).
 
       python -m experiments.finetune --config=experiments/configs/finetune.py --workdir=/tmp/ft
 
 * `runlocal`: t = 2, d = 3, k = 6, q = 4; 300 steps (eval every 50); modes in float32, plain and
-  gains also in float64; imitation 300 steps. Measured: see RUNTIME below.
+  gains also in float64; imitation 300 steps (14 runs). Measured 2026-12-05 on the shared 2-core
+  machine under load (load average 15-27): 239 s CPU (user), 14 min wall, peak RSS 1.35 GB; the wall
+  time on idle cores should be close to the CPU time.
 
       python -m experiments.finetune --config=experiments/configs/finetune.py:runlocal --workdir=/tmp/ftl
 
 * `smoke`: one construction, t = 1, modes plain and gains and the imitation, 6 steps, float32: the
   fast test.
 
-RUNTIME (runlocal, shared 2-core machine under load from other developers): see report.md's timing
-line; measured 2026-12-05 in the commit that added this file.
+report.md ends its summary with the run's own wall and CPU seconds.
 """
 
 from __future__ import annotations
