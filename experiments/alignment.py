@@ -23,17 +23,14 @@ import time
 import zlib
 from typing import Any
 
-from absl import app
-from absl import flags
 from absl import logging
-from ml_collections import config_flags
+
+from experiments import _cli
 
 ARCHITECTURES = ("gpt", "fts", "lsa")
 NONLINEAR_TASKS = ("relu_network", "kernel_prior", "logistic")
 TASKS = ("linear",) + NONLINEAR_TASKS
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Alignment config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for report.md, results.json, figures, models.")
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "alignment.py")
 
 
 def parse_model(name: str) -> tuple[str, int]:
@@ -285,16 +282,16 @@ def run(config, workdir: str) -> dict:
   return results
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+def main(config, workdir: str) -> dict:
+  """The binary: float64 on, orbax's per-save log lines off, then `run`."""
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_enable_x64", True)
   logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
-  run(_CONFIG.value, _WORKDIR.value)
-  logging.info("Report written to %s", os.path.join(_WORKDIR.value, "report.md"))
+  results = run(config, workdir)
+  logging.info("Report written to %s", os.path.join(workdir, "report.md"))
+  return results
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  _cli.run_main(main, _DEFAULT_CONFIG,
+                "report.md, results.json, the figures and the trained models")

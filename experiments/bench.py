@@ -1,7 +1,7 @@
-r"""Benchmark (issue 7): compiled CG transformer forwards against CG written directly in JAX.
+r"""Benchmark: compiled CG transformer forwards against CG written directly in JAX.
 
-  python -m experiments.bench --workdir=/tmp/kcg/bench          # default grid, ~10 min on 2 cores
-  python -m experiments.bench --smoke --workdir=/tmp/kcg/smoke  # ~30 s (run by the tests)
+  python -m experiments.bench --workdir=/tmp/kcg/bench          # default grid
+  python -m experiments.bench --smoke --workdir=/tmp/kcg/smoke  # tiny grid (run by the tests)
 
 Every method maps the same prompts `(x_support [B,k,p], y_support [B,k], x_query [B,q,p])`, float32,
 matmuls at `Precision.HIGHEST`, to t-step predictions `[B, q]`; each is `jax.jit`-ed, called once to
@@ -16,7 +16,14 @@ compile (the first-call time is kept), then timed with `jax.block_until_ready`:
   compiled_dual_prefix     `kcg.compile_cg(k, p, t, ridge, mask="prefix").predict`.
   compiled_primal_causal   `kcg.compile_cg(k, p, t, ridge, form="primal").predict` (causal mask).
 
-See experiments/configs/bench.py for the sections and grid, BENCHMARKS.md for a run's results.
+Sections "train" and "training_throughput" (experiments/bench_training.py) time training steps:
+kcg's gpt_icl step against a Flax NNX GPT and PyTorch + Hugging Face GPT2Model (the optional
+`pip install -e ".[bench]"`; without it those rows are skipped and the output says so):
+
+  python -m experiments.bench --sections=training_throughput --workdir=/tmp/kcg/tput
+
+See experiments/configs/bench.py for the sections, grid and runtime, BENCHMARKS.md for a run's
+results and timings.
 """
 
 from __future__ import annotations
@@ -32,18 +39,16 @@ import sys
 import time
 from typing import Callable, NamedTuple
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
-from ml_collections import config_flags
 import numpy as np
 from flax import nnx
-import optax
 
+from experiments import _cli
 import kcg
+from experiments import bench_training
 from kcg._src import model as model_lib
-from kcg._src import prompt as prompt_lib
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "bench.py")
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -516,79 +521,6 @@ def run_ablation(config) -> list[dict]:
   return rows
 
 
-def run_train(config) -> list[dict]:
-  """Training steps of the GPT-style config with kcg.Transformer + optax.adamw, per compute dtype."""
-  tc = config.train
-  layout = prompt_lib.make_interleaved_layout(tc.num_points, tc.input_dim)
-  rng = np.random.default_rng(config.seed)
-  x = rng.standard_normal((tc.batch_size, tc.num_points, tc.input_dim)).astype(np.float32)
-  w = rng.standard_normal((tc.batch_size, tc.input_dim)).astype(np.float32)
-  y = np.einsum("bnd,bd->bn", x, w) / np.float32(np.sqrt(tc.input_dim))
-  tokens32 = prompt_lib.encode_interleaved(layout, jnp.asarray(x), jnp.asarray(y))
-  targets = jnp.asarray(y, jnp.float32)
-  rows = []
-  for compute in tc.compute_dtypes:
-    compute_dtype = jnp.dtype(compute)
-    model_config = model_lib.ModelConfig(
-        token_dim=layout.token_dim, width=tc.width, num_layers=tc.num_layers,
-        num_heads=tc.num_heads, head_dim=tc.head_dim, mlp_hidden=tc.mlp_hidden,
-        attention="softmax", activation="gelu", norm="layernorm", mask="causal",
-        precision="default", param_dtype=jnp.float32)
-    model = model_lib.Transformer(model_config, rngs=nnx.Rngs(config.seed))
-    # As experiments/configs/gpt_icl.py: AdamW, constant learning rate, gradient clipping at 1.
-    tx = optax.chain(optax.clip_by_global_norm(tc.clip_norm), optax.adamw(tc.learning_rate))
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    params = sum(a.size for a in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    graphdef, state = nnx.split((model, optimizer))
-    tokens = tokens32.astype(compute_dtype)
-
-    @functools.partial(jax.jit, donate_argnums=0)
-    def train_step(state, tokens, targets, graphdef=graphdef):
-      model, optimizer = nnx.merge(graphdef, state)
-
-      def loss_fn(model):
-        outputs = model(tokens).outputs  # computed in the tokens' dtype; float32 master params
-        predictions = outputs[:, 0::2, 0].astype(jnp.float32)
-        return jnp.mean(jnp.square(predictions - targets))
-      loss, grads = nnx.value_and_grad(loss_fn)(model)
-      # optax's bias correction mixes Python floats and int32 counts: allow that promotion even
-      # when the caller (the test suite) runs jax_numpy_dtype_promotion="strict".
-      with jax.numpy_dtype_promotion("standard"):
-        optimizer.update(model, grads)
-      return nnx.state((model, optimizer)), loss
-
-    start = time.perf_counter()
-    state, loss = train_step(state, tokens, targets)
-    losses = [float(loss)]
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(tc.steps):
-      start = time.perf_counter()
-      state, loss = jax.block_until_ready(train_step(state, tokens, targets))
-      times.append(time.perf_counter() - start)
-      losses.append(float(loss))
-    row = {"compute_dtype": compute, "param_dtype": "float32", "layers": tc.num_layers,
-           "width": tc.width, "heads": tc.num_heads, "mlp_hidden": tc.mlp_hidden,
-           "tokens": 2 * tc.num_points, "batch": tc.batch_size, "params": int(params),
-           "first_step_s": first, "step_s": min(times), "median_step_s": statistics.median(times),
-           "losses": losses}
-    rows.append(row)
-    print(f"[train] GPT-style {tc.num_layers}L w{tc.width} h{tc.num_heads}, B={tc.batch_size}, "
-          f"T={2 * tc.num_points}, {compute} compute: step {min(times) * 1e3:.0f} ms (first "
-          f"{first:.1f} s); loss {losses[0]:.4f} -> {losses[-1]:.4f}")
-  if len(rows) > 1:
-    # Same initial parameters and batch: the first loss differs only by the compute dtype.
-    ref = np.asarray(rows[0]["losses"])
-    for row in rows[1:]:
-      losses = np.asarray(row["losses"])
-      row["initial_loss_rel_diff_vs_first"] = float(abs(losses[0] - ref[0]) / abs(ref[0]))
-      row["max_rel_loss_diff_vs_first"] = float(np.max(np.abs(losses - ref) / np.abs(ref)))
-      print(f"[train] {row['compute_dtype']} vs {rows[0]['compute_dtype']}: initial loss differs by "
-            f"{row['initial_loss_rel_diff_vs_first']:.1e} (relative), the {tc.steps}-step "
-            f"trajectory by at most {row['max_rel_loss_diff_vs_first']:.1e}")
-  return rows
-
-
 # ---------------------------------------------------------------------------------------------
 # Reporting.
 
@@ -662,30 +594,25 @@ def linearity(rows: list[dict]) -> dict[str, float]:
 
 
 def plot_time_vs_k(path: str, rows: list[dict]) -> None:
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
-
   curves = _sweep_per_prompt(rows)
-  figure = Figure(figsize=(6.4, 4.6))
-  FigureCanvasAgg(figure)
-  axes = figure.add_subplot()
-  for method, pts in curves.items():
+  figure, ((axes,),) = kcg.plotting.new_figure(size=(6.4, 4.6))
+  for i, (method, pts) in enumerate(curves.items()):
     ks, ts = zip(*pts)
-    axes.loglog(ks, np.asarray(ts) * 1e3, marker="o", label=method)
+    axes.loglog(ks, np.asarray(ts) * 1e3, "-", label=method, **kcg.plotting.line_style(i))
   sweep = [r for r in rows if r["kind"] == "sweep"]
   if sweep:
     ks = np.asarray(sorted({r["num_support"] for r in sweep}), np.float64)
     t_ref = max(pts[0][1] for pts in curves.values()) * 1e3
-    axes.loglog(ks, t_ref * ks / ks[0], "k--", alpha=0.4, label="slope 1 (linear in k)")
+    axes.loglog(ks, t_ref * ks / ks[0], "--", alpha=0.4, label="slope 1 (linear in k)",
+                **kcg.plotting.REFERENCE)
     first = sweep[0]
     axes.set_title(f"time per prompt vs k (p={first['feature_dim']}, t={first['num_steps']}, "
                    f"B={first['batch']} or less; {jax.default_backend()})", fontsize=9)
   axes.set_xlabel("supports k")
-  axes.set_ylabel("ms per prompt")
+  axes.set_ylabel("time per prompt (ms)")
   axes.grid(True, which="both", alpha=0.3)
-  axes.legend(fontsize=7)
-  figure.tight_layout()
-  figure.savefig(path, dpi=120)
+  kcg.plotting.add_legend(axes)
+  kcg.plotting.save_figure(figure, path)
 
 
 def markdown_report(results: dict) -> str:
@@ -731,6 +658,9 @@ def markdown_report(results: dict) -> str:
                    f"{r['batch']} | {r['tokens']} | {_fmt_s(r['step_s'])} | "
                    f"{_fmt_s(r['first_step_s'])} | {r['losses'][0]:.4f} -> {r['losses'][-1]:.4f} |")
     parts.append("")
+  if "training_throughput" in results:
+    parts += ["Training throughput:", "",
+              bench_training.format_table(results["training_throughput"]), ""]
   return "\n".join(parts)
 
 
@@ -740,7 +670,8 @@ def run(config, workdir: str, *, points: list[str] | None = None,
   start = time.time()
   os.makedirs(workdir, exist_ok=True)
   sections = list(sections or config.sections)
-  unknown = set(sections) - {"probe", "forward", "compile", "attention", "ablation", "train"}
+  unknown = set(sections) - {"probe", "forward", "compile", "attention", "ablation", "train",
+                             "training_throughput"}
   if unknown:
     raise ValueError(f"Unknown sections {sorted(unknown)}.")
   unknown = set(config.methods) - set(BASELINES) - set(COMPILED)
@@ -767,7 +698,10 @@ def run(config, workdir: str, *, points: list[str] | None = None,
   if "ablation" in sections:
     results["ablation"] = run_ablation(config)
   if "train" in sections:
-    results["train"] = run_train(config)
+    results["train"] = bench_training.run_train(config)
+  if "training_throughput" in sections:
+    results["training_throughput"] = bench_training.run_training_throughput(config.throughput)
+    print(bench_training.format_table(results["training_throughput"]))
   results["machine"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
   results["runtime_s"] = time.time() - start
   with open(os.path.join(workdir, "bench.json"), "w") as f:
@@ -778,28 +712,29 @@ def run(config, workdir: str, *, points: list[str] | None = None,
   return results
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS.workdir:
-    raise app.UsageError("--workdir is required.")
-  config = flags.FLAGS.config
-  if flags.FLAGS.smoke:
-    from experiments.configs import bench as bench_config
+def _flags() -> dict[str, flags.FlagHolder]:
+  return {
+      "smoke": flags.DEFINE_bool("smoke", False,
+                                 "Tiny grid that runs in seconds (the config's 'smoke' variant)."),
+      "points": flags.DEFINE_list("points", None,
+                                  "Grid points BxKxPxT replacing the sweep and the targets."),
+      "sections": flags.DEFINE_list("sections", None, "Sections to run (default: all in the config)."),
+      "methods": flags.DEFINE_list("methods", None, "Methods of the forward section (default: all; "
+                                   "plain_cg is always timed, as the baseline)."),
+  }
+
+
+def main(config, workdir: str, *, smoke: bool = False, points: list[str] | None = None,
+         sections: list[str] | None = None, methods: list[str] | None = None) -> dict:
+  """The binary: `--smoke` swaps in the smoke config, `--methods` narrows it, then `run`."""
+  if smoke:
+    from experiments.configs import bench as bench_config  # pylint: disable=g-import-not-at-top
     config = bench_config.get_config("smoke")
-  if flags.FLAGS.methods:
-    config.methods = tuple(flags.FLAGS.methods)
-  run(config, flags.FLAGS.workdir, points=flags.FLAGS.points, sections=flags.FLAGS.sections,
-      command="python -m experiments.bench " + " ".join(sys.argv[1:]))
+  if methods:
+    config.methods = tuple(methods)
+  return run(config, workdir, points=points, sections=sections,
+             command="python -m experiments.bench " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":
-  config_flags.DEFINE_config_file(
-      "config", _DEFAULT_CONFIG, "Benchmark config (append ':smoke' for the tiny variant).")
-  flags.DEFINE_string("workdir", None, "Directory for bench.json, bench.md and time_vs_k.png.")
-  flags.DEFINE_bool("smoke", False, "Tiny grid that runs in seconds (the config's 'smoke' variant).")
-  flags.DEFINE_list("points", None, "Grid points BxKxPxT replacing the sweep and the targets.")
-  flags.DEFINE_list("sections", None, "Sections to run (default: all in the config).")
-  flags.DEFINE_list("methods", None, "Methods of the forward section (default: all; plain_cg is "
-                    "always timed, as the baseline).")
-  app.run(main)
+  _cli.run_main(main, _DEFAULT_CONFIG, "bench.json, bench.md and time_vs_k.png", extra_flags=_flags)

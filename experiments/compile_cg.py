@@ -19,8 +19,8 @@ import numpy as np
 from experiments import _cli
 
 import kcg
-from kcg._src import analysis
-from kcg._src import plotting
+from kcg import analysis
+from kcg import plotting
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "compile_cg.py")
 

@@ -34,21 +34,18 @@ from typing import Any, NamedTuple
 from absl import logging
 import jax
 import jax.numpy as jnp
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 import numpy as np
 
 from experiments import _cli
 from kcg import bounds
 from kcg import features
+from kcg import plotting
 from kcg import solvers
 from kcg import tasks
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "reference_convergence.py")
 
 SOLVERS = ("cg", "pcg", "gd", "chebyshev")
-# Errors are plotted on a log scale; exact zeros are drawn at this floor.
-_PLOT_FLOOR = 1e-17
 
 
 class Convergence(NamedTuple):
@@ -116,21 +113,10 @@ def format_table(convergence: Convergence, every: int) -> str:
 
 def plot_convergence(convergence: Convergence, path: str, title: str) -> None:
   """Log-scale relative error against t, one line per solver, the CG bound dashed; saved as PNG."""
-  figure = Figure(figsize=(6.4, 4.4))
-  FigureCanvasAgg(figure)  # Headless: render with Agg, never a GUI backend.
-  axes = figure.add_subplot()
-  steps = np.arange(len(convergence.cg_bound))
-  for name in SOLVERS:
-    axes.semilogy(steps, np.maximum(convergence.relative_error[name], _PLOT_FLOOR), marker=".",
-                  label=name)
-  axes.semilogy(steps, np.maximum(convergence.cg_bound, _PLOT_FLOOR), "k--", label="CG bound")
-  axes.set_xlabel("step t")
-  axes.set_ylabel("relative error vs KRR oracle")
-  axes.set_title(title, fontsize=9)
-  axes.grid(True, which="both", alpha=0.3)
-  axes.legend()
-  figure.tight_layout()
-  figure.savefig(path, dpi=120)
+  plotting.error_curves(
+      path, {name: convergence.relative_error[name] for name in SOLVERS},
+      dashed={"CG bound": convergence.cg_bound}, xlabel="step t",
+      ylabel="relative error vs KRR oracle", title=title)
 
 
 def run(config, workdir: str) -> dict:

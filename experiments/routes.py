@@ -18,9 +18,9 @@ import numpy as np
 from experiments import _cli
 
 import kcg
-from kcg._src import plotting
-from kcg._src import routes
-from kcg._src import sketch
+from kcg import plotting
+from kcg import routes
+from kcg import sketch
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "routes.py")
 
@@ -80,7 +80,7 @@ def _multi_output(config, results) -> dict:
 
 
 def _prenorm(config, results) -> None:
-  """RMSNorm: bit-for-bit equal outputs; LayerNorm: where the compiled CG departs."""
+  """RMSNorm: bit-for-bit equal outputs (float64); LayerNorm: where the compiled CG departs."""
   xs, ys, xq = _problems(config.seed + 4, 1, config.num_support, config.feature_dim, config.num_query)
   plain = kcg.compile_cg(config.num_support, config.feature_dim, config.num_steps, config.ridge,
                          mask="causal")
@@ -176,7 +176,8 @@ def run(config, workdir: str) -> dict:
       ylabel="relative error vs KRR oracle", title="Compiled Chebyshev (exact bounds) vs compiled CG")
   plotting.error_curves(
       os.path.join(workdir, "width.png"), width_curves, dashed=width_bounds,
-      x=width_x, xlabel=f"width m < p of the feature channels (p = {config.width_feature_dim})",
+      x=width_x, integer_x=True,
+      xlabel=f"width m < p of the feature channels (p = {config.width_feature_dim})",
       ylabel="relative error vs full KRR",
       title="Width m < p: compiled width-m model vs the sketch bound and the spectral tail")
   plotting.error_curves(

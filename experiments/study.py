@@ -7,31 +7,43 @@ CG transformers with `kcg.compile_cg`, and runs the library functions of `kcg.st
 `kcg.ablations` and `kcg.matching` on both: error vs depth against compiled CG, PCG and Chebyshev
 and reference GD at t = L (also with models trained afresh across input condition numbers and
 ridges, `depth_sweeps`), the depth, ridge, condition-number and temperature laws, failure modes,
-the feature-perturbation (S4) and width bounds, probes with controls, ablations against the damaged
+the feature-perturbation and width bounds, probes with controls, ablations against the damaged
 algorithms (CG, PCG, Chebyshev, softmax Route A), and layer-wise algorithm matching.
 See experiments/configs/study.py for the scales and their runtimes. Analyses run in float64 (the
 models train in float32 and are evaluated in float64).
+
+Each section is a function of what it reads (the config, the study's ridge, its PRNG key, the
+prompts, the trained models) that writes its part of the report and returns its summary lines.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
-from absl import app
-from absl import flags
 from absl import logging
-from ml_collections import config_flags
+import jax
+
+from experiments import _cli
+from experiments._report import Report
+import kcg
+from kcg import features
+from kcg import probes
+from kcg import study
+from kcg import tasks
+from kcg import training
 
 SECTIONS = ("depth_comparison", "depth_sweeps", "depth_law", "ridge_sweep", "condition_sweep",
             "temperature_sweep", "failure_modes", "feature_perturbation", "width_sweep", "compiled",
             "trained")
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Study config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for report.md, results.json and figures.")
+# The PRNG streams of the study, one per use (`jax.random.split` of the seed's key, in this order).
+KEY_NAMES = ("eval", "fit", "laws", "probes", "match", "features", "compiled")
+# {(attention, depth L): the trained model as a probe subject}.
+Trained = Mapping[tuple[str, int], probes.Subject]
 
 
 def _ridge(config) -> float:
@@ -41,8 +53,7 @@ def _ridge(config) -> float:
   return max(float(config.task.noise_std) ** 2 * config.task.input_dim, 1e-3)
 
 
-def _task(config, batch_size: int):
-  from kcg import tasks  # pylint: disable=g-import-not-at-top
+def _task(config, batch_size: int) -> tasks.TaskConfig:
   t = config.task
   return tasks.TaskConfig(family=t.family, input_dim=t.input_dim, num_support=t.num_support,
                           num_query=t.num_query, batch_size=batch_size, noise_std=t.noise_std,
@@ -50,98 +61,80 @@ def _task(config, batch_size: int):
 
 
 def _train_config(config, attention: str, depth: int, *, num_steps: int | None = None,
-                  seed_offset: int = 0, **data_overrides):
-  """The training config of one model; `data_overrides` replace `DataSpec` fields (the task)."""
-  from kcg._src import training  # pylint: disable=g-import-not-at-top
+                  seed_offset: int = 0, **data_overrides) -> training.TrainConfig:
+  """The training config of one model, through `kcg.training.config_from_dict` (which validates it).
+
+  `data_overrides` replace fields of the data part (the task); unknown ones raise ValueError.
+  """
   t, tr = config.task, config.train
   num_steps = tr.num_steps if num_steps is None else int(num_steps)
-  model = training.ModelSpec(
-      num_layers=depth, width=tr.width, num_heads=tr.num_heads, head_dim=tr.head_dim,
-      mlp_hidden=tr.mlp_hidden, attention=attention, norm=None, qkv_init_scale=tr.qkv_init_scale,
-      # Linear attention sums over the k supports and the aggregator: 1/(k + 1) keeps it O(1).
-      attention_scale=1.0 / (t.num_support + 1) if attention == "linear" else None)
-  data = training.DataSpec(family=t.family, input_dim=t.input_dim, num_support=t.num_support,
-                           num_query=t.num_query, encoding="query", mask="prefix",
-                           noise_std=t.noise_std, condition_number=t.condition_number,
-                           input_rotation=t.input_rotation)
-  data = dataclasses.replace(data, **data_overrides)
-  optim = training.OptimSpec(learning_rate=tr.learning_rate,
-                             warmup_steps=min(tr.warmup_steps, max(1, num_steps // 4)))
-  return training.TrainConfig(model=model, data=data, optim=optim, num_steps=num_steps,
-                              batch_size=tr.batch_size, seed=config.seed + depth + seed_offset,
-                              dtype="float32", log_every=max(1, num_steps // 4),
-                              checkpoint_every=num_steps,
-                              keep_checkpoints=1, eval_batch_size=64, final_eval=False)
+  return training.config_from_dict({
+      "model": {"num_layers": depth, "width": tr.width, "num_heads": tr.num_heads,
+                "head_dim": tr.head_dim, "mlp_hidden": tr.mlp_hidden, "attention": attention,
+                "norm": None, "qkv_init_scale": tr.qkv_init_scale,
+                # Linear attention sums over the k supports and the aggregator: 1/(k + 1) keeps it O(1).
+                "attention_scale": 1.0 / (t.num_support + 1) if attention == "linear" else None},
+      "data": {"family": t.family, "input_dim": t.input_dim, "num_support": t.num_support,
+               "num_query": t.num_query, "encoding": "query", "mask": "prefix",
+               "noise_std": t.noise_std, "condition_number": t.condition_number,
+               "input_rotation": t.input_rotation, **data_overrides},
+      "optim": {"learning_rate": tr.learning_rate,
+                "warmup_steps": min(tr.warmup_steps, max(1, num_steps // 4))},
+      "num_steps": num_steps, "batch_size": tr.batch_size, "seed": config.seed + depth + seed_offset,
+      "dtype": "float32", "log_every": max(1, num_steps // 4), "checkpoint_every": num_steps,
+      "keep_checkpoints": 1, "eval_batch_size": 64, "final_eval": False,
+  })
 
 
 def _fmt(x: Any) -> str:
   return "n/a" if x is None else (f"{x:.3g}" if isinstance(x, float) else str(x))
 
 
-@dataclasses.dataclass
-class _Context:
-  """What every section reads: the config, the report, the prompts and the trained subjects."""
-
-  config: Any
-  report: Any
-  summary: list
-  keys: dict
-  ridge: float
-  eval_prompts: Any
-  fit_prompts: Any
-  feature_map: Callable
-  trained: dict
-  models_dir: str | None = None  # where trained models are checkpointed (None: not saved)
-
-
 def _final_loss(result, model_dir: str | None) -> float | None:
   """The last logged training loss; a run resumed from a finished checkpoint logs nothing itself."""
-  from kcg._src import training  # pylint: disable=g-import-not-at-top
   history = training.load_history(model_dir) if model_dir else result.history
   losses = [h["loss"] for h in history if "loss" in h]
   return losses[-1] if losses else None
 
 
-def _train(ctx: _Context) -> None:
-  from kcg._src import probes  # pylint: disable=g-import-not-at-top
-  from kcg._src import training  # pylint: disable=g-import-not-at-top
-  config = ctx.config
-  rows = []
+def _train(report: Report, config, models_dir: str | None) -> dict[tuple[str, int], probes.Subject]:
+  """Trains (or resumes from `models_dir`) the study's models; returns them as probe subjects."""
+  trained, rows = {}, []
   for attention in config.train.attentions:
     depths = (config.train.softmax_depths if attention == "softmax" and config.train.softmax_depths
               else config.train.depths)
     for depth in depths:
       tc = _train_config(config, attention, int(depth))
-      model_dir = (os.path.join(ctx.models_dir, f"{attention}_L{depth}") if ctx.models_dir
+      model_dir = (os.path.join(models_dir, f"{attention}_L{depth}") if models_dir
                    else None)
       began = time.perf_counter()
       result = training.train(tc, model_dir)
       loss = _final_loss(result, model_dir)
       name = f"{attention} L={depth}"
-      ctx.trained[(attention, int(depth))] = probes.subject_from_model(
+      trained[(attention, int(depth))] = probes.subject_from_model(
           result.model, input_dim=config.task.input_dim, name=name)
       rows.append([name, tc.num_steps, loss, time.perf_counter() - began])
-  ctx.report.section("Trained models", "`kcg.training`, query encoding, prefix mask, no MLP and no "
-                     "norm (the class of the compiled models); checkpoints under `models/` when saved "
-                     "(load with `kcg.training.load_trained`).")
-  ctx.report.table(["model", "steps", "final train loss", "seconds (this run; ~0 when resumed)"], rows)
-  ctx.report.add("training", {r[0]: {"steps": r[1], "final_loss": r[2], "seconds": r[3]} for r in rows})
+  report.section("Trained models", "`kcg.training`, query encoding, prefix mask, no MLP and no "
+                 "norm (the class of the compiled models); checkpoints under `models/` when saved "
+                 "(load with `kcg.load_trained`).")
+  report.table(["model", "steps", "final train loss", "seconds (this run; ~0 when resumed)"], rows)
+  report.add("training", {r[0]: {"steps": r[1], "final_loss": r[2], "seconds": r[3]} for r in rows})
+  return trained
 
 
-def _depth_comparison(ctx: _Context) -> None:
-  from kcg._src import probes  # pylint: disable=g-import-not-at-top
-  from kcg._src import study  # pylint: disable=g-import-not-at-top
-  t, report = ctx.config.task, ctx.report
-  max_depth = max(d for _, d in ctx.trained)
+def _depth_comparison(report: Report, config, trained: Trained, eval_prompts, fit_prompts,
+                      ridge: float) -> list[str]:
+  t = config.task
+  max_depth = max(d for _, d in trained)
   # Chebyshev's interval from the fit prompts (a calibration batch of the same task).
-  compiled = study.compiled_solvers(t.num_support, t.input_dim, max_depth, ctx.ridge,
-                                    calibration_x_support=ctx.fit_prompts.x_support,
-                                    algorithms=ctx.config.compiled.depth_solvers)
+  compiled = study.compiled_solvers(t.num_support, t.input_dim, max_depth, ridge,
+                                    calibration_x_support=fit_prompts.x_support,
+                                    algorithms=config.compiled.depth_solvers)
   families = {}
-  for (attention, depth), subject in ctx.trained.items():
+  for (attention, depth), subject in trained.items():
     families.setdefault(f"{attention} attention", {})[depth] = probes.predict_fn(subject)
   cmp = report.add("depth_comparison", study.depth_comparison(
-      families, ctx.eval_prompts, ctx.ridge, compiled=compiled,
+      families, eval_prompts, ridge, compiled=compiled,
       path=report.path("depth_vs_trained.png")))
   report.section("Error vs depth: trained models and solvers at t = L", _SOLVERS_TEXT)
   report.figure("depth_vs_trained.png", "Test mse of trained models of depth L against t-step solvers "
@@ -160,9 +153,9 @@ def _depth_comparison(ctx: _Context) -> None:
   fam, depth, mse = min(((f, d, r["mse"]) for f, bd in cmp["models"].items() for d, r in bd.items()),
                         key=lambda x: x[2])
   i = cmp["depths"].index(int(depth))
-  ctx.summary.append(f"Best trained model: {fam} L={depth}, test mse {mse:.3g} (KRR oracle "
-                     f"{cmp['oracle_mse']:.3g}; with t = L = {depth}: " + ", ".join(
-                         f"{n} {cmp['solvers'][n]['mse'][i]:.3g}" for n in names) + ").")
+  return [f"Best trained model: {fam} L={depth}, test mse {mse:.3g} (KRR oracle "
+          f"{cmp['oracle_mse']:.3g}; with t = L = {depth}: " + ", ".join(
+              f"{n} {cmp['solvers'][n]['mse'][i]:.3g}" for n in names) + ")."]
 
 
 _SOLVERS_TEXT = ("Solvers with t = L steps: compiled CG (`kcg.compile_cg`, prefix mask), compiled PCG "
@@ -183,15 +176,9 @@ def _chebyshev_note(cmp: dict) -> str:
           "lambda_max(K + ridge I) above it.")
 
 
-def _depth_sweeps(ctx: _Context) -> None:
-  """Trained models and compiled solvers across input condition numbers and ridges (issue 6)."""
-  import math  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  from kcg import tasks  # pylint: disable=g-import-not-at-top
-  from kcg._src import probes  # pylint: disable=g-import-not-at-top
-  from kcg._src import study  # pylint: disable=g-import-not-at-top
-  from kcg._src import training  # pylint: disable=g-import-not-at-top
-  config, report = ctx.config, ctx.report
+def _depth_sweeps(report: Report, config, eval_key, fit_key, ridge: float,
+                  models_dir: str | None) -> list[str]:
+  """Models trained afresh across input condition numbers and ridges against compiled solvers."""
   t, sw = config.task, config.sweeps
   d = t.input_dim
   # condition number: the task's noise, so the ridge stays the study's; the covariance's eigenbasis
@@ -199,7 +186,7 @@ def _depth_sweeps(ctx: _Context) -> None:
   # Bayes ridge noise^2 d equals the value, and oracle and solvers use that ridge.
   sweeps = {
       "condition number": ("condition", [
-          (float(c), {"condition_number": float(c), "input_rotation": "fixed"}, ctx.ridge)
+          (float(c), {"condition_number": float(c), "input_rotation": "fixed"}, ridge)
           for c in sw.condition_numbers]),
       "ridge": ("ridge", [
           (float(lam), {"family": "noisy_linear", "noise_std": math.sqrt(float(lam) / d)}, float(lam))
@@ -210,40 +197,40 @@ def _depth_sweeps(ctx: _Context) -> None:
       f"{', '.join(map(str, sw.depths))}, {sw.num_steps} steps each) is trained on the task at that "
       f"value and evaluated on {sw.num_prompts} held-out prompts of the same task. Condition "
       "number: of the input covariance (`kcg.tasks`, eigenbasis fixed: input_rotation='fixed'), "
-      f"task noise {t.noise_std}, ridge {ctx.ridge:g}. Ridge: the task's noise is set to "
+      f"task noise {t.noise_std}, ridge {ridge:g}. Ridge: the task's noise is set to "
       "sqrt(ridge / d), so that the Bayes ridge noise^2 d equals the value, and the oracle and the "
       f"solvers use it (input condition number {t.condition_number:g}). " + _SOLVERS_TEXT
       + " Cells: test mse / mse against the KRR oracle; 'CG bound' is mean bound^2, which bounds "
       "CG's mse against the oracle."))
-  results, timings = {}, {}
+  results, timings, summary = {}, {}, []
   for knob, (tag, values) in sweeps.items():
     if not values:
       continue
     panels = []
-    for i, (value, overrides, ridge) in enumerate(values):
+    for i, (value, overrides, panel_ridge) in enumerate(values):
       eval_task = dataclasses.replace(_task(config, sw.num_prompts), **overrides)
       calibration_task = dataclasses.replace(eval_task, batch_size=sw.num_calibration_prompts)
       salt = 1000 + 100 * i + (0 if tag == "condition" else 50)
-      prompts = tasks.sample(jax.random.fold_in(ctx.keys["eval"], salt), eval_task)
-      calibration = tasks.sample(jax.random.fold_in(ctx.keys["fit"], salt), calibration_task)
+      prompts = tasks.sample(jax.random.fold_in(eval_key, salt), eval_task)
+      calibration = tasks.sample(jax.random.fold_in(fit_key, salt), calibration_task)
       families = {}
       for attention in sw.attentions:
         for depth in sw.depths:
           tc = _train_config(config, attention, int(depth), num_steps=sw.num_steps,
                              seed_offset=salt, **overrides)
           began = time.perf_counter()
-          model_dir = (os.path.join(ctx.models_dir, "sweeps", f"{tag}{value:g}_{attention}_L{depth}")
-                       if ctx.models_dir else None)
+          model_dir = (os.path.join(models_dir, "sweeps", f"{tag}{value:g}_{attention}_L{depth}")
+                       if models_dir else None)
           result = training.train(tc, model_dir)
           timings[f"{tag}={value:g} {attention} L={depth}"] = {
               "seconds": time.perf_counter() - began, "final_loss": _final_loss(result, model_dir)}
           subject = probes.subject_from_model(result.model, input_dim=d,
                                               name=f"{attention} L={depth}")
           families.setdefault(f"{attention} attention", {})[int(depth)] = probes.predict_fn(subject)
-      compiled = study.compiled_solvers(t.num_support, d, max(sw.depths), ridge,
+      compiled = study.compiled_solvers(t.num_support, d, max(sw.depths), panel_ridge,
                                         calibration_x_support=calibration.x_support,
                                         algorithms=config.compiled.depth_solvers)
-      panels.append(study.DepthPanel(value, families, prompts, ridge, compiled))
+      panels.append(study.DepthPanel(value, families, prompts, panel_ridge, compiled))
     filename = f"depth_sweep_{tag}.png"
     sweep = study.depth_sweep(knob, panels, path=report.path(filename))
     results[tag] = sweep
@@ -267,22 +254,20 @@ def _depth_sweeps(ctx: _Context) -> None:
                  + [f"{n}_L" for n in names] + ["CG bound (mse)", "oracle mse"], rows)
     report.text(" ".join(notes))
     deepest = max(sw.depths)
-    ctx.summary.append(f"Depth sweep over the {knob} (test mse at L = t = {deepest}; oracle): " + "; ".join(
+    summary.append(f"Depth sweep over the {knob} (test mse at L = t = {deepest}; oracle): " + "; ".join(
         f"{key}: " + ", ".join(f"{f} {cmp['models'][f][deepest]['mse']:.3g}" for f in families)
         + ", " + ", ".join(f"{n} {cmp['solvers'][n]['mse'][-1]:.3g}" for n in names)
         + f", oracle {cmp['oracle_mse']:.3g}" for key, cmp in sweep["panels"].items()) + ".")
   results["training"] = timings
   report.add("depth_sweeps", results)
+  return summary
 
 
-def _depth_law(ctx: _Context) -> None:
-  import kcg  # pylint: disable=g-import-not-at-top
-  from kcg._src import study  # pylint: disable=g-import-not-at-top
-  laws, report = ctx.config.laws, ctx.report
+def _depth_law(report: Report, laws, key) -> list[str]:
   compiled = kcg.compile_cg(laws.depth_support, laws.depth_support, laws.depth_max_steps,
                             laws.depth_ridge, mask="prefix")
   law = report.add("depth_law", study.depth_law(
-      ctx.keys["laws"], num_support=laws.depth_support, feature_dim=laws.depth_support,
+      key, num_support=laws.depth_support, feature_dim=laws.depth_support,
       condition_numbers=laws.depth_kappas, ridge=laws.depth_ridge, max_steps=laws.depth_max_steps,
       num_prompts=laws.num_prompts, compiled=compiled, path=report.path("depth_law.png")))
   report.section("Depth law: error vs t against ((sqrt kappa - 1)/(sqrt kappa + 1))^t",
@@ -293,22 +278,20 @@ def _depth_law(ctx: _Context) -> None:
                 "max |compiled - reference| rel"],
                [[k, v["predicted_rate"], v.get("compiled_fitted_rate"), v["reference_fitted_rate"],
                  v["bound_holds"], v.get("compiled_vs_reference")] for k, v in law["kappa"].items()])
-  ctx.summary.append("Depth law, fitted CG rates: " + ", ".join(
+  held = all(v["bound_holds"] for v in law["kappa"].values())
+  return ["Depth law, fitted CG rates: " + ", ".join(
       f"kappa={k}: {_fmt(v.get('compiled_fitted_rate'))} (predicted {v['predicted_rate']:.3g})"
-      for k, v in law["kappa"].items()) + "; the bound held at every step: "
-      + str(all(v["bound_holds"] for v in law["kappa"].values())) + ".")
+      for k, v in law["kappa"].items()) + f"; the bound held at every step: {held}."]
 
 
-def _solver_sweeps(ctx: _Context, sections: set) -> None:
-  import jax  # pylint: disable=g-import-not-at-top
-  from kcg import tasks  # pylint: disable=g-import-not-at-top
-  from kcg._src import study  # pylint: disable=g-import-not-at-top
-  t, laws, report = ctx.config.task, ctx.config.laws, ctx.report
+def _solver_sweeps(report: Report, config, key, ridge: float, sections: set[str]) -> list[str]:
+  """The ridge, condition-number and temperature sweeps of the reference solvers (no summary)."""
+  t, laws = config.task, config.laws
   sweeps = {}
   if "ridge_sweep" in sections:
     sweeps["ridge"] = report.add("ridge_sweep", study.solver_sweep(
-        jax.random.fold_in(ctx.keys["laws"], 1), "ridge", laws.ridges,
-        task=_task(ctx.config, laws.num_prompts), ridge=ctx.ridge, num_steps=laws.num_steps,
+        jax.random.fold_in(key, 1), "ridge", laws.ridges,
+        task=_task(config, laws.num_prompts), ridge=ridge, num_steps=laws.num_steps,
         path=report.path("ridge_sweep.png")))
   if "condition_sweep" in sections:
     cond_task = tasks.TaskConfig(family="noisy_linear" if t.noise_std > 0 else "linear",
@@ -316,8 +299,8 @@ def _solver_sweeps(ctx: _Context, sections: set) -> None:
                                  num_query=t.num_query, batch_size=laws.num_prompts,
                                  noise_std=t.noise_std, input_rotation=t.input_rotation)
     sweeps["condition number"] = report.add("condition_sweep", study.solver_sweep(
-        jax.random.fold_in(ctx.keys["laws"], 2), "condition_number", laws.condition_numbers,
-        task=cond_task, ridge=ctx.ridge, num_steps=laws.num_steps,
+        jax.random.fold_in(key, 2), "condition_number", laws.condition_numbers,
+        task=cond_task, ridge=ridge, num_steps=laws.num_steps,
         path=report.path("condition_sweep.png")))
   if sweeps:
     report.section("Ridge and condition-number sweeps",
@@ -332,26 +315,24 @@ def _solver_sweeps(ctx: _Context, sections: set) -> None:
                     for i, v in enumerate(sweep["values"])])
   if "temperature_sweep" in sections:
     temp = report.add("temperature_sweep", study.temperature_sweep(
-        jax.random.fold_in(ctx.keys["laws"], 3), laws.temperatures, num_support=t.num_support,
+        jax.random.fold_in(key, 3), laws.temperatures, num_support=t.num_support,
         input_dim=t.input_dim, num_steps=laws.num_steps, num_prompts=laws.num_prompts,
-        ridge=ctx.ridge, path=report.path("temperature_sweep.png")))
-    report.section("Temperature (softmax route A: exponential kernel)")
+        ridge=ridge, path=report.path("temperature_sweep.png")))
+    report.section("Temperature (softmax Route A: exponential kernel)")
     report.figure("temperature_sweep.png", "CG on exp(<x, x'>/tau) against its rate.")
     report.table(["tau", "kappa", "CG_t rel err", "2 rho^t", "fitted rate", "predicted rate"],
                  [[tau, temp["kappa"][i], temp["cg_relative_error"][i], temp["predicted_factor"][i],
                    temp["fitted_rate"][i], temp["predicted_rate"][i]]
                   for i, tau in enumerate(temp["temperatures"])])
+  return []
 
 
-def _failure_modes(ctx: _Context) -> None:
-  import jax  # pylint: disable=g-import-not-at-top
-  import kcg  # pylint: disable=g-import-not-at-top
-  from kcg._src import study  # pylint: disable=g-import-not-at-top
-  t, laws, report = ctx.config.task, ctx.config.laws, ctx.report
+def _failure_modes(report: Report, config, key) -> list[str]:
+  t, laws = config.task, config.laws
   # Collinearity: k <= d supports, well conditioned unless they collapse onto one point. Small ridge:
   # k = 2d supports, so K has rank d and cond(A) ~ ||K|| / ridge.
   fail = report.add("failure_modes", study.failure_modes(
-      jax.random.fold_in(ctx.keys["laws"], 4), num_support=min(t.num_support, t.input_dim),
+      key, num_support=min(t.num_support, t.input_dim),
       input_dim=t.input_dim, small_ridge_support=2 * t.input_dim, collinearity=laws.collinearity,
       ridges=laws.small_ridges, num_prompts=laws.num_prompts,
       compile_fn=lambda k, d, steps, lam: kcg.compile_cg(k, d, steps, lam, mask="prefix"),
@@ -369,20 +350,17 @@ def _failure_modes(ctx: _Context) -> None:
                  [[key, r["kappa"], r["num_steps"], r["reference_cg"], r.get("compiled_float64"),
                    r.get("compiled_float32"), r["oracle_float32"]] for key, r in rows.items()])
   worst = max(fail["small_ridge"].values(), key=lambda r: r["kappa"])
-  ctx.summary.append(f"Failure modes: at kappa {worst['kappa']:.2g} (smallest ridge) k-step compiled "
-                     f"CG is off the oracle by {_fmt(worst.get('compiled_float64'))} in float64 and "
-                     f"{_fmt(worst.get('compiled_float32'))} in float32 (float32 Cholesky: "
-                     f"{worst['oracle_float32']:.2g}).")
+  return [f"Failure modes: at kappa {worst['kappa']:.2g} (smallest ridge) k-step compiled "
+          f"CG is off the oracle by {_fmt(worst.get('compiled_float64'))} in float64 and "
+          f"{_fmt(worst.get('compiled_float32'))} in float32 (float32 Cholesky: "
+          f"{worst['oracle_float32']:.2g})."]
 
 
-def _feature_perturbation(ctx: _Context) -> None:
-  import jax  # pylint: disable=g-import-not-at-top
-  from kcg._src import study  # pylint: disable=g-import-not-at-top
-  laws, report = ctx.config.laws, ctx.report
+def _feature_perturbation(report: Report, laws, key) -> list[str]:
   pert = report.add("feature_perturbation", study.feature_perturbation(
-      jax.random.fold_in(ctx.keys["laws"], 5), scales=laws.perturbation_scales,
+      key, scales=laws.perturbation_scales,
       num_prompts=laws.num_prompts, path=report.path("feature_perturbation.png")))
-  report.section("Feature perturbation (stub S4)", (
+  report.section("Feature perturbation", (
       "With A = K + ridge I, A^ = K^ + ridge I, alpha* = A^-1 y: f* - f^* = (k - k^)^T alpha* + "
       "k^^T A^^-1 (K^ - K) alpha*, so |f*(x) - f^*(x)| <= ||k(x) - k^(x)|| ||alpha*|| + "
       "||A^^-1 k^(x)|| ||K - K^||_2 ||alpha*|| <= ||k - k^|| ||alpha*|| + (||k^(x)||/ridge) "
@@ -392,25 +370,22 @@ def _feature_perturbation(ctx: _Context) -> None:
   report.figure("feature_perturbation.png", "Prediction change vs ||K - K^|| with both bounds.")
   report.table(["eps", "||K - K^||", "mean |f* - f^*|", "max actual/sharp", "max actual/Lipschitz",
                 "mean Lipschitz const"],
-               [[s, pert["kernel_distance"][i], pert["actual"][i], pert["max_ratio_sharp"][i],
+               [[eps, pert["kernel_distance"][i], pert["actual"][i], pert["max_ratio_sharp"][i],
                  pert["max_ratio_lipschitz"][i], pert["lipschitz_constant"][i]]
-                for i, s in enumerate(pert["scales"])])
-  ctx.summary.append(f"S4 feature-perturbation bound held on every prompt and query: "
-                     f"{pert['bound_holds']} (largest actual/bound {max(pert['max_ratio_sharp']):.3g} "
-                     f"sharp, {max(pert['max_ratio_lipschitz']):.3g} Lipschitz form).")
+                for i, eps in enumerate(pert["scales"])])
+  return [f"Feature-perturbation bound held on every prompt and query: "
+          f"{pert['bound_holds']} (largest actual/bound {max(pert['max_ratio_sharp']):.3g} "
+          f"sharp, {max(pert['max_ratio_lipschitz']):.3g} Lipschitz form)."]
 
 
-def _width(ctx: _Context) -> None:
-  import jax  # pylint: disable=g-import-not-at-top
-  from kcg._src import study  # pylint: disable=g-import-not-at-top
-  laws, report = ctx.config.laws, ctx.report
+def _width(report: Report, laws, key) -> list[str]:
   p = max(laws.widths)
   width = report.add("width_sweep", study.width_sweep(
-      jax.random.fold_in(ctx.keys["laws"], 6), laws.widths, num_prompts=laws.num_prompts,
+      key, laws.widths, num_prompts=laws.num_prompts,
       feature_dim=p, num_support=p, path=report.path("width_sweep.png")))
   report.section("Width m < p: spectral-tail bound",
                  "KRR on an m-dimensional projection of phi (best rank-m, principal and random) "
-                 "against the S4 bound, and the compiled width-m models (compile_cg(projection=S), "
+                 "against the feature-perturbation bound, and the compiled width-m models (compile_cg(projection=S), "
                  "width of the m-dimensional construction) beside kcg.sketch's bound.")
   report.figure("width_sweep.png", "Error of width-m sketches and the bound.")
   report.table(["m", "sigma_{m+1}^2 (mean)", "top: error", "top: bound", "random: error",
@@ -418,24 +393,22 @@ def _width(ctx: _Context) -> None:
                [[m, width["spectral_tail"][i], width["top"]["error"][i], width["top"]["bound"][i],
                  width["random"]["error"][i], width["random"]["bound"][i]]
                 for i, m in enumerate(width["widths"])])
+  return []
 
 
-def _compiled(ctx: _Context) -> None:
-  import kcg  # pylint: disable=g-import-not-at-top
-  from kcg import tasks  # pylint: disable=g-import-not-at-top
-  from kcg._src import probes  # pylint: disable=g-import-not-at-top
-  from kcg._src import study  # pylint: disable=g-import-not-at-top
-  config, report = ctx.config, ctx.report
+def _compiled(report: Report, config, keys: Mapping[str, Any], ridge: float,
+              eval_prompts) -> list[str]:
+  """Probes, ablations and matching of the compiled constructions, whose right answers are known."""
   t, cc = config.task, config.compiled
-  prompts = tasks.sample(ctx.keys["compiled"], _task(config, cc.num_prompts))
+  prompts = tasks.sample(keys["compiled"], _task(config, cc.num_prompts))
   report.section("Compiled models: probes, ablations, layer matching",
-                 f"Compiled CG with t = {cc.num_steps}, ridge {ctx.ridge:g}, on the study's prompts. "
+                 f"Compiled CG with t = {cc.num_steps}, ridge {ridge:g}, on the study's prompts. "
                  "Here the right answers are known: the state is written at each step end, removing "
                  "an operation gives the CG without it, and the step-end layer matches CG_t.")
-  results = {}
+  results, summary = {}, []
   for construction in cc.constructions:
     form, mask = construction.split("/")
-    compiled = kcg.compile_cg(t.num_support, t.input_dim, cc.num_steps, ctx.ridge, mask=mask,
+    compiled = kcg.compile_cg(t.num_support, t.input_dim, cc.num_steps, ridge, mask=mask,
                               form=form)
     subject = probes.subject_from_compiled(compiled)
     tag = f"{form}_{mask}"
@@ -443,13 +416,13 @@ def _compiled(ctx: _Context) -> None:
     combos = tuple((q, probes.compiled_state_site(compiled, q)) for q in ("alpha", "r", "p")) + (
         ("w", "aggregator"),)
     probe_res = study.probe_study(
-        subject, prompts, ctx.keys["probes"], ridge=ctx.ridge, num_steps=cc.num_steps, combos=combos,
+        subject, prompts, keys["probes"], ridge=ridge, num_steps=cc.num_steps, combos=combos,
         form=form, num_folds=config.probes.num_folds, probe_ridge=config.probes.ridge,
         cosine_threshold=config.probes.cosine_threshold,
         path=report.path(f"probes_compiled_{tag}.png"))
     abl = study.compiled_ablation_table(compiled, prompts,
                                         path=report.path(f"ablations_compiled_{tag}.png"))
-    match = study.matching_study(subject, ctx.eval_prompts, ctx.keys["match"], ridge=ctx.ridge,
+    match = study.matching_study(subject, eval_prompts, keys["match"], ridge=ridge,
                                  max_steps=config.matching.max_steps, readout="prediction_channel",
                                  gradients=config.matching.gradients,
                                  algorithms=config.matching.algorithms,
@@ -492,7 +465,7 @@ def _compiled(ctx: _Context) -> None:
     rows_per_feature = alpha["rows_per_feature"][ends[last]][last]
     underdetermined = (f"underdetermined: {rows_per_feature:.2f} training rows per feature; "
                        if rows_per_feature < 1 else "")
-    ctx.summary.append(
+    summary.append(
         f"Compiled {tag}: probe of alpha_{last} at its step end: cosine "
         f"{alpha['cosine'][ends[last]][last]:.6f} ({underdetermined}random-init control, best layer: "
         f"{alpha['best_control_cosine'][last]:.3f}); ablations match the damaged CG to "
@@ -501,7 +474,8 @@ def _compiled(ctx: _Context) -> None:
         "step ends match " + ", ".join(f"{m['name']} t={m['step']}" for m in at_ends[1:]) + ".")
   report.add("compiled", results)
   if cc.ablation_extras and cc.num_steps >= 1:
-    _other_ablations(ctx, prompts)
+    summary += _other_ablations(report, config, ridge, prompts)
+  return summary
 
 
 _ABLATION_EXTRAS = {
@@ -512,11 +486,8 @@ _ABLATION_EXTRAS = {
 }
 
 
-def _other_ablations(ctx: _Context, prompts) -> None:
+def _other_ablations(report: Report, config, ridge: float, prompts) -> list[str]:
   """Ablation tables of the PCG, Chebyshev and softmax (Route A) programs against their references."""
-  import kcg  # pylint: disable=g-import-not-at-top
-  from kcg._src import study  # pylint: disable=g-import-not-at-top
-  config, report = ctx.config, ctx.report
   t, cc = config.task, config.compiled
   temperature = cc.softmax_temperature or float(t.input_dim)
   # One step (not every step): removing the query update, the step or Route A's p.Ap at every step
@@ -537,14 +508,14 @@ def _other_ablations(ctx: _Context, prompts) -> None:
   results = {}
   for name in cc.ablation_extras:
     if name == "pcg":
-      compiled = kcg.compile_cg(t.num_support, t.input_dim, cc.num_steps, ctx.ridge, mask="prefix",
+      compiled = kcg.compile_cg(t.num_support, t.input_dim, cc.num_steps, ridge, mask="prefix",
                                 preconditioner="jacobi")
     elif name == "chebyshev":
       compiled = kcg.compile_chebyshev(
-          t.num_support, t.input_dim, cc.num_steps, ctx.ridge, mask="prefix",
-          eig_bounds=study.chebyshev_eig_bounds(prompts.x_support, ctx.ridge))
+          t.num_support, t.input_dim, cc.num_steps, ridge, mask="prefix",
+          eig_bounds=study.chebyshev_eig_bounds(prompts.x_support, ridge))
     elif name == "softmax":
-      compiled = kcg.compile_cg(t.num_support, t.input_dim, cc.num_steps, ctx.ridge, mask="prefix",
+      compiled = kcg.compile_cg(t.num_support, t.input_dim, cc.num_steps, ridge, mask="prefix",
                                 attention="softmax", kernel="exponential", temperature=temperature)
     else:
       raise ValueError(f"unknown compiled.ablation_extras entry {name!r}; choose from "
@@ -558,35 +529,35 @@ def _other_ablations(ctx: _Context, prompts) -> None:
                  [[op, r["removed"], r["match"], r["damage_size"], r["mse_vs_oracle_healthy"],
                    r["mse_vs_oracle_damaged"]] for op, r in abl["operations"].items()])
   report.add("compiled_ablations_other", results)
-  ctx.summary.append("Ablations of " + "; ".join(
+  return ["Ablations of " + "; ".join(
       f"{abl['construction']}: {len(abl['operations'])} operations match their damaged algorithm to "
       f"{max(r['match'] for r in abl['operations'].values()):.1e}"
-      for abl in results.values()) + ".")
+      for abl in results.values()) + "."]
 
 
-def _trained(ctx: _Context) -> None:
-  from kcg._src import study  # pylint: disable=g-import-not-at-top
-  config, report = ctx.config, ctx.report
+def _trained(report: Report, config, trained: Trained, keys: Mapping[str, Any], ridge: float,
+             eval_prompts, fit_prompts, feature_map: Callable) -> list[str]:
+  """Probes, ablations and layer matching of every trained model."""
   mc = config.matching
   report.section("Trained models: probes, ablations, layer matching",
                  "Probe targets: reference CG state (data space, the study's ridge) after t = 0..L "
                  "steps; controls: shuffled targets and a random-init model. Matching candidates: "
                  f"{', '.join(mc.algorithms)} in {' and '.join(mc.spaces)} space (feature space: "
                  f"random ReLU features, p = {mc.feature_dim}).")
-  results = {}
-  for (attention, depth), subject in ctx.trained.items():
+  results, summary = {}, []
+  for (attention, depth), subject in trained.items():
     tag = f"{attention}_L{depth}"
     probe_res = study.probe_study(
-        subject, ctx.eval_prompts, ctx.keys["probes"], ridge=ctx.ridge, num_steps=depth,
+        subject, eval_prompts, keys["probes"], ridge=ridge, num_steps=depth,
         num_folds=config.probes.num_folds, probe_ridge=config.probes.ridge,
         cosine_threshold=config.probes.cosine_threshold, path=report.path(f"probes_{tag}.png"))
-    abl = study.trained_ablation(subject, ctx.eval_prompts, ctx.keys["match"], ridge=ctx.ridge,
+    abl = study.trained_ablation(subject, eval_prompts, keys["match"], ridge=ridge,
                                  max_steps=mc.max_steps, path=report.path(f"ablations_{tag}.png"))
     matches = {}
     for readout in mc.readouts:
       matches[readout] = study.matching_study(
-          subject, ctx.eval_prompts, ctx.keys["match"], ridge=ctx.ridge, max_steps=mc.max_steps,
-          readout=readout, fit_prompts=ctx.fit_prompts, feature_map=ctx.feature_map,
+          subject, eval_prompts, keys["match"], ridge=ridge, max_steps=mc.max_steps,
+          readout=readout, fit_prompts=fit_prompts, feature_map=feature_map,
           gradients=mc.gradients, algorithms=mc.algorithms, spaces=mc.spaces,
           readout_ridge=mc.readout_ridge, path=report.path(f"matching_{tag}_{readout}.png"))
     results[tag] = {"probes": probe_res, "ablations": abl, "matching": matches}
@@ -613,7 +584,7 @@ def _trained(ctx: _Context) -> None:
       report.text(m["table"])
     final = matches[mc.readouts[0]]["layers"][-1]
     alpha, w = probe_res["combos"]["alpha@support"], probe_res["combos"]["w@query"]
-    ctx.summary.append(
+    summary.append(
         f"Trained {subject.name}: final layer ({mc.readouts[0]}) best matches {final['name']} "
         f"t={final['step']} (per-problem R^2 {final['r2']:.3f}, relative distance "
         f"{final['relative_distance']:.3g}); probe cosine for alpha_{depth} at the supports "
@@ -621,16 +592,14 @@ def _trained(ctx: _Context) -> None:
         f"shuffled {alpha['best_shuffled_cosine'][depth]:.3f}); w_{depth} at the queries "
         f"{w['best_cosine'][depth]:.3f} (random init {w['best_control_cosine'][depth]:.3f}).")
   report.add("trained", results)
+  return summary
 
 
 def run(config, workdir: str) -> dict:
-  """The whole study; returns the results dict also written to workdir/results.json."""
-  import jax  # pylint: disable=g-import-not-at-top
+  """The whole study; returns the results dict also written to workdir/results.json.
 
-  from kcg import features  # pylint: disable=g-import-not-at-top
-  from kcg import tasks  # pylint: disable=g-import-not-at-top
-  from kcg._src import study  # pylint: disable=g-import-not-at-top
-
+  Needs float64 (`jax.config.update("jax_enable_x64", True)`, as `main` does).
+  """
   if not jax.config.jax_enable_x64:
     raise ValueError("the study runs in float64: call jax.config.update('jax_enable_x64', True) "
                      "first (the binary does).")
@@ -641,59 +610,64 @@ def run(config, workdir: str) -> dict:
   start = time.perf_counter()
   t = config.task
   ridge = _ridge(config)
-  names = ("eval", "fit", "laws", "probes", "match", "features", "compiled")
-  keys = dict(zip(names, jax.random.split(jax.random.key(config.seed), len(names))))
-  report = study.Report(workdir, "Formal vs learned: do trained transformers run CG on their "
-                        "features?")
+  keys = dict(zip(KEY_NAMES, jax.random.split(jax.random.key(config.seed), len(KEY_NAMES))))
+  report = Report(workdir, "Formal vs learned: do trained transformers run CG on their features?")
   report.text(f"Scale `{config.scale}`. Task `{t.family}`, d = {t.input_dim}, k = {t.num_support}, "
               f"q = {t.num_query}, noise {t.noise_std}, input condition number "
               f"{t.condition_number}; KRR/CG ridge {ridge:g} (the Bayes ridge noise^2 d unless set). "
               "All comparisons on held-out prompts, in float64.")
   summary_at = len(report.lines)
+  eval_prompts = tasks.sample(keys["eval"], _task(config, config.eval.num_prompts))
+  fit_prompts = tasks.sample(keys["fit"], _task(config, config.eval.num_fit_prompts))
   fm = features.random_relu(config.matching.feature_dim)
-  ctx = _Context(config=config, report=report, summary=[], keys=keys, ridge=ridge,
-                 eval_prompts=tasks.sample(keys["eval"], _task(config, config.eval.num_prompts)),
-                 fit_prompts=tasks.sample(keys["fit"], _task(config, config.eval.num_fit_prompts)),
-                 feature_map=functools.partial(fm.apply, fm.init(keys["features"], t.input_dim)),
-                 trained={},
-                 models_dir=os.path.join(workdir, "models") if config.train.save_models else None)
-  timings = {}
-  steps = [("train", lambda: _train(ctx)),
-           ("depth_comparison", lambda: _depth_comparison(ctx)),
-           ("depth_sweeps", lambda: _depth_sweeps(ctx)),
-           ("depth_law", lambda: _depth_law(ctx)),
-           ("sweeps", lambda: _solver_sweeps(ctx, sections)),
-           ("failure_modes", lambda: _failure_modes(ctx)),
-           ("feature_perturbation", lambda: _feature_perturbation(ctx)),
-           ("width_sweep", lambda: _width(ctx)),
-           ("compiled", lambda: _compiled(ctx)),
-           ("trained", lambda: _trained(ctx))]
-  for name, fn in steps:
-    if name not in ("train", "sweeps") and name not in sections:
+  feature_map = functools.partial(fm.apply, fm.init(keys["features"], t.input_dim))
+  models_dir = os.path.join(workdir, "models") if config.train.save_models else None
+
+  timings, summary = {}, []
+  began = time.perf_counter()
+  trained = _train(report, config, models_dir)
+  timings["train"] = time.perf_counter() - began
+  laws = config.laws
+  sections_in_order = [
+      ("depth_comparison", lambda: _depth_comparison(report, config, trained, eval_prompts,
+                                                     fit_prompts, ridge)),
+      ("depth_sweeps", lambda: _depth_sweeps(report, config, keys["eval"], keys["fit"], ridge,
+                                             models_dir)),
+      ("depth_law", lambda: _depth_law(report, laws, keys["laws"])),
+      ("sweeps", lambda: _solver_sweeps(report, config, keys["laws"], ridge, sections)),
+      ("failure_modes", lambda: _failure_modes(report, config,
+                                               jax.random.fold_in(keys["laws"], 4))),
+      ("feature_perturbation", lambda: _feature_perturbation(report, laws,
+                                                             jax.random.fold_in(keys["laws"], 5))),
+      ("width_sweep", lambda: _width(report, laws, jax.random.fold_in(keys["laws"], 6))),
+      ("compiled", lambda: _compiled(report, config, keys, ridge, eval_prompts)),
+      ("trained", lambda: _trained(report, config, trained, keys, ridge, eval_prompts, fit_prompts,
+                                   feature_map)),
+  ]
+  for name, section in sections_in_order:
+    if name != "sweeps" and name not in sections:
       continue
     began = time.perf_counter()
-    fn()
+    summary += section()
     timings[name] = time.perf_counter() - began
     logging.info("%s: %.1f s", name, timings[name])
   timings["total"] = time.perf_counter() - start
   report.add("timings_seconds", timings)
   report.lines[summary_at:summary_at] = (["## Summary (generated from the numbers below)", ""]
-                                         + [f"* {s}" for s in ctx.summary] + [""])
+                                         + [f"* {line}" for line in summary] + [""])
   report.section("Runtime", ", ".join(f"{k}: {v:.0f} s" for k, v in timings.items()))
   report.write(config.to_dict())
   return report.results
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  import jax  # pylint: disable=g-import-not-at-top
+def main(config, workdir: str) -> dict:
+  """The binary: float64 on, orbax's per-save log lines off, then `run`."""
   jax.config.update("jax_enable_x64", True)
   logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
-  run(_CONFIG.value, _WORKDIR.value)
-  logging.info("Report written to %s", os.path.join(_WORKDIR.value, "report.md"))
+  results = run(config, workdir)
+  logging.info("Report written to %s", os.path.join(workdir, "report.md"))
+  return results
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  _cli.run_main(main, None, "report.md, results.json and the figures")

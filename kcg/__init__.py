@@ -13,11 +13,19 @@ Public API (implementation lives in `kcg._src`):
 * `kcg.tasks`, `kcg.features`: in-context task ladder and feature maps.
 * `kcg.training`, `kcg.load_trained(DIR)`: training the same model class with optax; loading it back.
 * `kcg.baselines`, `kcg.evaluation`: reference in-context predictors and similarity measures.
-* `kcg.probes`, `kcg.ablations`, `kcg.matching`, `kcg.study`: formal vs learned.
+* `kcg.probes`, `kcg.ablations`, `kcg.matching`, `kcg.study`: formal vs learned (probes with
+  controls, ablations against the damaged algorithm, layer-wise matching, the study's laws).
 * `kcg.alignment`: do trained models run KRR, by CG, on their own hidden features (readings of
   phi_l, KRR and candidates on it, kernel alignment, smoother weights, y-linearity, grafting).
 * `kcg.finetune`: from compiled to trained (fine-tuning compiled CG, learning CG from random init).
-* `kcg.analysis`, `kcg.plotting`: compiled-vs-reference comparisons and headless plots.
+* `kcg.ops`: what each head and block of a compiled program computes (`Op`), which construction
+  it is (`Construction`).
+* `kcg.analysis`, `kcg.plotting`: compiled-vs-reference comparisons; headless plots and the style
+  helpers every kcg figure uses.
+* `kcg.lm`: pretrained causal LMs (penzai) as in-context learners; imported on first use, needs
+  `pip install -e ".[lm]"`.
+
+The API reference (`mkdocs serve`, pages in docs/) is generated from these modules' docstrings.
 """
 
 from kcg import ablations
@@ -30,6 +38,7 @@ from kcg import features
 from kcg import finetune
 from kcg import kernels
 from kcg import matching
+from kcg import ops
 from kcg import plotting
 from kcg import probes
 from kcg import problems
@@ -54,9 +63,18 @@ from kcg._src.trained import load_trained
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+  # kcg.lm needs the optional `lm` extra (penzai), so `import kcg` must not import it.
+  if name == "lm":
+    import importlib  # pylint: disable=import-outside-toplevel
+    return importlib.import_module("kcg.lm")
+  raise AttributeError(f"module 'kcg' has no attribute {name!r}")
+
 __all__ = [
-    "ablations", "alignment", "analysis", "baselines", "evaluation", "matching", "plotting", "probes", "study",
+    "ablations", "alignment", "analysis", "baselines", "evaluation", "finetune", "matching", "ops",
+    "plotting", "probes", "study",
     "CompiledCG", "CompiledState", "Dimensions", "ForwardOutput", "ModelConfig", "Transformer",
-    "bounds", "compile_cg", "finetune", "compile_chebyshev", "dimensions", "features", "kernels", "problems", "prompt", "routes", "sketch", "solvers",
+    "bounds", "compile_cg", "compile_chebyshev", "dimensions", "features", "kernels", "problems", "prompt", "routes", "sketch", "solvers",
     "tasks", "training", "TrainedModel", "load_trained",
 ]

@@ -1,4 +1,4 @@
-"""Ablations: remove heads or layers (by name in compiled models) and compare with the damaged algorithm."""
+"""Ablations: remove heads or layers (by their op in compiled models) and compare with the damaged algorithm."""
 
 from kcg._src.ablations import Ablation
 from kcg._src.ablations import AblationReport

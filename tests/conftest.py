@@ -16,3 +16,20 @@ jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import gc  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+  """Drops jax's compiled executables after each test module.
+
+  Each executable keeps a few memory mappings for its machine code. A serial run of the whole suite
+  compiles tens of thousands of them and passes Linux's default limit of 65530 mappings per
+  process (vm.max_map_count), after which XLA segfaults inside a compile.
+  """
+  yield
+  jax.clear_caches()
+  gc.collect()

@@ -26,7 +26,8 @@ from kcg import ablations
 from kcg import probes
 from kcg import solvers
 from kcg import tasks
-from kcg._src import programs
+from kcg._src import craft
+from kcg.ops import Construction, Op
 
 K, D, Q, T, RIDGE = 6, 4, 3, 3, 0.5
 CONSTRUCTIONS = {"support_state": ("dual", "prefix"), "aggregator_dual": ("dual", "causal"),
@@ -271,17 +272,23 @@ def test_damaged_step_repeats_the_previous_prediction(prompts):
                              np.asarray(healthy[:, 2]), rtol=1e-12, atol=1e-14)
 
 
-def test_heads_are_found_by_name():
+def test_heads_are_found_by_op():
   program = _compiled("support_state").program
-  name = "(Kp)_i = sum_j (phi_i . phi_j) p_j"
-  found = ablations.find_heads(program, name)
+  found = ablations.find_heads(program, Op.MATVEC)
   assert len(found) == T  # one mat-vec head per CG step
   for layer, head in found:
-    assert program.blocks[program.schedule[layer]].heads[head].name == name
-  assert {ablations.find_heads(program, name, steps=(s,))[0][0] for s in range(T)} == {
+    assert program.blocks[program.schedule[layer]].heads[head].name == (
+        "(Kp)_i = sum_j (phi_i . phi_j) p_j")
+  assert {ablations.find_heads(program, Op.MATVEC, steps=(s,))[0][0] for s in range(T)} == {
       l for l, _ in found}
-  layers = ablations.find_layers(program, "rr_next = r.r", steps=(2,))
-  assert programs.layer_names(program)[layers[0]] == "step[2] cg rr_next = r.r"
+  layers = ablations.find_layers(program, Op.RESIDUAL_NORM, steps=(2,))
+  assert craft.layer_names(program)[layers[0]] == "step[2] cg rr_next = r.r"
+  # Renaming a head for display does not change what it is.
+  renamed = program._replace(blocks=tuple(
+      block._replace(heads=tuple(h._replace(name=h.name.upper()) for h in block.heads))
+      for block in program.blocks))
+  assert ablations.operation_ablation(renamed, "matvec") == ablations.operation_ablation(
+      program, "matvec")
 
 
 def test_healthy_damaged_reference_is_cg(prompts):
@@ -333,17 +340,20 @@ def test_validation_errors(prompts):
   with pytest.raises(ValueError, match="unknown operation"):
     ablations.operation_ablation(program, "softmax")
   with pytest.raises(ValueError, match="no ablation table"):
-    ablations.operation_ablation(program._replace(name="chebyshev"), "matvec")
+    ablations.operation_ablation(program._replace(construction=Construction.BLOCK_SUPPORT_STATE),
+                                 "matvec")
   with pytest.raises(ValueError, match="no head of its own"):
     ablations.operation_ablation(program, "matvec_u")
   with pytest.raises(ValueError, match="no head of its own"):
     ablations.operation_ablation(_compiled("aggregator_primal").program, "curvature_reduction")
   with pytest.raises(ValueError, match="outside the program's CG steps"):
     ablations.operation_ablation(program, "matvec", steps=(T,))
-  with pytest.raises(ValueError, match="no head named"):
-    ablations.find_heads(program, "attention is all you need")
-  with pytest.raises(ValueError, match="no block matching"):
-    ablations.find_layers(program, "softmax layer")
+  with pytest.raises(ValueError, match="no head with op"):
+    ablations.find_heads(program, Op.NEWTON_SCHULZ)
+  with pytest.raises(ValueError, match="no block with op"):
+    ablations.find_layers(program, Op.GUARD)
+  with pytest.raises(ValueError, match="display names are not identities"):
+    ablations.find_heads(program, "(Kp)_i = sum_j (phi_i . phi_j) p_j")
   with pytest.raises(ValueError, match="outside the model"):
     ablations.masks(compiled.config, ablations.Ablation(((0, 99),)))
   with pytest.raises(ValueError, match="outside the model"):

@@ -12,6 +12,7 @@ import pytest
 import kcg
 from experiments import alignment as binary
 from experiments.configs import alignment as alignment_config
+import figure_style
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -38,9 +39,13 @@ def test_bad_config_fails_before_training(tmp_path, field, value, message):
   assert not os.path.exists(tmp_path / "models")
 
 
-def test_smoke_scale_end_to_end_and_resume(tmp_path):
+def test_smoke_scale_end_to_end_and_resume(tmp_path, monkeypatch):
   config = alignment_config.get_config("smoke")
+  figures = figure_style.record(monkeypatch)
   results = binary.run(config, str(tmp_path))
+  assert len(figures) == 3  # agreement, kernel alignment, graft
+  for figure in figures:
+    figure_style.check_style(figure)
   name = "kernel_prior_fts_L2"
   for filename in ("report.md", "results.json", "agreement_vs_layer_kernel_prior.png",
                    "kernel_alignment_kernel_prior.png", "graft_kernel_prior.png"):

@@ -8,13 +8,16 @@ float32 (the benchmark's precision): compiled and plain CG agree to ~cond * eps3
 
 import json
 import os
+import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import kcg
 from experiments import bench
+from experiments import bench_training
 from experiments.configs import bench as bench_config
 
 
@@ -119,3 +122,75 @@ def test_smoke_run_writes_outputs(tmp_path):
   assert {r["auto_picks"] for r in results["attention"]} == {"quadratic", "associative"}
   assert np.isfinite(results["train"][0]["losses"]).all()
   assert "| plain_cg |" in (tmp_path / "bench.md").read_text()
+  throughput = saved["training_throughput"]
+  names = [r["implementation"] for r in throughput["rows"]]
+  if bench_training.import_torch() is None:
+    assert "pip install" in throughput["torch"]["skipped"]
+  else:  # torch installed (the "bench" extra): its rows are the ratios' denominators
+    assert {"torch_gpt2_step", "torch_gpt2_forward"} <= set(names)
+    for row in throughput["rows"]:
+      assert row["ratio_to_torch_median"] > 0
+  assert "| kcg_gpt_icl_step |" in (tmp_path / "bench.md").read_text()
+
+
+def test_training_throughput_without_torch_skips_those_rows_and_says_so(tmp_path, monkeypatch,
+                                                                         capsys):
+  """CI never installs PyTorch: its rows are skipped, and the output and JSON say why."""
+  monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+  monkeypatch.setitem(sys.modules, "transformers", None)
+  config = bench_config.get_config("smoke")
+  results = bench.run(config, str(tmp_path), sections=["training_throughput"], command="test")
+  throughput = results["training_throughput"]
+  assert throughput["torch"] == {"skipped": bench_training.TORCH_MISSING}
+  assert "pip install -e \".[bench]\"" in bench_training.TORCH_MISSING
+  assert bench_training.TORCH_MISSING in capsys.readouterr().out
+  assert bench_training.TORCH_MISSING in (tmp_path / "bench.md").read_text()
+  with open(tmp_path / "bench.json") as f:
+    assert json.load(f)["training_throughput"]["torch"] == throughput["torch"]
+  assert [r["implementation"] for r in throughput["rows"]] == [
+      "kcg_gpt_icl_step", "nnx_reference_step", "kcg_forward", "nnx_reference_forward"]
+  assert set(throughput["peak_flops_per_s_by_framework"]) == {"jax"}
+  for row in throughput["rows"]:
+    assert "ratio_to_torch_median" not in row
+    assert len(row["seconds"]) == config.throughput.rounds
+    assert row["median_s"] > 0 and row["fraction_of_peak"] > 0
+
+
+def test_flop_formula_counts_every_matmul_of_the_jaxpr():
+  """The analytic count equals the dot_generals of the traced forward (kcg and the NNX reference);
+  a training step's backward forms two matmuls per forward matmul except the embedding's input
+  gradient, so the step has 3 x forward - 2 N F D."""
+  from flax import nnx
+  from kcg._src import model as model_lib
+
+  shape = bench_training.Shape(num_layers=3, width=16, num_heads=2, head_dim=8, mlp_hidden=24,
+                                 input_dim=3, num_points=5, batch_size=2)
+  token_dim = 5
+  tokens = jnp.ones((shape.batch_size, shape.num_tokens, token_dim), jnp.float32)
+  forward = bench_training.transformer_flops(shape, token_dim, training_step=False)
+  config = model_lib.ModelConfig(
+      token_dim=token_dim, width=16, num_layers=3, num_heads=2, head_dim=8, mlp_hidden=24,
+      attention="softmax", activation="gelu", norm="layernorm", param_dtype=jnp.float32)
+  for model in (model_lib.Transformer(config, rngs=nnx.Rngs(0)),
+                bench_training.ReferenceGPT(shape, token_dim, rngs=nnx.Rngs(0))):
+    graphdef, state = nnx.split(model)
+
+    def apply(state, tokens, graphdef=graphdef):
+      out = nnx.merge(graphdef, state)(tokens)
+      return out.outputs if isinstance(out, model_lib.ForwardOutput) else out
+
+    assert bench_training.jaxpr_dot_flops(apply, state, tokens) == forward
+    grad = jax.grad(lambda state, tokens: jnp.sum(apply(state, tokens)))
+    n = shape.batch_size * shape.num_tokens
+    assert bench_training.jaxpr_dot_flops(grad, state, tokens) == (
+        bench_training.transformer_flops(shape, token_dim, training_step=True)
+        - 2.0 * n * token_dim * shape.width)
+
+
+def test_gpt_icl_step_is_timed_at_the_final_curriculum_stage():
+  shape = bench_training.Shape(12, 256, 8, 32, 1024, 20, 41, 64)
+  config = bench_training.gpt_icl_train_config(shape, 1e-4)
+  step = bench_training.final_stage_step(config)
+  assert step == 30_000  # d: 5 -> 20 by 1, k: 10 -> 40 by 2, every 2000 steps
+  assert kcg.training.curriculum_stage(config, step - 1) != (20, 40)
+  assert (config.model.num_layers, config.model.width, config.batch_size) == (12, 256, 64)

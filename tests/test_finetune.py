@@ -12,7 +12,8 @@ import pytest
 from flax import nnx
 
 from kcg import finetune
-from kcg._src import training
+from kcg import ops
+from kcg._src import train_data
 
 SETUP = finetune.Setup("dual_prefix", num_steps=1, input_dim=2, num_support=4, num_query=2)
 PRIMAL = finetune.Setup("primal_causal", num_steps=1, input_dim=2, num_support=4, num_query=2)
@@ -25,8 +26,8 @@ def _compiled(setup, dtype):
 
 def _tokens(setup, dtype, batch=6):
   data = setup.data
-  prompts = training.sample_prompts(jax.random.key(3), data, batch_size=batch)
-  return training.make_batch(prompts, data, jnp.dtype(dtype))
+  prompts = train_data.sample_prompts(jax.random.key(3), data, batch_size=batch)
+  return train_data.make_batch(prompts, data, jnp.dtype(dtype))
 
 
 def _params(model):
@@ -38,7 +39,7 @@ def _params(model):
 def test_every_start_from_compiled_weights_is_the_compiled_model_bit_for_bit(setup, dtype):
   compiled = _compiled(setup, dtype)
   batch = _tokens(setup, dtype)
-  num_prefix = training.num_prefix(setup.data, batch.tokens)
+  num_prefix = train_data.num_prefix(setup.data, batch.tokens)
   expected = np.asarray(compiled.model(batch.tokens, num_prefix=num_prefix).outputs)
   for mode in ("plain", "freeze_reciprocal", "gains"):
     model, _, _ = finetune.start_model(mode, compiled)
@@ -116,8 +117,8 @@ def test_reciprocal_error_sees_a_broken_division():
   # Exact CG: Newton's relative error 4e-2^(2^4) is below float64 rounding.
   assert finetune.reciprocal_error(compiled.model, compiled, ev, jnp.float64) < 1e-13
   gained = finetune.GainedTransformer(nnx.clone(compiled.model))
-  names = [compiled.program.blocks[b].name for b in compiled.program.schedule]
-  last_newton = max(l for l, n in enumerate(names) if n.endswith("newton 4/4"))
+  layer_ops = [compiled.program.blocks[b].op for b in compiled.program.schedule]
+  last_newton = max(l for l, op in enumerate(layer_ops) if op is ops.Op.NEWTON)
   gained.head_gain[...] = gained.head_gain[...].at[last_newton, 1].set(1.01)  # the -s x^2 head
   assert finetune.reciprocal_error(gained, compiled, ev, jnp.float64) > 1e-3
 

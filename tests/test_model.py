@@ -130,3 +130,74 @@ def test_attention_free_layers_validation():
     _config(num_layers=2, attention_free_layers=-1)
   with pytest.raises(ValueError, match="mlp_hidden > 0"):
     _config(num_layers=2, attention_free_layers=1, mlp_hidden=0)
+
+
+def _forward_and_grads(model, tokens, head_mask, layer_mask, num_prefix):
+  graphdef, state = nnx.split(model)
+
+  def loss(state, head_mask):
+    out = nnx.merge(graphdef, state)(tokens, num_prefix=num_prefix, head_mask=head_mask,
+                                     layer_mask=layer_mask, return_residuals=True)
+    weights = jnp.cos(jnp.arange(out.outputs.size, dtype=out.outputs.dtype))
+    return jnp.sum(out.outputs.ravel() * weights) + 1e-3 * jnp.sum(out.residuals ** 2), out
+
+  argnums = 0 if head_mask is None else (0, 1)
+  (_, out), grads = jax.value_and_grad(loss, argnums=argnums, has_aux=True)(state, head_mask)
+  return out, grads
+
+
+@pytest.mark.parametrize("kw", [
+    dict(attention="softmax", norm="layernorm", activation="gelu"),
+    dict(attention="linear", mask="prefix", param_layers=(0, 1, 1, 2, 1), num_layers=5,
+         attention_scale=0.1),
+    dict(attention="linear", tied_layers=True, num_layers=3, activation="swiglu",
+         attention_scale=0.1),
+])
+def test_unrolled_and_scanned_stacks_agree(kw, monkeypatch):
+  """Short stacks run unrolled, long ones as a lax.scan: same outputs, residuals and gradients.
+
+  float64 and the same operations, fused differently: the differences are reorderings of sums, so
+  they are bounded relative to each array's largest entry (entries can cancel), by a few eps64
+  times the depth and the fan-in: 1e-12 x max |array|.
+  """
+  config = _config(param_dtype=jnp.float64, **kw)
+  model = kcg.Transformer(config, rngs=nnx.Rngs(3))
+  tokens = _tokens(num_tokens=7)
+  rng = np.random.default_rng(1)
+  head_mask = jnp.asarray(rng.uniform(size=(config.num_layers, config.num_heads)))
+  layer_mask = jnp.asarray(rng.uniform(size=(config.num_layers,)))
+  args = (model, tokens, head_mask, layer_mask, 4)
+  assert config.num_layers <= model_lib._MAX_UNROLLED_LAYERS
+  unrolled = _forward_and_grads(*args)
+  jaxpr = str(jax.make_jaxpr(lambda t: model(t, num_prefix=4).outputs)(tokens))
+  assert "scan" not in jaxpr
+  monkeypatch.setattr(model_lib, "_MAX_UNROLLED_LAYERS", 0)
+  assert "scan" in str(jax.make_jaxpr(lambda t: model(t, num_prefix=4).outputs)(tokens))
+  scanned = _forward_and_grads(*args)
+  for got, want in zip(jax.tree.leaves(unrolled), jax.tree.leaves(scanned)):
+    scale = np.max(np.abs(want))
+    assert scale > 0
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12 * scale)
+
+
+def test_absent_masks_equal_masks_of_ones():
+  model = kcg.Transformer(_config(param_dtype=jnp.float64, num_layers=3), rngs=nnx.Rngs(0))
+  tokens = _tokens()
+  ones = model(tokens, head_mask=jnp.ones((3, 2)), layer_mask=jnp.ones(3)).outputs
+  np.testing.assert_allclose(model(tokens).outputs, ones, rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize("mask", ["causal", "prefix"])
+def test_softmax_normalised_after_the_value_product_equals_softmax_first(mask):
+  """precision="default" divides exp(S - m) V by the row sums; "highest" applies jax.nn.softmax
+  first. float64 on CPU (both precisions are exact float64 matmuls): the same quotient up to
+  reordering, ~1e-16 relative measured; 1e-12 x max |array| for outputs and gradients."""
+  results = []
+  for precision in ("highest", "default"):
+    config = _config(attention="softmax", norm="layernorm", mask=mask, num_layers=3,
+                     precision=precision, param_dtype=jnp.float64)
+    model = kcg.Transformer(config, rngs=nnx.Rngs(4))
+    tokens = 3.0 * _tokens(num_tokens=7)  # scores of order 10: the max shift matters
+    results.append(_forward_and_grads(model, tokens, None, None, 4))
+  for got, want in zip(jax.tree.leaves(results[1]), jax.tree.leaves(results[0])):
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12 * np.max(np.abs(want)))

@@ -90,7 +90,7 @@ def test_multi_output_task_is_rejected(tmp_path):
 
 @pytest.mark.slow
 def test_command_line_runs_runlocal(tmp_path):
-  """The documented command, as a subprocess (a fresh interpreter: about 10 s)."""
+  """The documented command, as a subprocess (a fresh interpreter)."""
   command = [sys.executable, "-m", "experiments.reference_convergence", f"--workdir={tmp_path}",
              "--config=experiments/configs/reference_convergence.py:runlocal"]
   completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)

@@ -56,3 +56,16 @@ def test_batches_are_split_over_the_data_axis(devices):
 def test_batch_that_does_not_divide_raises(devices):
   with pytest.raises(ValueError, match="batch_size=6 does not divide across the 4 devices"):
     training.train(tiny_config(batch_size=6), devices=devices)
+
+
+def test_evaluation_runs_on_one_device(devices):
+  """Training leaves the parameters replicated over the mesh; predictions (and so every evaluation
+  program) run once, on one device, not once per device (see kcg._src.train_eval)."""
+  config = tiny_config(num_steps=1)
+  result = training.train(config, devices=devices)
+  prompts = training.sample_prompts(jax.random.key(0), config.data, batch_size=4)
+  pred = training.make_predict_fn(result.model, config.data)(
+      prompts.x_support, prompts.y_support, prompts.x_query)
+  assert len(pred.sharding.device_set) == 1
+  evaluation = training.evaluate_trained(result.model, config, jax.random.key(1), num_prompts=16)
+  assert np.isfinite(evaluation["in_distribution"]["mse"])

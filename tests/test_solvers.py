@@ -20,6 +20,7 @@ import pytest
 import scipy.sparse.linalg
 from sklearn.kernel_ridge import KernelRidge
 
+import kcg
 from kcg import kernels
 from kcg import problems
 from kcg import solvers
@@ -601,3 +602,126 @@ def test_solver_trace_contract():
   # The names and shapes later layers rely on.
   assert solvers.SolverTrace._fields == ("alpha", "r", "p", "gamma", "beta")
   assert solvers_src.SolverTrace is solvers.SolverTrace
+
+
+# ----------------------------------------------------------------------------------------------------
+# No silent wrong answers from the references themselves.
+# ----------------------------------------------------------------------------------------------------
+
+
+def _low_rank_problem(k=16, p=4, seed=0):
+  rng = np.random.default_rng(seed)
+  return rng.normal(size=(k, p)), rng.normal(size=k), rng.normal(size=(3, p))
+
+
+def test_krr_predict_raises_when_cholesky_fails():
+  """float32 with ridge 1e-8 against ||K|| ~ 50: K + ridge I is not positive definite to float32
+  rounding, the Cholesky factor is NaN; every closed form says so instead of returning it."""
+  phi, y, query = (a.astype(np.float32) for a in _low_rank_problem())
+  k_support = phi @ phi.T
+  calls = [lambda: solvers.krr_predict(phi, y, query, 1e-8),
+           lambda: solvers.krr_alpha(phi, y, 1e-8),
+           lambda: solvers.krr_predict_kernel(k_support, query @ phi.T, y, 1e-8),
+           lambda: solvers.krr_alpha_kernel(k_support, y, 1e-8)]
+  for call in calls:
+    with pytest.raises(ValueError, match="Cholesky.*float32.*float64.*larger ridge"):
+      call()
+  # float64 solves it, and so does float32 with a ridge above its rounding of K.
+  phi64, y64, query64 = _low_rank_problem()
+  assert np.all(np.isfinite(np.asarray(solvers.krr_predict(phi64, y64, query64, 1e-8))))
+  assert np.all(np.isfinite(np.asarray(solvers.krr_predict(phi, y, query, 1e-2))))
+
+
+def test_cg_refuses_a_non_symmetric_matrix():
+  a, b = _random_spd(6, 10.0, 0)
+  skewed = a.copy()
+  skewed[0, 1] += 0.1 * np.abs(a).max()
+  for solve in (lambda m: solvers.cg(m, b, 3), lambda m: solvers.pcg(m, b, 3, np.diag(a)),
+                lambda m: solvers.gd(m, b, 3, 0.01), lambda m: solvers.chebyshev(m, b, 3, (1, 10)),
+                lambda m: solvers.krr_predict_kernel(m, np.ones((2, 6)), b, 0.1),
+                lambda m: solvers.block_cg(m, b[:, None], 0.1, 3)):
+    with pytest.raises(ValueError, match="not symmetric"):
+      solve(skewed)
+    solve(a)  # rounding-level asymmetry passes
+  # Asymmetry at rounding level (sqrt(eps) is the threshold) is accepted.
+  noisy = a * (1 + 1e3 * EPS * np.random.default_rng(1).standard_normal(a.shape))
+  solvers.cg(noisy, b, 3)
+
+
+def test_cg_breakdown_freezes_the_iterate():
+  """float32, ridge 1e-8, k = 16 > p = 4: cond(A) = 5e9 is beyond float32, p.Ap turns negative at
+  step 5 and the textbook recurrence drifts to 1e7 relative error by step 200. The run stops there
+  instead: every later prediction is the step-4 one, no worse than exact CG's own transient."""
+  phi, y, query = _low_rank_problem()
+  want = np.asarray(solvers.krr_predict(phi, y, query, 1e-8))
+  f32 = [a.astype(np.float32) for a in (phi, y, query)]
+  steps = np.asarray(solvers.cg_predict(*f32, 1e-8, 200), np.float64)
+  errors = np.abs(steps - want).max(-1) / np.abs(want).max()
+  assert np.all(np.isfinite(steps))
+  frozen = int(np.argmax(np.all(steps == steps[-1], axis=-1)))
+  assert frozen <= phi.shape[1] + 2
+  exact = np.asarray(solvers.cg_predict(phi, y, query, 1e-8, 200))  # float64: no breakdown
+  exact_errors = np.abs(exact - want).max(-1) / np.abs(want).max()
+  assert errors[-1] <= exact_errors[:phi.shape[1] + 2].max()
+  assert exact_errors[-1] <= 1e-6  # float64 converges on the same problem
+  trace = solvers.cg(f32[0] @ f32[0].T + np.float32(1e-8) * np.eye(16, dtype=np.float32), f32[1],
+                     50)
+  gamma = np.asarray(trace.gamma)
+  assert np.all(gamma[frozen:] == 0) and np.all(np.asarray(trace.beta)[frozen:] == 0)
+  np.testing.assert_array_equal(np.asarray(trace.alpha)[frozen:], np.asarray(trace.alpha)[-1:]
+                                .repeat(50 + 1 - frozen, 0))
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=CASE_IDS)
+def test_breakdown_test_is_silent_where_the_dtype_can_solve(index):
+  """The shared table (kappa <= 1e4, float64), run to 3k steps (past convergence): no step is
+  frozen, so the compiled models' step-by-step references are the textbook recurrence. Float32
+  on the same problem freezes only where cond(A) > ~1 / (k eps)."""
+  (phi, y, _, _), a = _case_problem(index)
+  k = a.shape[0]
+  for dtype, steps in ((np.float64, 3 * k), (np.float32, k)):
+    if dtype == np.float32 and np.linalg.cond(a) > 1e-2 / (k * np.finfo(np.float32).eps):
+      continue
+    trace = solvers.cg(a.astype(dtype), y.astype(dtype), steps)
+    frozen = np.asarray(trace.gamma) == 0
+    # A frozen step is one where CG has terminated: its residual is at rounding level.
+    residual = np.linalg.norm(np.asarray(trace.r, np.float64)[:-1], axis=-1)
+    assert np.all(residual[frozen] <= 10 * k * np.finfo(dtype).eps * np.linalg.norm(y)), (
+        dtype, np.flatnonzero(frozen), residual[frozen])
+
+
+def test_complex_inputs_are_refused():
+  phi, y, query = _low_rank_problem()
+  a = phi @ phi.T + np.eye(16)
+  calls = [lambda: solvers.krr_predict(phi + 0j, y, query, 0.1),
+           lambda: solvers.krr_predict(phi, y + 1j, query, 0.1),
+           lambda: solvers.cg_predict(phi, y, query + 0j, 0.1, 3),
+           lambda: solvers.cg(a + 0j, y, 3),
+           lambda: solvers.cg(lambda v: a @ v, y + 0j, 3),
+           lambda: solvers.block_cg(phi + 0j, y[:, None], 0.1, 3, kernel=kernels.linear_kernel),
+           lambda: solvers.krr_predict(phi, y, query, 0.1 + 0j)]
+  for call in calls:
+    with pytest.raises(ValueError, match="complex|real number"):
+      call()
+  compiled = kcg.compile_cg(16, 4, 2, 0.1)
+  # (All three complex: no dtype promotion error can stand in for the check.)
+  for args in ((phi + 0j, y + 0j, query + 0j), (phi, y + 0j, query), (phi, y, query + 1j)):
+    with pytest.raises(ValueError, match="complex"):
+      compiled.predict(*(np.asarray(x)[None] for x in args))
+  with pytest.raises(ValueError, match="complex"):
+    kcg.compile_cg(16, 4, 2, 0.1, projection=np.eye(4)[:2] + 0j)
+  # Under jit the dtype is static, so complex is refused there too.
+  with pytest.raises(ValueError, match="complex"):
+    jax.jit(lambda v: solvers.cg(a, v, 2))(jnp.asarray(y + 0j))
+
+
+@pytest.mark.parametrize("ridge", ["0.1", True, np.bool_(True), 0.1 + 0j, None, [0.1, 0.2]])
+def test_one_ridge_validator_for_solvers_and_compiler(ridge):
+  """Strings, booleans and complex ridges are refused everywhere with the same message (the
+  compiler once accepted "0.1" and True)."""
+  phi, y, query = _low_rank_problem()
+  with pytest.raises(ValueError, match="ridge must be"):
+    kcg.compile_cg(16, 4, 2, ridge)
+  if not isinstance(ridge, list):  # an array of ridges is a batch for the solvers
+    with pytest.raises(ValueError, match="ridge must be a positive real number"):
+      solvers.krr_predict(phi, y, query, ridge)

@@ -1,6 +1,6 @@
 """The study's laws as library functions, and the study binary at smoke (fast) and runlocal (slow) scale.
 
-Tolerances. The S4 bound is an inequality, checked with a 1e-9 relative slack for float64 rounding of
+Tolerances. The feature-perturbation bound is an inequality, checked with a 1e-9 relative slack for float64 rounding of
 the norms (the measured ratio actual/bound is below 1e-2). The depth law compares CG's fitted rate
 with rho = (sqrt(kappa) - 1)/(sqrt(kappa) + 1): CG contracts at least this fast in the A-norm (the
 theorem), so the fitted rate of the prediction error must not exceed rho by more than the slack of a
@@ -20,7 +20,9 @@ import kcg
 from kcg import study
 
 from experiments import study as study_binary
+from experiments._report import Report
 from experiments.configs import study as study_config
+import figure_style
 
 
 def test_perturbation_bound_holds_on_random_problems():
@@ -51,7 +53,8 @@ def test_fitted_rate():
   assert np.isnan(study.fitted_rate([1.0, 1e-12, 1e-13]))  # fewer than two points above the floor
 
 
-def test_depth_law_against_rho(tmp_path):
+def test_depth_law_against_rho(tmp_path, monkeypatch):
+  figures = figure_style.record(monkeypatch)
   # The sizes of the smoke config's depth law: this compiled model is shared with the smoke run.
   compiled = kcg.compile_cg(4, 4, 3, 0.1, mask="prefix")
   out = study.depth_law(jax.random.key(0), num_support=4, feature_dim=4, condition_numbers=(10.0,),
@@ -61,9 +64,12 @@ def test_depth_law_against_rho(tmp_path):
   assert row["bound_holds"]
   assert row["compiled_fitted_rate"] <= 1.05 * row["predicted_rate"]
   assert row["compiled_vs_reference"] < 1e-10
+  (figure,) = figures
+  figure_style.check_style(figure)
 
 
-def test_width_sweep_and_hook(tmp_path):
+def test_width_sweep_and_hook(tmp_path, monkeypatch):
+  figures = figure_style.record(monkeypatch)
   calls = []
 
   def hook(m):
@@ -88,16 +94,20 @@ def test_width_sweep_and_hook(tmp_path):
   assert out["model_width"][0] < out["model_width"][1] == out["full_width"]
   assert out["hook"][-1] < 1e-10  # the hook here is the full KRR itself
   assert (tmp_path / "w.png").stat().st_size > 10_000
+  figure_style.check_style(figures[0])
   with pytest.raises(ValueError, match="widths"):
     study.width_sweep(jax.random.key(0), (7,), num_support=6, feature_dim=6)
 
 
-def test_failure_modes_reference_only():
+def test_failure_modes_reference_only(monkeypatch):
+  figures = figure_style.record(monkeypatch)
   out = study.failure_modes(jax.random.key(0), num_support=3, input_dim=4, num_query=2,
                             collinearity=(1.0, 1e-4), ridges=(1.0, 1e-6), num_prompts=2)
   assert out["collinear"]["0.0001"]["kappa"] > 100 * out["collinear"]["1"]["kappa"]
   assert out["small_ridge"]["1e-06"]["kappa"] > out["small_ridge"]["1"]["kappa"]
   assert out["small_ridge"]["1"]["reference_cg"] < 1e-10
+  (figure,) = figures
+  figure_style.check_style(figure)
 
 
 def test_solver_sweep_rejects_unknown_knob():
@@ -122,7 +132,7 @@ def test_chebyshev_eig_bounds_hold_every_spectrum():
     study.chebyshev_eig_bounds(np.full((1, 2, 2), np.nan), 0.1)
 
 
-def test_depth_sweep_with_compiled_solvers(tmp_path):
+def test_depth_sweep_with_compiled_solvers(tmp_path, monkeypatch):
   """Compiled solvers at t = L against their references; "trained" models here are CG itself.
 
   Compiled and reference solvers run the same recurrence in float64 on kappa(A) < 1e2 problems:
@@ -141,7 +151,10 @@ def test_depth_sweep_with_compiled_solvers(tmp_path):
   models = {"cg as a model": {1: cg(1), 2: cg(2)}}
   panels = [study.DepthPanel(10.0, models, prompts, ridge, compiled),
             study.DepthPanel(1.0, models, prompts, ridge, {"compiled_cg": compiled["compiled_cg"]})]
+  figures = figure_style.record(monkeypatch)
   out = study.depth_sweep("condition number", panels, path=str(tmp_path / "sweep.png"))
+  (figure,) = figures
+  figure_style.check_style(figure)
   assert (tmp_path / "sweep.png").stat().st_size > 10_000
   assert out["values"] == [10.0, 1.0]
   cmp = out["panels"]["10"]
@@ -185,7 +198,7 @@ def test_compiled_ablation_table_for_chebyshev(tmp_path):
 
 
 def test_report_rejects_missing_figure(tmp_path):
-  report = study.Report(str(tmp_path), "title")
+  report = Report(str(tmp_path), "title")
   with pytest.raises(ValueError, match="not written"):
     report.figure("nothing.png", "caption")
 
@@ -215,10 +228,15 @@ def _check_report(workdir, min_figures=5):
   return report, results
 
 
-def test_smoke_study_in_process(tmp_path):
+def test_smoke_study_in_process(tmp_path, monkeypatch):
   config = study_config.get_config("smoke")
+  figures = figure_style.record(monkeypatch)
   results = study_binary.run(config, str(tmp_path))
   report, saved = _check_report(str(tmp_path))
+  # Every figure of the report follows the style rules (one of each kind the smoke study runs).
+  assert len(figures) == len([f for f in os.listdir(tmp_path) if f.endswith(".png")])
+  for figure in figures:
+    figure_style.check_style(figure)
   assert set(saved["results"]) >= {"training", "depth_comparison", "depth_law", "compiled", "trained",
                                    "ridge_sweep", "feature_perturbation", "depth_sweeps"}
   for sweep in ("condition", "ridge"):
@@ -245,6 +263,16 @@ def test_study_rejects_unknown_section(tmp_path):
     study_binary.run(config, str(tmp_path))
 
 
+def _files(directory):
+  """{path: (size, modification time)} of every file under `directory`."""
+  out = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      info = os.stat(os.path.join(root, name))
+      out[os.path.join(root, name)] = (info.st_size, info.st_mtime_ns)
+  return out
+
+
 def test_study_resumes_saved_models_and_reports_their_final_loss(tmp_path):
   # A rerun into the same workdir restores the finished checkpoints instead of training; the
   # report must still carry the loss logged by the run that trained them.
@@ -253,16 +281,20 @@ def test_study_resumes_saved_models_and_reports_their_final_loss(tmp_path):
     config.sections = ("depth_law",)
     config.train.save_models = True
   first = study_binary.run(config, str(tmp_path))["training"]
+  models = os.path.join(str(tmp_path), "models")
+  saved = _files(models)
+  assert any("/checkpoints/" in path for path in saved)
   second = study_binary.run(config, str(tmp_path))["training"]
   (name,) = first
   assert first[name]["final_loss"] is not None
   assert second[name]["final_loss"] == first[name]["final_loss"]
-  assert second[name]["seconds"] < first[name]["seconds"]
+  # Restored, not retrained: no checkpoint, manifest or metrics record was written or rewritten.
+  assert _files(models) == saved
 
 
 @pytest.mark.slow
 def test_runlocal_study_binary(tmp_path):
-  """The contract of issue 6: the runlocal study finishes (minutes on 2 cores) and writes the report."""
+  """The runlocal study finishes and writes the report with every section's figures."""
   workdir = str(tmp_path / "study")
   subprocess.run([sys.executable, "-m", "experiments.study",
                   "--config=experiments/configs/study.py:runlocal", f"--workdir={workdir}"],

@@ -4,6 +4,7 @@ import dataclasses
 import importlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from flax import nnx
 
 import kcg
 from kcg import training
+from kcg._src import checkpointing
+from kcg._src import training as training_loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -56,11 +59,70 @@ def test_lsa_linear_runlocal_binary(tmp_path):
 
 
 def test_binary_rejects_bad_configs(tmp_path):
-  # One subprocess (each costs a JAX import); the other checks are tested in-process.
+  # Three subprocesses (each costs a JAX import); the other checks are tested in-process.
   proc = _run_binary("experiments/configs/lsa_linear.py:runlocal", str(tmp_path / "bad"),
                      "--config.model.num_layers=0")
   assert proc.returncode != 0 and "depth" in proc.stderr
   assert not os.path.exists(tmp_path / "bad" / "config.json")
+  proc = _run_binary("experiments/configs/lsa_linear.py:runlocal", str(tmp_path / "bad"),
+                     "--config.foo=1")
+  assert proc.returncode != 0
+  assert "--config.foo: the config has no field 'foo'; valid fields: batch_size, " in proc.stderr
+  assert "Traceback" not in proc.stderr
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  proc = subprocess.run([sys.executable, "-m", "experiments.train",
+                         "--config=experiments/configs/lsa_linear.py:runlocal"], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0 and "--workdir is required" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+def test_binary_stops_a_diverging_run_at_the_first_bad_step(tmp_path):
+  """learning_rate=1e6: non-zero exit naming the step and the learning rate; every checkpoint
+  on disk is finite and precedes that step, and that step is the first non-finite one."""
+  workdir = str(tmp_path / "diverged")
+  proc = _run_binary("experiments/configs/lsa_linear.py:runlocal", workdir,
+                     "--config.optim.learning_rate=1e6", "--config.checkpoint_every=1",
+                     "--config.keep_checkpoints=50")
+  assert proc.returncode != 0, proc.stderr[-3000:]
+  match = re.search(r"Training diverged at step (\d+): .*learning rate", proc.stderr)
+  assert match, proc.stderr[-3000:]
+  bad = int(match.group(1))
+  # A checkpoint is written only after checking every step before it, so these steps were finite.
+  assert checkpointing.checkpoint_steps(workdir) == list(range(1, bad))
+  last = kcg.load_trained(workdir)  # refuses non-finite parameters
+  assert last.step == bad - 1
+  # The next step from the last checkpoint is not finite.
+  config = last.config
+  mesh = training.make_mesh(jax.devices()[:1])
+  graphdef, abstract = training_loop.abstract_train_state(config)
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                                       sharding=training_loop.replicated(mesh)),
+                        abstract)
+  state = checkpointing.restore(workdir, bad - 1, target)
+  _, metrics = training.train_step_fn(config, mesh)(state, training.make_batch_fn(config, mesh)(bad - 1))
+  assert not bool(metrics["finite"])
+
+
+def test_training_and_final_evaluation_finish_on_four_host_devices(tmp_path):
+  """Four forced host devices on a 2-core machine give XLA:CPU a 4-thread pool. A batch sampler
+  partitioned over the mesh ran one batched QR (jaxlib LAPACK) per device, each blocking a pool
+  thread until its own sub-tasks ran on that pool: at d = 64 and 256 prompts the first step hung at
+  0% CPU every time. Evaluation used the parameters replicated over the mesh, one program per device.
+  Both now run on one device; a hang shows up here as the timeout."""
+  workdir = str(tmp_path / "four_devices")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  args = [sys.executable, "-m", "experiments.train",
+          "--config=experiments/configs/lsa_linear.py:runlocal", f"--workdir={workdir}",
+          "--config.data.input_dim=64", "--config.batch_size=256", "--config.num_steps=2"]
+  try:
+    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+  except subprocess.TimeoutExpired:
+    pytest.fail("training or its final evaluation on 4 host devices did not finish in 240 s (a "
+                "deadlocked run sits at 0% CPU; py-spy dump --native shows where).")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Devices: [CpuDevice(id=0), CpuDevice(id=1), CpuDevice(id=2), CpuDevice(id=3)]" in proc.stderr
+  assert os.path.exists(os.path.join(workdir, "eval.json"))
 
 
 @pytest.mark.parametrize("name,arg", [("linear_deep", "runlocal"),

@@ -1,8 +1,10 @@
 """Tests of kcg.training: configs, data, loss, optimizer, determinism and learning on tiny runs."""
 
+import ast
 import dataclasses
 import importlib
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +13,12 @@ import pytest
 from flax import nnx
 
 from kcg import training
-from kcg._src import training as training_lib
+from kcg._src import checkpointing
+from kcg._src import prompt as prompt_lib
+from kcg._src import train_config
+from kcg._src import train_data
+from kcg._src import train_optim
+from kcg._src import training as training_loop
 
 
 def tiny_config(**overrides) -> training.TrainConfig:
@@ -79,7 +86,7 @@ def test_bad_values_raise():
 
 
 @pytest.mark.parametrize("build,message", [
-    (lambda: training.ModelSpec(width=0), "ModelSpec.width must be an integer >= 1"),
+    (lambda: training.ModelSpec(width=0), "ModelSpec.width must be a positive int"),
     (lambda: training.ModelSpec(num_heads=1.5), "ModelSpec.num_heads"),
     (lambda: training.ModelSpec(value_dim=0), "ModelSpec.value_dim"),
     (lambda: training.ModelSpec(mlp_hidden=-1), "ModelSpec.mlp_hidden"),
@@ -89,10 +96,14 @@ def test_bad_values_raise():
     (lambda: training.ModelSpec(precision="low"), "ModelSpec.precision"),
     (lambda: training.ModelSpec(attention_scale=0.0), "ModelSpec.attention_scale"),
     (lambda: training.ModelSpec(qkv_init_scale=-1.0), "ModelSpec.qkv_init_scale"),
+    (lambda: training.ModelSpec(num_layers=2, mlp_hidden=8, attention_free_layers=2),
+     "ModelSpec.attention_free_layers=2 leaves no attention block"),
+    (lambda: training.ModelSpec(num_layers=2, attention_free_layers=1), "needs mlp_hidden > 0"),
     (lambda: training.DataSpec(num_query=0), "DataSpec.num_query"),
     (lambda: training.DataSpec(encoding="pairs"), "DataSpec.encoding"),
     (lambda: training.DataSpec(mask="full"), "DataSpec.mask"),
     (lambda: training.DataSpec(tree_depth=0), "DataSpec.tree_depth"),
+    (lambda: training.DataSpec(family="logistic", glm_targets="median"), "glm_targets"),
     (lambda: training.DataSpec(noise_std=-1.0), "noise_std"),
     (lambda: training.CurriculumSpec(interval=0), "CurriculumSpec.interval"),
     (lambda: training.CurriculumSpec(num_support_start=0), "CurriculumSpec.num_support_start"),
@@ -115,7 +126,7 @@ def test_every_config_check_fires(build, message):
 
 
 def test_interleaved_encoding_checks():
-  prompt = training_lib.prompt_lib
+  prompt = prompt_lib
   with pytest.raises(ValueError, match="num_points must be a positive int"):
     prompt.make_interleaved_layout(0, 3)
   layout = prompt.make_interleaved_layout(4, 3)
@@ -135,11 +146,20 @@ def test_interleaved_encoding_checks():
   assert tokens.dtype == jnp.float64  # float64 inputs stay float64
 
 
+def test_glm_targets_reach_the_task():
+  data = training.DataSpec(family="logistic", input_dim=3, num_support=6, noise_std=0.0,
+                           glm_targets="mean", glm_scale=3.0)
+  task = train_config.task_config(data, 3, 6, batch_size=2)
+  assert (task.glm_targets, task.glm_scale) == ("mean", 3.0)
+  config = tiny_config(data=data)
+  assert training.config_from_dict(json.loads(json.dumps(training.config_to_dict(config)))) == config
+
+
 def test_float64_needs_x64():
   config = tiny_config(dtype="float64")
   with jax.enable_x64(False):
     with pytest.raises(ValueError, match="jax_enable_x64"):
-      training_lib.dtype_of(config)
+      train_config.dtype_of(config)
 
 
 def test_config_round_trips_through_json():
@@ -195,7 +215,7 @@ def test_every_prefix_batch_pads_dims_and_points():
                                     num_support=2)
   batch = training.make_batch(prompts, data, jnp.float64)
   n = data.num_points
-  layout = training_lib.prompt_lib.make_interleaved_layout(n, data.input_dim)
+  layout = prompt_lib.make_interleaved_layout(n, data.input_dim)
   assert batch.tokens.shape == (3, 2 * n, layout.token_dim)
   assert batch.targets.shape == batch.weights.shape == (3, n)
   np.testing.assert_array_equal(batch.weights[0], [1, 1, 1, 0, 0, 0])
@@ -210,7 +230,7 @@ def test_every_prefix_batch_pads_dims_and_points():
 def test_query_batch_layout():
   config = tiny_config()
   batch = training.training_batch(config, step=0)
-  layout = training_lib.prompt_lib.make_layout(6, 2, 3)
+  layout = prompt_lib.make_layout(6, 2, 3)
   assert batch.tokens.shape == (8, layout.num_tokens, layout.token_dim)
   assert batch.targets.shape == (8, 2) and np.all(batch.weights == 1)
   assert batch.tokens.dtype == jnp.float32
@@ -276,7 +296,7 @@ def test_every_prefix_prediction_reads_only_earlier_pairs(every_prefix_model):
   """d prediction_i / d tokens is zero from y-token i on: causality through gradients."""
   config, model, batch = every_prefix_model
   data, n = config.data, config.data.num_points
-  jacobian = jax.jit(jax.jacrev(lambda t: training_lib.readout(data, model(t).outputs)[0]))(
+  jacobian = jax.jit(jax.jacrev(lambda t: train_data.readout(data, model(t).outputs)[0]))(
       batch.tokens)
   assert jacobian.shape == (n,) + batch.tokens.shape
   for i in range(n):
@@ -299,8 +319,8 @@ def test_query_predictions_are_independent_under_prefix_mask(query_model):
 def test_every_prefix_predict_matches_the_full_sequence(every_prefix_model):
   config, model, batch = every_prefix_model
   data = config.data
-  full = training_lib.readout(data, model(batch.tokens).outputs)
-  layout = training_lib.prompt_lib.make_interleaved_layout(data.num_points, data.input_dim)
+  full = train_data.readout(data, model(batch.tokens).outputs)
+  layout = prompt_lib.make_interleaved_layout(data.num_points, data.input_dim)
   x = batch.tokens[..., layout.feature_slice("x")][:, 0::2]
   y = batch.targets
   k = 3
@@ -313,7 +333,7 @@ def test_every_prefix_predict_matches_the_full_sequence(every_prefix_model):
 def test_predict_zero_pads_lower_input_dims_and_rejects_higher(query_model):
   config, model = query_model
   prompts = training.sample_prompts(jax.random.key(4), config.data, batch_size=2, input_dim=2)
-  padded = [training_lib.pad_inputs(a, 4) for a in (prompts.x_support, prompts.x_query)]
+  padded = [train_data.pad_inputs(a, 4) for a in (prompts.x_support, prompts.x_query)]
   predict = training.make_predict_fn(model, config.data)
   low = predict(prompts.x_support, prompts.y_support, prompts.x_query)
   full = predict(padded[0], prompts.y_support, padded[1])
@@ -330,7 +350,7 @@ def test_loss_is_weighted_mean_squared_error(every_prefix_model):
   config, model, batch = every_prefix_model
   data = config.data
   weights = batch.weights.at[:, 3:].set(0.0)
-  pred = training_lib.readout(data, model(batch.tokens).outputs)
+  pred = train_data.readout(data, model(batch.tokens).outputs)
   expected = jnp.sum(jnp.square(pred - batch.targets)[:, :3]) / (2 * 3)
   loss = training.loss_fn(model, batch._replace(weights=weights), data)
   np.testing.assert_allclose(loss, expected, rtol=1e-13)
@@ -356,7 +376,7 @@ def test_schedules():
 
 def test_weight_decay_spares_biases_and_norms(every_prefix_model):
   _, model, _ = every_prefix_model
-  mask = training_lib._decay_mask(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  mask = train_optim.decay_mask(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   assert mask["blocks"]["query"] and mask["blocks"]["mlp_in"] and mask["embed"]["kernel"]
   assert not mask["embed"]["bias"] and not mask["blocks"]["mlp_in_bias"]
   assert not mask["blocks"]["attn_norm_scale"] and not mask["final_norm_scale"]
@@ -412,3 +432,88 @@ def test_every_prefix_curriculum_run_compiles_once_per_stage_shape():
   stages = [(h["input_dim"], h["num_support"]) for h in result.history if "loss" in h]
   assert stages == [(2, 2), (3, 4)]
   assert all(np.isfinite(h["loss"]) for h in result.history if "loss" in h)
+
+
+# ----------------------------------------------------------------------------------------------
+# Divergence.
+
+
+def test_non_finite_step_stops_the_run_at_that_step(tmp_path, monkeypatch):
+  """A NaN batch at step 5 (between the checkpoints at 4 and 6, logs only at 8): the run stops
+  there, names step 5, and keeps only the finite checkpoints before it."""
+  real_make_batch_fn = training_loop.make_batch_fn
+
+  def make_batch_fn(config, mesh):
+    batch_at = real_make_batch_fn(config, mesh)
+    return lambda step: (batch_at(step)._replace(targets=batch_at(step).targets * jnp.nan)
+                         if step + 1 == 5 else batch_at(step))
+
+  monkeypatch.setattr(training_loop, "make_batch_fn", make_batch_fn)
+  config = tiny_config(num_steps=8, log_every=8, checkpoint_every=2, keep_checkpoints=8)
+  with pytest.raises(training.DivergenceError,
+                     match="diverged at step 5: loss nan.*last checkpoint is step 4.*learning rate"
+                     ) as info:
+    training.train(config, str(tmp_path))
+  assert info.value.step == 5 and info.value.last_checkpoint == 4
+  assert checkpointing.checkpoint_steps(str(tmp_path)) == [2, 4]
+  assert training.load_trained(str(tmp_path)).step == 4  # load_trained refuses non-finite states
+
+
+def test_loop_step_keeps_the_run_unhealthy():
+  config = tiny_config()
+  mesh = training.make_mesh(jax.devices()[:1])
+  step_fn = training_loop.loop_step_fn(config, mesh)
+  _, state = training.init_state(config, mesh)
+  batch = training.training_batch(config, 0)
+  state, healthy, metrics = step_fn(state, batch, jnp.asarray(True))
+  assert bool(healthy) and bool(metrics["finite"])
+  # A finite step after a bad one does not make the run healthy again.
+  _, healthy, metrics = step_fn(state, batch, jnp.asarray(False))
+  assert not bool(healthy) and bool(metrics["finite"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Structure.
+
+_TRAINING_MODULES = ("train_config", "train_data", "train_optim", "training", "train_eval",
+                     "train_metrics", "checkpointing", "trained")
+
+
+_SRC = pathlib.Path(__file__).parent.parent / "kcg" / "_src"
+
+
+def _kcg_imports(name):
+  """(module-level, function-local) `kcg._src` modules that `kcg/_src/<name>.py` imports."""
+  tree = ast.parse((_SRC / f"{name}.py").read_text())
+  top, local = set(), set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.ImportFrom) and node.module == "kcg._src":
+      names = {alias.name for alias in node.names}
+    elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("kcg._src."):
+      names = {node.module.split(".")[2]}
+    else:
+      continue
+    (top if node in tree.body else local).update(names)
+  return top, local
+
+
+def test_training_modules_import_one_way():
+  graph = {}
+  for name in _TRAINING_MODULES:
+    top, local = _kcg_imports(name)
+    assert not local, f"{name} imports {local} inside a function"
+    graph[name] = top & set(_TRAINING_MODULES)
+  # Checkpointing reads only the config; the config and the data know nothing of training.
+  assert graph["checkpointing"] == {"train_config"}
+  assert graph["train_config"] == set() and graph["train_data"] == {"train_config"}
+  assert "train_eval" not in graph["train_config"] | graph["train_data"] | graph["checkpointing"]
+
+  def visit(name, path):
+    assert name not in path, f"import cycle {' -> '.join(path + (name,))}"
+    for dep in graph[name]:
+      visit(dep, path + (name,))
+
+  for name in graph:
+    visit(name, ())
+  for name in _TRAINING_MODULES:
+    assert (_SRC / f"{name}.py").read_text().count("\n") <= 800, f"{name}.py is over 800 lines"

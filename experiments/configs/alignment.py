@@ -13,14 +13,18 @@ Scales (`--config=experiments/configs/alignment.py[:runlocal|:smoke]`):
 * default (full): tasks linear, relu_network, kernel_prior, logistic (mean targets, glm_scale 3); d = 4,
   k = 24 supports, q = 8 queries, noise 0.1; models gpt_L2, gpt_L4, gpt_L8, fts_L6 (2 feature layers),
   lsa_L4; width 48, 4 heads of 12, MLP 96; 3000 steps of batch 32 each (20 models); 128 evaluation and
-  128 held-out fitting prompts; candidates up to T = 8 steps; grafts at every layer, T = 8. Runtime and
-  memory: see BUILD.md (measured on the shared 2-core CPU; no GPU is needed at this size).
+  128 held-out fitting prompts; candidates up to T = 8 steps; grafts at every layer, T = 8. Measured on
+  the shared 2-core CPU under other users' load (no GPU is needed at this size): training 2 h 03 min
+  wall / 2470 s CPU; analysis 53 min wall / 880 s CPU for linear + relu_network, 28 min wall / 485 s
+  CPU for kernel_prior (`--config.tasks=...` runs a subset; analyses are cached per model); peak
+  memory 2.0 GB.
 
       python -m experiments.alignment --config=experiments/configs/alignment.py --workdir=/tmp/align
 
 * `runlocal`: tasks linear and kernel_prior, d = 3, k = 12, q = 4; models gpt_L2, fts_L3 (1 feature
-  layer), lsa_L2; width 32, 1500 steps of batch 32; 96 + 96 prompts; T = 4. Under 10 minutes on 2 idle
-  CPU cores (measured times in BUILD.md), peak memory under 8 GB.
+  layer), lsa_L2; width 32, 1500 steps of batch 32; 96 + 96 prompts; T = 4. Measured: 232 s of CPU
+  time (training 388 s and analysis 898 s of wall time at load average ~17 on the shared 2 cores,
+  22 min in all), peak memory 1.5 GB.
 
       python -m experiments.alignment --config=experiments/configs/alignment.py:runlocal --workdir=/tmp/al
 

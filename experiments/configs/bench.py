@@ -1,4 +1,4 @@
-"""Benchmark grid of issue 7: compiled CG transformer forwards against CG written directly in JAX.
+"""Benchmark grid: compiled CG transformer forwards against CG in JAX; training throughput.
 
 Run (from the repository root):
 
@@ -19,7 +19,7 @@ these (B x k x p x t) points, `--sections=forward,compile` runs only some sectio
 Sections:
   probe      matmul GFLOP/s, memory GB/s and the dispatch floor of this machine (the roofline).
   forward    every method on the same prompts: the sweep over k (time vs k, linearity) and the
-             issue's target points. A method whose estimated cost exceeds its budget
+             target points (`targets`). A method whose estimated cost exceeds its budget
              (`compiled_flop_budget`, `kernel_memory_budget_gb`) runs on the first B' < B prompts
              instead; its ratio is then taken against plain CG timed at the same B' on the same
              prompts, and the reason is printed.
@@ -28,13 +28,25 @@ Sections:
   ablation   which term of the compiled forward dominates: the same configs with parts removed.
   train      one training step of the GPT-style config (kcg.Transformer + optax.adamw), float32
              and bfloat16 compute.
+  training_throughput
+             kcg's gpt_icl training step and forward against a Flax NNX reference GPT and PyTorch
+             eager with Hugging Face GPT2Model (Garg et al.'s setup), in interleaved rounds: s/step,
+             CPU s/step, ratios to PyTorch and the fraction of the matmul peak measured in the same
+             run (experiments/bench_training.py). Alone (the PyTorch rows need
+             `pip install -e ".[bench]"`; without it they are skipped and the output says so):
+
+               python -m experiments.bench --sections=training_throughput --workdir=/tmp/kcg/tput
+
+             Runtime: 11 min measured with 5 rounds on the shared machine (load ~12, bench at
+             nice -19; 2 min of it compilation); about 5 min expected with the default 7 rounds on
+             2 idle cores (~25 s per round).
 """
 
 import ml_collections
 
 METHODS = ("plain_cg", "plain_cg_primal", "plain_cg_kernel", "jax_cg_vmap", "cholesky",
            "compiled_dual_prefix", "compiled_primal_causal")
-SECTIONS = ("probe", "forward", "compile", "attention", "ablation", "train")
+SECTIONS = ("probe", "forward", "compile", "attention", "ablation", "train", "training_throughput")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -53,9 +65,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.sweep_features = 64
   config.sweep_steps = 16
   config.sweep_supports = (64, 256, 1024, 4096)
-  # The issue's targets, as "BxKxPxT".
+  # Target points (B x k x p x t): a mid-size and a long-prompt batch, as "BxKxPxT".
   config.targets = ("256x1024x64x16", "64x4096x128x16")
-  # FLOP per timed call of a compiled forward before its batch is scaled down (~10 s here).
+  # FLOP per timed call of a compiled forward before its batch is scaled down (BENCHMARKS.md
+  # gives the time this costs on the measured machine).
   config.compiled_flop_budget = 1e12
   # Bytes of K [B, k, k] (times 3: K, its factor, workspace) before kernel methods are scaled down.
   config.kernel_memory_budget_gb = 4.0
@@ -88,6 +101,30 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.compute_dtypes = ("float32", "bfloat16")
   config.probe_matmul = 2048
   config.probe_megabytes = 256
+  # Training throughput against references (Garg et al. 2022's GPT-2 setup, gpt_icl's model).
+  config.throughput = ml_collections.ConfigDict()
+  config.throughput.num_layers = 12
+  config.throughput.width = 256
+  config.throughput.num_heads = 8
+  config.throughput.head_dim = 32
+  config.throughput.mlp_hidden = 1024
+  config.throughput.input_dim = 20
+  config.throughput.num_points = 41
+  config.throughput.batch_size = 64
+  config.throughput.learning_rate = 1e-4
+  config.throughput.seed = 0
+  # Interleaved rounds: each runs every implementation once; medians and spreads are over rounds.
+  config.throughput.rounds = 7
+  # Pause before each timed call, so that the previous implementation's worker threads stop spinning.
+  config.throughput.settle_s = 0.2
+  config.throughput.peak_matmul = 4096
+  # torch intra-op threads (0: torch's default, one per core). XLA's are set by the environment, e.g.
+  # XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" for one thread.
+  config.throughput.torch_threads = 0
+  # Also time the kcg step as earlier implementations of kcg.Transformer traced it
+  # (experiments/bench_training.py, KCG_VARIANTS): "before" is the model before this section's
+  # fixes, "scan_layers" and "softmax_first" undo one fix each.
+  config.throughput.kcg_variants = ("before", "scan_layers", "softmax_first")
   if arg in ("smoke", "runlocal"):
     config.repeats = 2
     config.seconds_per_method = 2.0
@@ -117,6 +154,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.compute_dtypes = ("float32",)
     config.probe_matmul = 64
     config.probe_megabytes = 1
+    config.throughput.num_layers = 2
+    config.throughput.width = 16
+    config.throughput.num_heads = 2
+    config.throughput.head_dim = 8
+    config.throughput.mlp_hidden = 32
+    config.throughput.input_dim = 3
+    config.throughput.num_points = 5
+    config.throughput.batch_size = 4
+    config.throughput.rounds = 2
+    config.throughput.settle_s = 0.0
+    config.throughput.peak_matmul = 64
+    config.throughput.kcg_variants = ()
   elif arg not in (None, ""):
     raise ValueError(f"Unknown config variant {arg!r}; use no argument or 'smoke'.")
   return config

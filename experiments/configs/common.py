@@ -15,7 +15,7 @@ import typing
 import ml_collections
 from ml_collections import config_dict
 
-from kcg._src import training
+from kcg import training
 
 _PARTS = {"model": training.ModelSpec, "data": training.DataSpec, "optim": training.OptimSpec,
           "curriculum": training.CurriculumSpec}

@@ -12,8 +12,10 @@ noise).
 Unlike the GPT-2 of Garg et al., kcg.Transformer has no positional embedding: the causal mask and the
 x/y token flags are its only position information.
 
-Run (500k steps as in the paper is GPU work: measured 0.2 steps/s, about 4-5 s per step, on a shared
-2-core CPU; the first step, compilation included, takes ~15 s):
+Run (500k steps as in the paper is GPU work: about 4-5 s per step was measured on a shared 2-core CPU
+before kcg.Transformer unrolled short stacks; `python -m experiments.bench
+--sections=training_throughput` times the step now against PyTorch, see BENCHMARKS.md; the first
+step, compilation included, takes ~15 s):
 
     python -m experiments.train --config=experiments/configs/gpt_icl.py:linear --workdir=/tmp/gpt_icl
 

@@ -1,4 +1,4 @@
-"""The formal-vs-learned study (issue 6): trained transformers against compiled CG, probes, ablations, laws.
+"""The formal-vs-learned study: trained transformers against compiled CG, probes, ablations, laws.
 
 Three scales (`--config=experiments/configs/study.py[:runlocal|:smoke]`):
 

@@ -2,8 +2,9 @@
 
 Mechanics. `kcg.Transformer` multiplies each head's output by `head_mask[l, h]` and each block's residual
 update by `layer_mask[l]`; an ablation is a set of `(layer, head)` pairs and layers set to 0 (`Ablation`,
-`masks`). In a compiled model heads and layers are found by name (`find_heads`, `find_layers`), never by
-index: the names are those of the construction's `Head`s and `Block`s (`kcg._src.programs`).
+`masks`). In a compiled model heads and layers are found by what they compute, the `op` of the
+construction's `Head`s and `Block`s (`kcg.ops.Op`; `find_heads`, `find_layers`), never by index or by
+display name; which construction a program is comes from `Program.construction`.
 
 Which operation is removed, and the algorithm that drops it (`OPERATIONS`). For every construction the
 damaged CG reference (`damaged_cg_predict`) runs the recurrences exactly as the compiled program does:
@@ -36,7 +37,7 @@ Removing the reduction head `r.r` alone (keeping the ReLU guess) would feed 0 in
 guess, after which `pAp` leaves the reciprocal's range and the recurrence depends on rounding in the
 ramp above it; kcg ablates the whole layer instead, whose effect is exactly the restart above.
 
-The other constructions (`_TABLES` lists which operation is which head or layer in each):
+The other constructions (`_TABLES` lists which operation is which op of heads or layers in each):
 
 * PCG (`jacobi_support_state`, `kcg.compile_cg(..., preconditioner="jacobi")`): the same heads as
   `support_state` (`matvec`, `query_matvec`, `curvature_reduction`, `ridge_reduction`), the layer
@@ -62,13 +63,12 @@ The other constructions (`_TABLES` lists which operation is which head or layer 
   layers of the last Newton step, since the first step's second layer also forms the guard) and
   `step`. The reference is `damaged_cg_predict` with the exponential kernel and the guard.
 
-The variants of these constructions carry the same tables. `norm="rmsnorm"` (`+prenorm`) adds pin
-channels and keeps every head and block; a random-ReLU feature layer (`+random_relu`) or a
-linear-attention projection S (`+rank{m}`) changes what the kernel reads, so the reference runs on
-`compiled.kernel_features(x)` (`S phi(x)`); r independent outputs (` x{r} outputs`) keep the shared heads as
-`"<name> [shared by r outputs]"` and copy the per-output ones as `"<name> [output c]"`, and an
-operation removes every copy, so each column's damaged model is the damaged reference on that column
-(`[B, T+1, q, r]`). Block CG (`block_support_state`) has no table.
+The variants of these constructions (`Program.transforms`) carry the same tables. `norm="rmsnorm"` adds
+pin channels and keeps every head and block; a random-ReLU feature layer or a linear-attention projection
+S changes what the kernel reads, so the reference runs on `compiled.kernel_features(x)` (`S phi(x)`); r
+independent outputs keep the shared heads and copy the per-output ones, every copy with the op of its
+original, and an operation removes every copy, so each column's damaged model is the damaged reference
+on that column (`[B, T+1, q, r]`). Block CG (`block_support_state`) and Route B have no table.
 
 For trained models the meaning of a head is unknown, so `degradation` takes any `(layer, head)` pairs
 and layers and reports how much the predictions and the error change (`degradation_map` does every head
@@ -78,17 +78,18 @@ and every layer).
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kcg._src import chebyshev_programs
 from kcg._src import checks
+from kcg._src import craft
 from kcg._src import probes
-from kcg._src import programs
 from kcg._src import reciprocal as recip
+from kcg._src.ops import Construction, Op
 
 Array = jax.Array
 
@@ -96,68 +97,57 @@ OPERATIONS = ("matvec", "matvec_u", "query_matvec", "curvature_reduction", "ridg
               "pap_reduction", "residual_norm", "newton", "preconditioner", "step")
 
 
+class _Layers(NamedTuple):
+  """In each step, the layers whose block has `op`, indexed by `which` (a slice: first, last two, all)."""
+
+  op: Op
+  which: slice
+
+
 class _Table(NamedTuple):
   """Which heads and layers of a construction perform which operation, and its reference.
 
   Attributes:
     reference: "cg", "pcg", "chebyshev" or "softmax" (which damaged reference applies).
-    heads: operation -> the name of the head (in every CG step) that performs it.
-    layers: operation -> block-name patterns; in each CG step the first layer matching each
-      pattern is removed (`_block_matches`: a pattern ending in a space is a substring, otherwise a
-      suffix). `{n}` stands for the reciprocal's number of Newton steps.
-    init_layers: operation -> patterns removed among the init layers (every match).
+    heads: operation -> the op of the heads (in every step) that perform it.
+    layers: operation -> the layers removed in each step.
+    init_layers: operation -> the op of the init layers removed (every one).
   """
 
   reference: str
-  heads: Mapping[str, str]
-  layers: Mapping[str, tuple[str, ...]] = {}
-  init_layers: Mapping[str, tuple[str, ...]] = {}
+  heads: Mapping[str, Op]
+  layers: Mapping[str, tuple[_Layers, ...]] = {}
+  init_layers: Mapping[str, Op] = {}
 
 
-_CG_LAYERS = {"residual_norm": ("rr_next = r.r",), "newton": ("newton ",)}
-_SUPPORT_HEADS = {
-    "matvec": "(Kp)_i = sum_j (phi_i . phi_j) p_j",
-    "query_matvec": "k(x_q) . p",
-    "curvature_reduction": "p.Kp",
-    "ridge_reduction": "ridge p.p",
-}
-# Head and block names as written in kcg._src.programs and kcg._src.softmax_programs; a rename there
-# fails loudly here (find_heads / find_layers name what they found instead).
+_FIRST, _LAST_TWO, _ALL = slice(0, 1), slice(-2, None), slice(None)
+_CG_LAYERS = {"residual_norm": (_Layers(Op.RESIDUAL_NORM, _FIRST),),
+              "newton": (_Layers(Op.NEWTON, _FIRST),)}
+_SUPPORT_HEADS = {"matvec": Op.MATVEC, "query_matvec": Op.QUERY_MATVEC,
+                  "curvature_reduction": Op.CURVATURE, "ridge_reduction": Op.RIDGE}
 _TABLES = {
-    "support_state": _Table("cg", _SUPPORT_HEADS, _CG_LAYERS),
-    "aggregator_dual": _Table("cg", {
-        "matvec": "Kp = sum_j (u . phi_j) e_j",
-        "matvec_u": "u = sum_j p_j phi_j",
-        "curvature_reduction": "p.Kp",
-        "ridge_reduction": "ridge p.p",
-    }, _CG_LAYERS),
-    "aggregator_primal": _Table("cg", {
-        "matvec": "sum_j phi_j (phi_j . p)",
-        "query_matvec": "f += gamma phi(x).p",
-        "ridge_reduction": "ridge p",
-    }, _CG_LAYERS),
-    "jacobi_support_state": _Table(
-        "pcg", _SUPPORT_HEADS, {"residual_norm": ("rz_next = r.z",), "newton": ("newton ",)},
-        {"preconditioner": ("init: newton ",)}),
-    "chebyshev_support_state": _Table("chebyshev", {
-        "matvec": _SUPPORT_HEADS["matvec"],
-        "query_matvec": _SUPPORT_HEADS["query_matvec"],
-    }),
-    "chebyshev_aggregator_dual": _Table("chebyshev", {
-        "matvec": "Kp = sum_j (u . phi_j) e_j",
-        "matvec_u": "u = sum_j p_j phi_j",
-        "query_matvec": "f += gamma phi(x).u",
-    }),
-    "chebyshev_aggregator_primal": _Table("chebyshev", {
-        "matvec": "sum_j phi_j (phi_j . p)",
-        "query_matvec": "f += gamma phi(x).p",
-    }),
-    "exponential_support_state": _Table("softmax", {
-        "matvec": "sum_j e^(s_ij/tau_0) p_j / Z",
-        "query_matvec": "sum_j e^(s_qj/tau_0) p_j / Z",
-        "pap_reduction": "sum p_i (Ap)_i",
-    }, {"residual_norm": ("softmax-cg r_i^2", "rr_next = sum r_i^2"),
-        "newton": ("newton {n}/{n} (s x)", "newton {n}/{n} (x (2 - s x))")}),
+    Construction.SUPPORT_STATE: _Table("cg", _SUPPORT_HEADS, _CG_LAYERS),
+    Construction.AGGREGATOR_DUAL: _Table("cg", {
+        "matvec": Op.MATVEC, "matvec_u": Op.MATVEC_U, "curvature_reduction": Op.CURVATURE,
+        "ridge_reduction": Op.RIDGE}, _CG_LAYERS),
+    Construction.AGGREGATOR_PRIMAL: _Table("cg", {
+        "matvec": Op.MATVEC, "query_matvec": Op.QUERY_MATVEC, "ridge_reduction": Op.RIDGE},
+        _CG_LAYERS),
+    # PCG's preconditioner: the Newton refinement of 1/d_i, all in the init layers.
+    Construction.JACOBI_SUPPORT_STATE: _Table("pcg", _SUPPORT_HEADS, _CG_LAYERS,
+                                              {"preconditioner": Op.NEWTON}),
+    Construction.CHEBYSHEV_SUPPORT_STATE: _Table("chebyshev", {
+        "matvec": Op.MATVEC, "query_matvec": Op.QUERY_MATVEC}),
+    Construction.CHEBYSHEV_AGGREGATOR_DUAL: _Table("chebyshev", {
+        "matvec": Op.MATVEC, "matvec_u": Op.MATVEC_U, "query_matvec": Op.QUERY_MATVEC}),
+    Construction.CHEBYSHEV_AGGREGATOR_PRIMAL: _Table("chebyshev", {
+        "matvec": Op.MATVEC, "query_matvec": Op.QUERY_MATVEC}),
+    # Softmax: r.r is two layers (r_i^2, then their sum); a Newton step is two gated layers, and
+    # the last one is removed (the first step's second layer also forms the breakdown guard).
+    Construction.EXPONENTIAL_SUPPORT_STATE: _Table("softmax", {
+        "matvec": Op.MATVEC, "query_matvec": Op.QUERY_MATVEC, "pap_reduction": Op.PAP},
+        {"residual_norm": (_Layers(Op.RESIDUAL_NORM, _ALL),),
+         "newton": (_Layers(Op.NEWTON, _LAST_TWO),)}),
 }
 
 
@@ -214,11 +204,11 @@ def masks(config: Any, ablation: Ablation, dtype: Any = None) -> tuple[Array, Ar
 
 
 # ----------------------------------------------------------------------------------------------------
-# Finding heads and layers of a compiled program by name.
+# Finding heads and layers of a compiled program by what they compute (their Op).
 # ----------------------------------------------------------------------------------------------------
 
 
-def step_layers(program: programs.Program, step: int) -> range:
+def step_layers(program: craft.Program, step: int) -> range:
   """The layers that run CG step `step` (0-based): `step_ends[step] .. step_ends[step + 1] - 1`."""
   num_steps = len(program.step_ends) - 1
   if not 0 <= step < num_steps:
@@ -226,7 +216,7 @@ def step_layers(program: programs.Program, step: int) -> range:
   return range(program.step_ends[step], program.step_ends[step + 1])
 
 
-def _check_steps(program: programs.Program, steps: Sequence[int] | None) -> tuple[int, ...]:
+def _check_steps(program: craft.Program, steps: Sequence[int] | None) -> tuple[int, ...]:
   num_steps = len(program.step_ends) - 1
   if steps is None:
     return tuple(range(num_steps))
@@ -236,39 +226,38 @@ def _check_steps(program: programs.Program, steps: Sequence[int] | None) -> tupl
   return steps
 
 
-def find_heads(program: programs.Program, head_name: str, *,
+def _check_op(op: Any) -> Op:
+  if not isinstance(op, Op):
+    raise ValueError(f"expected a kcg.ops.Op (what a head or block computes, e.g. Op.MATVEC), got "
+                     f"{op!r}; display names are not identities.")
+  return op
+
+
+def find_heads(program: craft.Program, op: Op, *,
                steps: Sequence[int] | None = None) -> tuple[tuple[int, int], ...]:
-  """Every `(layer, head)` whose head is named `head_name` (or is a per-output copy of it), within CG `steps`."""
+  """Every `(layer, head)` within CG `steps` whose head computes `op` (every per-output copy too)."""
+  op = _check_op(op)
   layers = [l for s in _check_steps(program, steps) for l in step_layers(program, s)]
-  found = []
-  for layer in layers:
-    block = program.blocks[program.schedule[layer]]
-    # With r outputs a head is shared ("<name> [shared by r outputs]") or copied per output
-    # ("<name> [output c]"): the operation is every copy.
-    found += [(layer, h) for h, head in enumerate(block.heads)
-              if head.name == head_name or head.name.startswith(head_name + " [")]
+  found = tuple((layer, h) for layer in layers
+                for h, head in enumerate(program.layer_block(layer).heads) if head.op == op)
   if not found:
-    known = sorted({h.name for b in program.blocks for h in b.heads})
-    raise ValueError(f"no head named {head_name!r} in the CG steps of program {program.name!r}; "
-                     f"its heads are {known}.")
-  return tuple(found)
-
-
-def find_layers(program: programs.Program, block_suffix: str, *,
-                steps: Sequence[int] | None = None) -> tuple[int, ...]:
-  """Every layer of CG `steps` whose block name ends in (or, for "newton ", contains) `block_suffix`."""
-  layers = [l for s in _check_steps(program, steps) for l in step_layers(program, s)]
-  found = tuple(l for l in layers if _block_matches(program.blocks[program.schedule[l]].name,
-                                                    block_suffix))
-  if not found:
-    known = sorted({b.name for b in program.blocks})
-    raise ValueError(f"no block matching {block_suffix!r} in program {program.name!r}; its blocks "
-                     f"are {known}.")
+    known = sorted({h.op.value for b in program.blocks for h in b.heads})
+    raise ValueError(f"no head with op {op.value!r} in the CG steps of program {program.name!r}; "
+                     f"its heads compute {known}.")
   return found
 
 
-def _block_matches(name: str, suffix: str) -> bool:
-  return suffix in name if suffix.endswith(" ") else name.endswith(suffix)
+def find_layers(program: craft.Program, op: Op, *,
+                steps: Sequence[int] | None = None) -> tuple[int, ...]:
+  """Every layer of CG `steps` whose block computes `op`."""
+  op = _check_op(op)
+  layers = [l for s in _check_steps(program, steps) for l in step_layers(program, s)]
+  found = tuple(l for l in layers if program.layer_block(l).op == op)
+  if not found:
+    known = sorted({b.op.value for b in program.blocks})
+    raise ValueError(f"no block with op {op.value!r} in the CG steps of program {program.name!r}; "
+                     f"its blocks compute {known}.")
+  return found
 
 
 _DAMAGE = {
@@ -285,35 +274,29 @@ _DAMAGE = {
 }
 
 
-def available_operations(program: programs.Program) -> tuple[str, ...]:
+def available_operations(program: craft.Program) -> tuple[str, ...]:
   """The operations of `OPERATIONS` that `program` has a head or layer for (its ablation table)."""
   table = _table(program)
   return tuple(op for op in OPERATIONS
                if op in table.heads or op in table.layers or op in table.init_layers or op == "step")
 
 
-# Suffixes the program transforms append (multi_output.with_outputs, programs.with_random_relu_features
-# / with_projection, programs.with_norm_pins), in the order the compiler applies them.
-_VARIANT = re.compile(r"^(?P<base>[a-z_]+)( x\d+ outputs)?(\+random_relu|\+rank\d+)?(\+prenorm)?$")
+def _table(program: craft.Program) -> _Table:
+  table = _TABLES.get(program.construction)
+  if table is None:
+    raise ValueError(f"no ablation table for program {program.name!r}; known constructions: "
+                     f"{sorted(c.value for c in _TABLES)} (with any of their transforms).")
+  return table
 
 
-def _table(program: programs.Program) -> _Table:
-  match = _VARIANT.match(program.name)
-  if match is None or match.group("base") not in _TABLES:
-    raise ValueError(f"no ablation table for program {program.name!r}; known: {sorted(_TABLES)} and "
-                     "their ' x{r} outputs', '+random_relu', '+rank{m}' and '+prenorm' variants.")
-  return _TABLES[match.group("base")]
-
-
-def _init_layers(program: programs.Program, patterns: Sequence[str]) -> tuple[int, ...]:
-  found = tuple(l for l in range(program.step_ends[0])
-                if any(_block_matches(program.blocks[program.schedule[l]].name, p) for p in patterns))
+def _init_layers(program: craft.Program, op: Op) -> tuple[int, ...]:
+  found = tuple(l for l in range(program.step_ends[0]) if program.layer_block(l).op == op)
   if not found:
-    raise ValueError(f"no init layer matching {list(patterns)} in program {program.name!r}.")
+    raise ValueError(f"no init layer with op {op.value!r} in program {program.name!r}.")
   return found
 
 
-def operation_ablation(program: programs.Program, operation: str, *,
+def operation_ablation(program: craft.Program, operation: str, *,
                        steps: Sequence[int] | None = None) -> tuple[Ablation, tuple[Damage, ...]]:
   """The heads/layers that perform `operation` in CG `steps`, and the damaged reference's schedule.
 
@@ -344,13 +327,13 @@ def operation_ablation(program: programs.Program, operation: str, *,
     ablation = Ablation((), tuple(layers), f"{operation}: init layers {layers}")
     steps = tuple(range(num_steps))
   elif operation in table.layers:
-    newton = program.reciprocal.newton_steps if program.reciprocal is not None else 0
-    patterns = [p.format(n=newton) for p in table.layers[operation]]
-    layers = [find_layers(program, p, steps=(s,))[0] for s in steps for p in patterns]
+    layers = [l for s in steps for pick in table.layers[operation]
+              for l in find_layers(program, pick.op, steps=(s,))[pick.which]]
     ablation = Ablation((), tuple(layers), f"{operation}: layers {layers}")
   else:
     heads = find_heads(program, table.heads[operation], steps=steps)
-    ablation = Ablation(heads, (), f"{operation}: head {table.heads[operation]!r} at {list(heads)}")
+    ablation = Ablation(heads, (), f"{operation}: {table.heads[operation].value} heads at "
+                                   f"{list(heads)}")
   damage = _DAMAGE[operation]
   schedule = tuple(damage if s in steps else HEALTHY for s in range(num_steps))
   return ablation, schedule
@@ -362,16 +345,8 @@ def operation_ablation(program: programs.Program, operation: str, *,
 
 
 def _reciprocal(spec: recip.ReciprocalSpec, s: Array) -> Array:
-  """The compiled initial guess of 1/s (`kcg._src.reciprocal.guess`) in the dtype of s."""
-  t, c, top = recip.guess_coefficients(spec)
-  dtype = s.dtype
-  ramp = top / (t[-1] * (spec.ratio - 1))
-  # Breakpoints on a trailing axis, broadcast explicitly (rank promotion may be set to raise).
-  expand = (1,) * s.ndim + (len(t),)
-  t_arr, c_arr = jnp.asarray(t, dtype).reshape(expand), jnp.asarray(c, dtype).reshape(expand)
-  x = jnp.asarray(top, dtype) + jnp.sum(c_arr * jax.nn.relu(t_arr - s[..., None]), axis=-1)
-  x = x - jnp.asarray(ramp, dtype) * jax.nn.relu(s - jnp.asarray(t[-1], dtype))
-  return x + jnp.asarray(ramp, dtype) * jax.nn.relu(s - jnp.asarray(spec.ratio * t[-1], dtype))
+  """The compiled initial guess of 1/s (`kcg._src.reciprocal.evaluate_guess`) in the dtype of s."""
+  return recip.evaluate_guess(spec, s, jnp)
 
 
 def _newton(x: Array, s: Array, num_steps: int) -> Array:
@@ -543,7 +518,7 @@ def damaged_chebyshev_predict(phi_support: Any, y_support: Any, phi_query: Any, 
   """Chebyshev semi-iteration `[B, T+1, q]` with `damage[s]` at step s, as `kcg.compile_chebyshev` runs it.
 
   `alpha += g_s p; r -= g_s (K p + ridge p); p = r + b_s p; f += g_s k(x)^T p` with the baked
-  coefficients `(g_s, b_s) = kcg._src.programs.chebyshev_coefficients(lo, hi, T)` (primal: on
+  coefficients `(g_s, b_s) = kcg._src.chebyshev_programs.chebyshev_coefficients(lo, hi, T)` (primal: on
   `Phi^T Phi + ridge I`). Only `kernel_matvec`, `query_matvec` and `skipped` apply: Chebyshev has
   no reductions and no reciprocals.
   """
@@ -557,7 +532,7 @@ def damaged_chebyshev_predict(phi_support: Any, y_support: Any, phi_query: Any, 
     if extra:
       raise ValueError(f"Chebyshev has no reductions or reciprocals to damage; got {extra} "
                        "(use kernel_matvec, query_matvec or skipped).")
-  gammas, betas = programs.chebyshev_coefficients(*(float(b) for b in eig_bounds), len(damage))
+  gammas, betas = chebyshev_programs.chebyshev_coefficients(*(float(b) for b in eig_bounds), len(damage))
   dtype = phi.dtype
   lam = jnp.asarray(ridge, dtype)
   matvec, query_dot, r = _operators(phi, y, phi_q, form)

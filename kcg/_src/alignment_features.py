@@ -127,7 +127,9 @@ def hidden_features(subject: probes.Subject, x_support: Any, y_support: Any, x_q
 
   Args:
     subject: a `kcg.probes.Subject` (compiled or trained `kcg.Transformer`, "query" encoding).
-    x_support, y_support, x_query: the prompts, `[B, k, d]`, `[B, k]`, `[B, q, d]`.
+    x_support: the support inputs, `[B, k, d]`.
+    y_support: their labels, `[B, k]` (read only by the `with_labels` and `other_labels` readings).
+    x_query: the query inputs, `[B, q, d]`.
     reading: one of `READINGS`.
 
   Returns:
@@ -181,6 +183,7 @@ class ResidualMap(NamedTuple):
 
   @property
   def output_dim(self) -> int:
+    """Number of features read out (columns of `matrix`)."""
     return int(self.matrix.shape[1])
 
   def scaled(self, factor: float) -> "ResidualMap":

@@ -1,35 +1,30 @@
 """Figures of the alignment study (matplotlib Agg canvases, no global state): one PNG per task each.
 
-Every curve has its own colour and marker, layer and step axes have integer ticks, axes are labelled
-and legends sit outside the data (to the right of the panels).
+Drawn with kcg's style helpers (`kcg.plotting`): every curve has its own colour and marker, layer and
+step axes have integer ticks, axes are labelled and legends sit right of the panels, one per row.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+import itertools
+from typing import Iterator, Mapping
 
 import numpy as np
 
-_STYLES = (("tab:blue", "o"), ("tab:orange", "s"), ("tab:green", "^"), ("tab:red", "D"),
-           ("tab:purple", "v"), ("tab:brown", "P"), ("tab:pink", "X"), ("tab:gray", "*"),
-           ("tab:olive", "<"), ("tab:cyan", ">"), ("black", "h"), ("navy", "p"))
+from kcg._src import plotting
 # Agreement is drawn as 1 - R^2 (the fraction of the model's variance left unexplained) on a log axis,
 # clipped to [_FLOOR, _CEIL]: differences between 0.9 and 0.99 stay visible, and controls at R^2 <= 0
 # sit at the top.
 _FLOOR, _CEIL = 1e-4, 2.0
 
 
-def _figure(nrows: int, ncols: int, width: float = 3.6, height: float = 3.0):
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-  figure = Figure(figsize=(width * ncols + 2.6, height * nrows))
-  FigureCanvasAgg(figure)
-  return figure, figure.subplots(nrows, ncols, squeeze=False)
+def _figure(nrows: int, ncols: int):
+  return plotting.new_figure(nrows, ncols, panel_size=(3.6, 3.0))
 
 
-def _integer_axis(axes) -> None:
-  from matplotlib.ticker import MaxNLocator  # pylint: disable=g-import-not-at-top
-  axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+def _styles() -> Iterator[tuple[str, str]]:
+  """(colour, marker) of the lines of one panel, in drawing order, all distinct."""
+  return ((s["color"], s["marker"]) for s in (plotting.line_style(i) for i in itertools.count()))
 
 
 def _unexplained(values) -> np.ndarray:
@@ -49,19 +44,18 @@ def _r2_axis(axes, ylabel: str) -> None:
 
 
 def _save(figure, legend_rows, path: str) -> None:
-  """Saves `figure` with one legend per row group: `legend_rows` = [(axes list, y position in
-  figure coordinates)], each legend to the right of the panels."""
+  """Saves `figure` with one legend per row of panels, right of the figure: `legend_rows` =
+  [(axes of the row, y of the legend's centre in figure coordinates)]; entries are the row's
+  distinct labels in drawing order."""
   for axes_list, y in legend_rows:
-    handles, labels = {}, []
+    entries = {}
     for axes in axes_list:
-      for h, label in zip(*axes.get_legend_handles_labels()):
-        if label not in handles:
-          handles[label] = h
-          labels.append(label)
-    figure.legend([handles[l] for l in labels], labels, loc="center right", fontsize=7,
-                  frameon=False, bbox_to_anchor=(1.0, y))
-  figure.tight_layout(rect=(0, 0, 1 - 2.5 / figure.get_figwidth(), 1))
-  figure.savefig(path, dpi=110)
+      for handle, label in zip(*axes.get_legend_handles_labels()):
+        entries.setdefault(label, handle)
+    if entries:
+      figure.legend(list(entries.values()), list(entries), loc="center left",
+                    bbox_to_anchor=(1.0, y), fontsize=plotting.LEGEND_FONTSIZE)
+  plotting.save_figure(figure, path)
 
 
 def agreement_figure(results: Mapping[str, dict], path: str, title: str) -> str:
@@ -72,7 +66,7 @@ def agreement_figure(results: Mapping[str, dict], path: str, title: str) -> str:
   for col, name in enumerate(names):
     r = results[name]
     top, bottom = axes[0][col], axes[1][col]
-    styles = iter(_STYLES)
+    styles = _styles()
     for reading, rows in r["krr"].items():
       colour, marker = next(styles)
       label = f"KRR on phi_l ({reading.replace('_', ' ')})"
@@ -92,20 +86,20 @@ def agreement_figure(results: Mapping[str, dict], path: str, title: str) -> str:
       rows = r["control"]["krr"]["zero_labels"]
       top.plot([row["layer"] for row in rows], _unexplained([row["r2"] for row in rows]), marker=marker,
                color=colour, linestyle=":", label="random-init model (zero labels)")
-    for (base, label), (colour, _) in zip(
-        (("linear_x", "KRR on raw x, linear"), ("rbf_x", "KRR on raw x, RBF"),
-         ("true_kernel", "KRR, task's true kernel")), _STYLES[8:]):
+    for base, label in (("linear_x", "KRR on raw x, linear"), ("rbf_x", "KRR on raw x, RBF"),
+                        ("true_kernel", "KRR, task's true kernel")):
+      colour, _ = next(styles)
       if base in r["baselines"]:
         top.axhline(_unexplained([r["baselines"][base]["r2"]])[0], color=colour, linewidth=1.2,
                     linestyle="-.", label=label)
     top.set_title(name, fontsize=8)
     layer_names = list(r["candidates"])
     layers = [int(l) for l in layer_names if l != "x"]
-    for (cand, _), (colour, marker) in zip(r["candidates"][str(layers[0])].items(), _STYLES):
+    for (cand, _), (colour, marker) in zip(r["candidates"][str(layers[0])].items(), _styles()):
       bottom.plot(layers, _unexplained([r["candidates"][str(l)][cand]["r2"] for l in layers]),
                   marker=marker, color=colour, label=f"{cand}, best t, on phi_l")
     for ax in (top, bottom):
-      _integer_axis(ax)
+      plotting.integer_ticks(ax, "x")
       ax.set_xlabel("layer l (blocks applied)")
       ax.grid(alpha=0.3, which="both")
     _r2_axis(top, "1 - R^2 of KRR vs model")
@@ -124,7 +118,7 @@ def alignment_figure(results: Mapping[str, dict], path: str, title: str) -> str:
   for col, name in enumerate(names):
     r, ax = results[name], axes[0][col]
     layers = r["layers"]
-    styles = iter(_STYLES)
+    styles = _styles()
     for key, label in labels.items():
       if key in r["kernel_alignment"]:
         colour, marker = next(styles)
@@ -137,7 +131,7 @@ def alignment_figure(results: Mapping[str, dict], path: str, title: str) -> str:
     key = "true_kernel_shuffled" if "true_kernel_shuffled" in r["kernel_alignment"] else "target_shuffled"
     ax.plot(layers, r["kernel_alignment"][key], marker=marker, color=colour, linestyle=":",
             label="shuffled prompts (control)")
-    _integer_axis(ax)
+    plotting.integer_ticks(ax, "x")
     ax.set_xlabel("layer l (blocks applied)")
     ax.set_ylabel("centred kernel alignment")
     ax.set_ylim(-0.05, 1.05)
@@ -154,9 +148,9 @@ def graft_figure(results: Mapping[str, dict], path: str, title: str) -> str:
   figure, axes = _figure(1, max(len(names), 1))
   for col, name in enumerate(names):
     g, ax = results[name]["graft"], axes[0][col]
-    for (l, r2), (colour, marker) in zip(zip(g["layers"], g["r2"]), _STYLES):
+    for (l, r2), (colour, marker) in zip(zip(g["layers"], g["r2"]), _styles()):
       ax.plot(range(len(r2)), _unexplained(r2), marker=marker, color=colour, label=f"l = {l}")
-    _integer_axis(ax)
+    plotting.integer_ticks(ax, "x")
     ax.set_xlabel("compiled CG steps t")
     _r2_axis(ax, "1 - R^2 of graft vs model")
     ax.set_title(name, fontsize=8)

@@ -37,6 +37,7 @@ from kcg._src import solvers
 
 Array = jax.Array
 Predictor = Callable[[Any, Any, Any], Array]
+"""An in-context predictor `(x_support [B, k, d], y_support [B, k], x_query [B, q, d]) -> [B, q]`."""
 FeatureMapFn = Callable[[Array], Array]
 
 SPACES = ("feature", "data")

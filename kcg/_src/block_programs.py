@@ -1,4 +1,4 @@
-"""Block CG (O'Leary 1980) for r outputs, written as transformer blocks (stub S3, second half).
+"""Block CG (O'Leary 1980) for r outputs, written as transformer blocks.
 
 `block_support_state` compiles `kcg.solvers.block_cg` on (K + ridge I) X = Y, Y in R^{k x r}: dual
 form, prefix mask, per-support state. Support token i holds the rows X_i, R_i, P_i, (KP)_i (each r
@@ -68,11 +68,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kcg._src import blocks as B
 from kcg._src import checks
 from kcg._src import reciprocal as recip
-from kcg._src.craft import Block, Head, ReluUnits, ResidualLayout, linear_units
-from kcg._src.programs import (AGG, Program, StateLocation, _finish, _flag_channels,
-                               _flag_embedding, _holders, _support_matvec_heads)
+from kcg._src.craft import (Block, Head, Program, ReluUnits, ResidualLayout, StateLocation,
+                            linear_units, looped_program)
+from kcg._src.ops import Construction, Op
+
+AGG = B.AGGREGATOR
 
 VECTORS = ("alpha", "r", "p", "Kp", "p_prev")  # per-support rows, r wide
 QUERY_VECTORS = ("kq_p", "f")  # per-query rows, r wide
@@ -147,38 +150,41 @@ def _unit(m: int, a: int) -> np.ndarray:
 # Heads and units.
 
 
-def _reduce_rows(m: int, key_terms, value_terms, target: str, name: str) -> tuple[Head, ...]:
+def _reduce_rows(m: int, key_terms, value_terms, target: str, name: str,
+                 op: Op) -> tuple[Head, ...]:
   """Row a of `target` += sum_i key_i[a] value_i over supports (head a; r heads)."""
   return tuple(
       Head(((AGG, 1.0),), tuple((c, coef * _unit(m, a)) for c, coef in key_terms),
-           tuple(value_terms), ((target, _row_writer(m, a)),), f"{name} row {a}")
+           tuple(value_terms), ((target, _row_writer(m, a)),), f"{name} row {a}", op)
       for a in range(m))
 
 
-def _row_times_matrix(m: int, row_terms, matrix: str, outputs, name: str) -> tuple[Head, ...]:
+def _row_times_matrix(m: int, row_terms, matrix: str, outputs, name: str,
+                      op: Op) -> tuple[Head, ...]:
   """Each token adds (row . matrix[:, b]) to entry b of the outputs (head b; r heads).
 
   The matrix lives at the aggregator only, so the key is non-zero there alone.
   """
   return tuple(
       Head(tuple(row_terms), ((matrix, _column_reader(m, b)),), ((AGG, 1.0),),
-           tuple((c, coef * _unit(m, b).T) for c, coef in outputs), f"{name}[:, {b}]")
+           tuple((c, coef * _unit(m, b).T) for c, coef in outputs), f"{name}[:, {b}]", op)
       for b in range(m))
 
 
 def _matrix_product_heads(m: int, left: str, right: str, target: str, coef: float,
-                          name: str) -> tuple[Head, ...]:
+                          name: str, op: Op) -> tuple[Head, ...]:
   """target += coef left @ right at the aggregator.
 
   Head (a, b): query row a of left, key column b of right (both non-zero at the aggregator only).
   """
   return tuple(
       Head(((left, _row_reader(m, a)),), ((right, _column_reader(m, b)),), ((AGG, 1.0),),
-           ((target, _entry_writer(m, a, b, coef)),), f"{name}[{a}, {b}]")
+           ((target, _entry_writer(m, a, b, coef)),), f"{name}[{a}, {b}]", op)
       for a in range(m) for b in range(m))
 
 
-def _matmul_units(m: int, left: str, right: str, target: str, coef: float, name: str) -> ReluUnits:
+def _matmul_units(m: int, left: str, right: str, target: str, coef: float, name: str,
+                  op: Op) -> ReluUnits:
   """Gated units adding coef left @ right to target: relu(l) x + relu(-l) (-x) = l x, exactly.
 
   Unit pair (a, c, b) multiplies left[a, c] by right[c, b]; 2 m^3 units.
@@ -194,23 +200,17 @@ def _matmul_units(m: int, left: str, right: str, target: str, coef: float, name:
           value[c * m + b, u] = sign
           post[u, a * m + b] = coef
           u += 1
-  return ReluUnits(((left, pre),), ((target, post),), name, ((right, value),))
+  return ReluUnits(((left, pre),), ((target, post),), name, op, ((right, value),))
 
 
 def _diagonal_guess_units(m: int, source: str, target: str, spec: recip.ReciprocalSpec,
-                          scale: float) -> ReluUnits:
-  """target[a, a] += scale * guess(1 / source[a, a]) at the aggregator (m groups of guess units)."""
-  on_s, on_flag, post = recip.guess_units_matrices(spec)
-  n = len(on_s)
-  pre_source, pre_flag = np.zeros((m * m, m * n)), np.zeros((1, m * n))
-  out = np.zeros((m * n, m * m))
-  for a in range(m):
-    block = slice(a * n, (a + 1) * n)
-    pre_source[a * m + a, block] = on_s
-    pre_flag[0, block] = on_flag
-    out[block, a * m + a] = scale * post
-  return ReluUnits(((source, pre_source), (AGG, pre_flag)), ((target, out),),
-                   f"{target} = diag(guess 1/diag {source}) / {m}")
+                          scale: float) -> tuple[ReluUnits, ...]:
+  """target[a, a] += scale * guess(1 / source[a, a]) at the aggregator (one group per a)."""
+  return tuple(
+      B.guess_units(source, target, spec, read=_unit(m * m, a * m + a),
+                    write=_unit(m * m, a * m + a).T, scale=scale,
+                    name=f"{target}[{a}, {a}] = guess 1/{source}[{a}, {a}] / {m}")
+      for a in range(m))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,84 +234,79 @@ def block_support_state(feature_dim: int, num_outputs: int, num_steps: int, ridg
     A `Program` whose readout `f` is r wide at queries; `state` maps alpha, r, p to per-support
     r-wide channels and gamma (Lambda), beta (Psi) to r x r aggregator channels (row-major).
   """
-  p = checks.check_positive_int("feature_dim", feature_dim)
+  dim = checks.check_positive_int("feature_dim", feature_dim)
   m = checks.check_positive_int("num_outputs", num_outputs)
   num_steps = checks.check_num_steps(num_steps)
-  try:
-    ridge = float(ridge)
-  except (TypeError, ValueError):
-    raise ValueError(f"ridge must be a positive number, got {ridge!r}.") from None
-  if not (math.isfinite(ridge) and ridge > 0):
-    raise ValueError(f"ridge must be finite and > 0 (K + ridge I must be positive definite), "
-                     f"got {ridge!r}.")
+  ridge = checks.scalar_ridge(ridge)
   coefficients = (newton_schulz_coefficients(m, guess_error=spec.guess_error)
                   if newton_schulz is None else tuple(float(c) for c in newton_schulz))
   if not coefficients or not all(0 < c < 2 for c in coefficients):
     raise ValueError(f"newton_schulz must be a non-empty sequence of scalings in (0, 2), got "
                      f"{newton_schulz!r}.")
   layout = ResidualLayout(
-      channels=tuple([("phi_support", p), ("phi_query", p), ("y", m)]
+      channels=tuple([("phi_support", dim), ("phi_query", dim), ("y", m)]
                      + [(name, m) for name in VECTORS + QUERY_VECTORS]
-                     + [(name, m * m) for name in MATRICES] + _flag_channels()),
-      holders=_holders([(name, "supports") for name in VECTORS]
-                       + [(name, "queries") for name in QUERY_VECTORS]
-                       + [(name, "aggregator (r x r, row-major)") for name in MATRICES]))
-  embedding = [("x_support", "phi_support", 1.0), ("x_query", "phi_query", 1.0),
-               ("y", "y", 1.0)] + _flag_embedding()
+                     + [(name, m * m) for name in MATRICES] + B.flag_channels()),
+      holders=B.holders([(name, "supports") for name in VECTORS]
+                        + [(name, "queries") for name in QUERY_VECTORS]
+                        + [(name, "aggregator (r x r, row-major)") for name in MATRICES]))
   # One layer so that t = 0 is a model too; R and P are written into zero like every later write.
-  init = [Block("init: R = P = Y", units=(linear_units(layout, "y", [("r", 1.0), ("p", 1.0)],
-                                                       "R = P = Y"),))]
+  init = [Block("init: R = P = Y", Op.INIT, units=(
+      linear_units(layout, "y", [("r", 1.0), ("p", 1.0)], "R = P = Y", op=Op.INIT),))]
   a_p = (("Kp", 1.0), ("p", ridge))  # (A P)_i = (K P)_i + ridge P_i, formed by the projections
-
-  def step():
-    s = "block-cg"
-    blocks = [
-        Block(f"{s} mat-vec KP; P^T R", heads=_support_matvec_heads()
-              + _reduce_rows(m, (("p", 1.0),), (("r", 1.0),), "ptr", "P^T R"), units=(
-            linear_units(layout, "gamma", [("gamma", -1.0)], "clear Lambda"),
-            linear_units(layout, "beta", [("beta", -1.0)], "clear Psi"))),
-        Block(f"{s} G = P^T A P; X_0 = diag(1/G_aa)/r",
-              heads=_reduce_rows(m, (("p", 1.0),), a_p, "gram", "P^T A P"),
-              units=(_diagonal_guess_units(m, "gram", "gram_inv", spec, 1.0 / m),)),
-    ]
-    for j, c in enumerate(coefficients):
-      blocks.append(Block(
-          f"{s} newton-schulz {j + 1}/{len(coefficients)}: X <- c X (2I - c G X), c = {c:.6g}",
-          heads=_matrix_product_heads(m, "gram", "gram_inv", "ns_product", 1.0, "G X"),
-          units=(linear_units(layout, "gram_inv", [("gram_inv", 2 * c - 1)], "(2c - 1) X"),
-                 _matmul_units(m, "gram_inv", "ns_product", "gram_inv", -c * c, "-c^2 X (G X)"),
-                 linear_units(layout, "ns_product", [("ns_product", -1.0)], "clear G X"))))
-    blocks += [
-        Block(f"{s} Lambda = X P^T R",
-              heads=_matrix_product_heads(m, "gram_inv", "ptr", "gamma", 1.0, "X P^T R"), units=(
-            linear_units(layout, "gram", [("gram", -1.0)], "clear G"),
-            linear_units(layout, "ptr", [("ptr", -1.0)], "clear P^T R"))),
-        Block(f"{s} update X += P Lambda, R -= A P Lambda",
-              heads=_row_times_matrix(m, (("p", 1.0),), "gamma", (("alpha", 1.0), ("r", -ridge)),
-                                      "X += P Lambda; R -= ridge P Lambda")
-              + _row_times_matrix(m, (("Kp", 1.0),), "gamma", (("r", -1.0),), "R -= KP Lambda")),
-        Block(f"{s} f += k(x)^T P Lambda; (AP)^T R; Psi = -X (AP)^T R",
-              heads=_row_times_matrix(m, (("kq_p", 1.0),), "gamma", (("f", 1.0),),
-                                      "f += k(x)^T P Lambda")
-              + _reduce_rows(m, a_p, (("r", 1.0),), "aptr", "(AP)^T R"), units=(
-            _matmul_units(m, "gram_inv", "aptr", "beta", -1.0, "Psi = -X (AP)^T R"),
-            linear_units(layout, "aptr", [("aptr", -1.0)], "clear (AP)^T R"),
-            linear_units(layout, "gram_inv", [("gram_inv", -1.0)], "clear X"),
-            linear_units(layout, "Kp", [("Kp", -1.0)], "clear KP"),
-            linear_units(layout, "kq_p", [("kq_p", -1.0)], "clear k(x)^T P"),
-            linear_units(layout, "p", [("p_prev", 1.0), ("p", -1.0)], "P_prev <- P, P <- 0"))),
-        Block(f"{s} P = R + P Psi",
-              heads=_row_times_matrix(m, (("p_prev", 1.0),), "beta", (("p", 1.0),),
-                                      "P += P_prev Psi"),
-              units=(linear_units(layout, "r", [("p", 1.0)], "P += R"),
-                     linear_units(layout, "p_prev", [("p_prev", -1.0)], "clear P_prev"))),
-    ]
-    return blocks
-
+  s = "block-cg"
+  step = [
+      Block(f"{s} mat-vec KP; P^T R", Op.MATVEC, heads=B.support_matvec_heads()
+            + _reduce_rows(m, (("p", 1.0),), (("r", 1.0),), "ptr", "P^T R", Op.PROJECTION), units=(
+                linear_units(layout, "gamma", [("gamma", -1.0)], "clear Lambda"),
+                linear_units(layout, "beta", [("beta", -1.0)], "clear Psi"))),
+      Block(f"{s} G = P^T A P; X_0 = diag(1/G_aa)/r", Op.CURVATURE,
+            heads=_reduce_rows(m, (("p", 1.0),), a_p, "gram", "P^T A P", Op.CURVATURE),
+            units=_diagonal_guess_units(m, "gram", "gram_inv", spec, 1.0 / m)),
+  ]
+  for j, c in enumerate(coefficients):
+    step.append(Block(
+        f"{s} newton-schulz {j + 1}/{len(coefficients)}: X <- c X (2I - c G X), c = {c:.6g}",
+        Op.NEWTON_SCHULZ,
+        heads=_matrix_product_heads(m, "gram", "gram_inv", "ns_product", 1.0, "G X",
+                                    Op.NEWTON_SCHULZ),
+        units=(linear_units(layout, "gram_inv", [("gram_inv", 2 * c - 1)], "(2c - 1) X",
+                            op=Op.NEWTON_SCHULZ),
+               _matmul_units(m, "gram_inv", "ns_product", "gram_inv", -c * c, "-c^2 X (G X)",
+                             Op.NEWTON_SCHULZ),
+               linear_units(layout, "ns_product", [("ns_product", -1.0)], "clear G X"))))
+  step += [
+      Block(f"{s} Lambda = X P^T R", Op.STEP_SIZE,
+            heads=_matrix_product_heads(m, "gram_inv", "ptr", "gamma", 1.0, "X P^T R",
+                                        Op.STEP_SIZE), units=(
+                linear_units(layout, "gram", [("gram", -1.0)], "clear G"),
+                linear_units(layout, "ptr", [("ptr", -1.0)], "clear P^T R"))),
+      Block(f"{s} update X += P Lambda, R -= A P Lambda", Op.UPDATE,
+            heads=_row_times_matrix(m, (("p", 1.0),), "gamma", (("alpha", 1.0), ("r", -ridge)),
+                                    "X += P Lambda; R -= ridge P Lambda", Op.UPDATE)
+            + _row_times_matrix(m, (("Kp", 1.0),), "gamma", (("r", -1.0),), "R -= KP Lambda",
+                                Op.UPDATE)),
+      Block(f"{s} f += k(x)^T P Lambda; (AP)^T R; Psi = -X (AP)^T R", Op.BETA,
+            heads=_row_times_matrix(m, (("kq_p", 1.0),), "gamma", (("f", 1.0),),
+                                    "f += k(x)^T P Lambda", Op.UPDATE)
+            + _reduce_rows(m, a_p, (("r", 1.0),), "aptr", "(AP)^T R", Op.PROJECTION), units=(
+                _matmul_units(m, "gram_inv", "aptr", "beta", -1.0, "Psi = -X (AP)^T R", Op.BETA),
+                linear_units(layout, "aptr", [("aptr", -1.0)], "clear (AP)^T R"),
+                linear_units(layout, "gram_inv", [("gram_inv", -1.0)], "clear X"),
+                linear_units(layout, "Kp", [("Kp", -1.0)], "clear KP"),
+                linear_units(layout, "kq_p", [("kq_p", -1.0)], "clear k(x)^T P"),
+                linear_units(layout, "p", [("p_prev", 1.0), ("p", -1.0)], "P_prev <- P, P <- 0"))),
+      Block(f"{s} P = R + P Psi", Op.DIRECTION,
+            heads=_row_times_matrix(m, (("p_prev", 1.0),), "beta", (("p", 1.0),),
+                                    "P += P_prev Psi", Op.DIRECTION),
+            units=(linear_units(layout, "r", [("p", 1.0)], "P += R", op=Op.DIRECTION),
+                   linear_units(layout, "p_prev", [("p_prev", -1.0)], "clear P_prev"))),
+  ]
   state = {"alpha": StateLocation("alpha", "support"), "r": StateLocation("r", "support"),
            "p": StateLocation("p", "support"), "gamma": StateLocation("gamma", "aggregator"),
            "beta": StateLocation("beta", "aggregator")}
-  return _finish("block_support_state", layout, embedding, init, step, num_steps, state, spec)
+  return looped_program(Construction.BLOCK_SUPPORT_STATE, layout, B.feature_embedding(), init,
+                        step, num_steps, state, spec)
 
 
 def layers_per_step(newton_schulz_steps: int) -> int:

@@ -435,7 +435,12 @@ def best_matching_step(predictions: Any, prompts: Any, algorithm: str, max_steps
     prompts: with `x_support, y_support, x_query`.
     algorithm: one of `kcg.baselines.ALGORITHMS`.
     max_steps: `T >= 0`.
-    ridge, feature_map, space, kernel, step_size, eig_bounds: as in `kcg.baselines.trajectory`.
+    ridge: as in `kcg.baselines.trajectory`.
+    feature_map: as in `kcg.baselines.trajectory`.
+    space: as in `kcg.baselines.trajectory`.
+    kernel: as in `kcg.baselines.trajectory`.
+    step_size: as in `kcg.baselines.trajectory`.
+    eig_bounds: as in `kcg.baselines.trajectory`.
   """
   steps_fn = baselines_lib.trajectory(algorithm, max_steps, ridge, feature_map=feature_map,
                                       space=space, kernel=kernel, step_size=step_size,

@@ -9,8 +9,8 @@ ways to start and what is trained (`MODES`):
   but the aggregator only because their pre-activation is exactly 0; an AdamW step moves every
   parameter by ~lr whatever its scale, so one step is expected to break the division (measured in
   `experiments/finetune.py`).
-* ``freeze_reciprocal``: every parameter except the division (the guess units `guess 1/s` and the
-  Newton heads `newton ...` of the program, found from the program's own block and unit identities);
+* ``freeze_reciprocal``: every parameter except the division (the heads and ReLU units whose typed identity,
+  `kcg.ops.Op`, is the reciprocal's `GUESS` or a `NEWTON` step);
   the frozen entries get a zero update, before and after AdamW, so they stay bit-identical.
 * ``gains``: the compiled weights are frozen and the model learns a multiplier per (layer, head) and
   per layer (`GainedTransformer`, initialised at 1: the model's own `head_mask` / `layer_mask`
@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
+import os
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -39,11 +41,16 @@ import numpy as np
 import optax
 from flax import nnx
 
+from kcg._src import checkpointing
 from kcg._src import compiler
+from kcg._src import craft
 from kcg._src import model as model_lib
-from kcg._src import programs
+from kcg._src import ops
 from kcg._src import prompt as prompt_lib
 from kcg._src import solvers
+from kcg._src import train_config as config_lib
+from kcg._src import train_data as data_lib
+from kcg._src import train_optim as optim_lib
 from kcg._src import training
 from kcg._src.alignment_measures import agreement
 from kcg._src.alignment_measures import y_nonlinearity
@@ -52,7 +59,7 @@ MODES = ("plain", "freeze_reciprocal", "gains", "random")
 CONSTRUCTIONS = {"dual_prefix": ("dual", "prefix"), "primal_causal": ("primal", "causal")}
 # The scalar channels that hold s and its reciprocal at the aggregator (CG: r.r and p.Ap).
 RECIPROCAL_PAIRS = (("pAp", "inv_pAp"), ("rr", "inv_rr"))
-_RECIPROCAL_PREFIXES = ("guess 1/", "newton ")
+_RECIPROCAL_OPS = (ops.Op.GUESS, ops.Op.NEWTON)
 # Axis of the per-head / per-unit index in each block parameter (axis 0 is the stored block). Checked
 # against the model's abstract state in `reciprocal_mask`, so a change of the model's layout fails loudly.
 _HEAD_AXIS = {"query": 1, "key": 1, "value": 1, "attn_out": 1}
@@ -95,21 +102,25 @@ class Setup:
 
   @property
   def mask(self) -> str:
+    """The attention mask of the construction: "prefix" or "causal"."""
     return CONSTRUCTIONS[self.construction][1]
 
   @property
   def form(self) -> str:
+    """The CG form of the construction: "dual" or "primal"."""
     return CONSTRUCTIONS[self.construction][0]
 
   @property
-  def data(self) -> training.DataSpec:
-    return training.DataSpec(family="noisy_linear", input_dim=self.input_dim,
+  def data(self) -> config_lib.DataSpec:
+    """The training task: noisy linear regression at this setup's d, k, q and noise."""
+    return config_lib.DataSpec(family="noisy_linear", input_dim=self.input_dim,
                              num_support=self.num_support, num_query=self.num_query,
                              mask=self.mask, noise_std=float(self.noise_std))
 
   @property
   def ridge(self) -> float:
-    return training.baseline_ridge(self.data)
+    """The compiled ridge: the Bayes ridge noise_std^2 d, floored at 1e-3 as for kcg's baselines."""
+    return config_lib.baseline_ridge(self.data)
 
 
 def compile_setup(setup: Setup, dtype) -> compiler.CompiledCG:
@@ -122,20 +133,21 @@ def compile_setup(setup: Setup, dtype) -> compiler.CompiledCG:
 # Reparametrisations.
 
 
-def reciprocal_parts(program: programs.Program) -> tuple[tuple[int, str, Any], ...]:
+def reciprocal_parts(program: craft.Program) -> tuple[tuple[int, str, Any], ...]:
   """The division of a program: `(stored block, "head", h)` and `(stored block, "units", slice)`.
 
-  Read from the program's own identities: heads named "newton ..." and ReLU unit groups named
-  "guess 1/...", with the unit columns laid out in block order as `craft.lower_blocks` lays them out.
+  Read from the program's own typed identities (`kcg.ops.Op`): heads and ReLU unit groups whose op is
+  the reciprocal's guess or a Newton step, with the unit columns laid out in block order as
+  `craft.lower_blocks` lays them out.
   """
   parts = []
   for b, block in enumerate(program.blocks):
     for h, head in enumerate(block.heads):
-      if head.name.startswith(_RECIPROCAL_PREFIXES):
+      if head.op in _RECIPROCAL_OPS:
         parts.append((b, "head", h))
     offset = 0
     for group in block.units:
-      if group.name.startswith(_RECIPROCAL_PREFIXES):
+      if group.op in _RECIPROCAL_OPS:
         parts.append((b, "units", slice(offset, offset + group.num_units)))
       offset += group.num_units
   if not parts:
@@ -242,10 +254,10 @@ def start_model(mode: str, compiled: compiler.CompiledCG, *, seed: int = 0,
   return base, nnx.Param, keep
 
 
-def make_tx(train_config: training.TrainConfig, keep: dict | None) -> optax.GradientTransformation:
-  """kcg's optimizer (`training.make_optimizer`), with frozen entries zeroed before and after it
+def make_tx(train_config: config_lib.TrainConfig, keep: dict | None) -> optax.GradientTransformation:
+  """kcg's optimizer (`kcg.training.make_optimizer`), with frozen entries zeroed before and after it
   (after: so that weight decay cannot move them either)."""
-  tx = training.make_optimizer(train_config)
+  tx = optim_lib.make_optimizer(train_config)
   if keep is None:
     return tx
   return optax.chain(masked_updates(keep), tx, masked_updates(keep))
@@ -290,8 +302,8 @@ class Run:
       raise ValueError(f"Run.mode={self.mode!r} is not one of {MODES}.")
     if self.task not in TASKS:
       raise ValueError(f"Run.task={self.task!r} is not one of {TASKS}.")
-    if self.dtype not in training.DTYPES:
-      raise ValueError(f"Run.dtype={self.dtype!r} is not one of {training.DTYPES}.")
+    if self.dtype not in config_lib.DTYPES:
+      raise ValueError(f"Run.dtype={self.dtype!r} is not one of {config_lib.DTYPES}.")
     for name in ("num_steps", "batch_size", "eval_every"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -302,14 +314,15 @@ class Run:
 
   @property
   def name(self) -> str:
+    """"<task>_<mode>_<dtype>", e.g. "task_gains_float32"."""
     return f"{self.task}_{self.mode}_{self.dtype}"
 
-  def train_config(self, setup: Setup) -> training.TrainConfig:
+  def train_config(self, setup: Setup) -> config_lib.TrainConfig:
     """The `kcg.training.TrainConfig` whose data, optimizer and seed this run uses."""
-    optim = training.OptimSpec(learning_rate=float(self.learning_rate), schedule="constant",
+    optim = config_lib.OptimSpec(learning_rate=float(self.learning_rate), schedule="constant",
                                warmup_steps=int(self.warmup_steps), weight_decay=0.0,
                                clip_norm=None if self.clip_norm is None else float(self.clip_norm))
-    return training.TrainConfig(data=setup.data, optim=optim, num_steps=int(self.num_steps),
+    return config_lib.TrainConfig(data=setup.data, optim=optim, num_steps=int(self.num_steps),
                                 batch_size=int(self.batch_size), seed=int(self.seed),
                                 dtype=self.dtype, final_eval=False)
 
@@ -318,9 +331,13 @@ class EvalSet(NamedTuple):
   """Held-out prompts and float64 references on them.
 
   Attributes:
-    x_support [B, k, d], y_support [B, k], x_query [B, q, d], f_query [B, q] (noiseless targets).
+    x_support: [B, k, d].
+    y_support: [B, k].
+    x_query: [B, q, d].
+    f_query: [B, q], the noiseless targets.
     y_other: [B, k], another prompt's labels (the second label vector of the y-linearity index).
-    krr: [B, q] the KRR oracle (Cholesky, the compiled ridge). cg: [B, q] CG_t (reference solver).
+    krr: [B, q], the KRR oracle (Cholesky, the compiled ridge).
+    cg: [B, q], CG_t (reference solver).
   """
 
   x_support: np.ndarray
@@ -336,8 +353,8 @@ def eval_set(setup: Setup, num_prompts: int, seed: int, shift: str = "none") -> 
   """`num_prompts` held-out prompts (an eval stream of `seed`, never a training batch), with
   references in float64 (`kcg.solvers`: Cholesky KRR; dual or primal CG as compiled)."""
   data = setup.data
-  key = jax.random.fold_in(training.eval_key(seed), 7)
-  p = training.sample_prompts(key, data, batch_size=num_prompts, shift=shift)
+  key = jax.random.fold_in(data_lib.eval_key(seed), 7)
+  p = data_lib.sample_prompts(key, data, batch_size=num_prompts, shift=shift)
   f64 = lambda a: np.asarray(a, np.float64)
   xs, ys, xq = f64(p.x_support), f64(p.y_support), f64(p.x_query)
   cg_fn = solvers.cg_predict if setup.form == "dual" else solvers.primal_cg_predict
@@ -373,9 +390,9 @@ def reciprocal_errors(model, compiled: compiler.CompiledCG, ev: EvalSet, dtype) 
 
   Pairs with s = 0 (nothing to divide) are skipped."""
   program = compiled.program
-  n = program.reciprocal.newton_steps
-  layers = [l + 1 for l, b in enumerate(program.schedule)
-            if program.blocks[b].name.endswith(f"newton {n}/{n}")]
+  # The residual after a layer that ends a run of Newton layers holds the refined reciprocals.
+  is_newton = [program.blocks[b].op is ops.Op.NEWTON for b in program.schedule] + [False]
+  layers = [l + 1 for l in range(len(program.schedule)) if is_newton[l] and not is_newton[l + 1]]
   pairs = [(s, x) for s, x in RECIPROCAL_PAIRS if s in dict(program.layout.channels)]
   if not layers or not pairs:
     raise ValueError(f"Program {program.name!r} has no Newton layers or reciprocal channels.")
@@ -404,7 +421,7 @@ def reciprocal_error(model, compiled: compiler.CompiledCG, ev: EvalSet, dtype) -
 def departure(model, compiled: compiler.CompiledCG, ev: EvalSet, dtype, rtol: float = 1e-3) -> dict:
   """Where `model` first leaves the compiled model on the eval prompts: the first layer whose residual
   differs from the compiled one by more than rtol (1 + |compiled|) in some entry (or is not finite),
-  its name (`programs.layer_names`), the channel and the token role of the worst entry there.
+  its name (`craft.layer_names`), the channel and the token role of the worst entry there.
   {"layer": None} when no layer departs."""
   layout = prompt_lib.make_layout(compiled.num_support, ev.x_query.shape[1], compiled.input_dim)
   cast = lambda a: jnp.asarray(a, dtype)
@@ -422,7 +439,7 @@ def departure(model, compiled: compiler.CompiledCG, ev: EvalSet, dtype, rtol: fl
     return {"layer": None}
   layer = int(bad[0])
   _, token, channel = np.unravel_index(np.argmax(excess[layer]), excess[layer].shape)
-  names = ("embedding",) + programs.layer_names(compiled.program)
+  names = ("embedding",) + craft.layer_names(compiled.program)
   offsets = np.cumsum([0] + [size for _, size in compiled.program.layout.channels])
   channel_name = compiled.program.layout.channels[int(np.searchsorted(offsets, channel, "right")) - 1][0]
   role = ("support" if token < layout.num_support else
@@ -497,25 +514,25 @@ def evaluate(model, compiled: compiler.CompiledCG, setup: Setup, run: Run, ev: E
   return out
 
 
-def imitation_batch_fn(compiled64: compiler.CompiledCG, train_config: training.TrainConfig,
-                       mesh) -> Callable[[int], training.Batch]:
+def imitation_batch_fn(compiled64: compiler.CompiledCG, train_config: config_lib.TrainConfig,
+                       mesh) -> Callable[[int], data_lib.Batch]:
   """step -> the task's batch with targets replaced by the compiled float64 model's predictions
   (CG_t), cast to the run's dtype: the "learning CG" objective."""
   batch_at = training.make_batch_fn(train_config, mesh)
   data = train_config.data
   graphdef, state = nnx.split(compiled64.model)
-  dtype = training.dtype_of(train_config)
+  dtype = config_lib.dtype_of(train_config)
 
   @jax.jit
   def teach(batch):
     tokens64 = batch.tokens.astype(jnp.float64)
-    out = nnx.merge(graphdef, state)(tokens64, num_prefix=training.num_prefix(data, tokens64)).outputs
-    return training.Batch(batch.tokens, training.readout(data, out).astype(dtype), batch.weights)
+    out = nnx.merge(graphdef, state)(tokens64, num_prefix=data_lib.num_prefix(data, tokens64)).outputs
+    return data_lib.Batch(batch.tokens, data_lib.readout(data, out).astype(dtype), batch.weights)
 
   return lambda step: teach(batch_at(step))
 
 
-def train_step(graphdef, data: training.DataSpec, wrt) -> Callable:
+def train_step(graphdef, data: config_lib.DataSpec, wrt) -> Callable:
   """The jitted `(state, batch) -> (state, metrics)` of `state = nnx.state((model, optimizer))`: one
   optimizer step on `kcg.training.loss_fn`, gradients only for the `wrt` variables."""
 
@@ -557,13 +574,9 @@ def fit(setup: Setup, run: Run, directory: str | None = None, *, num_eval_prompt
   A non-finite training loss stops the run at once (recorded as `diverged_at`; the checkpoint on disk
   stays the last evaluated finite one). `stop_at_step` stops there, checkpointed, as if killed.
   """
-  from kcg._src import checkpointing  # the training loop's checkpoint format
-  import json
-  import os
-
   dtype = jnp.dtype(run.dtype)
   train_config = run.train_config(setup)
-  training.dtype_of(train_config)
+  config_lib.dtype_of(train_config)
   compiled = compile_setup(setup, dtype)
   model, wrt, keep = start_model(run.mode, compiled, seed=run.seed,
                                  qkv_init_scale=run.qkv_init_scale)
@@ -593,7 +606,7 @@ def fit(setup: Setup, run: Run, directory: str | None = None, *, num_eval_prompt
     os.makedirs(directory, exist_ok=True)
     history_path = os.path.join(directory, "history.json")
     manager = checkpointing.Checkpointer(directory, max_to_keep=1)
-    latest = manager.latest_step()
+    latest = manager.resume_step()
     if latest is not None and os.path.exists(history_path):
       with open(history_path) as f:
         saved = json.load(f)

@@ -20,6 +20,7 @@ import numpy as np
 from kcg._src import checks
 
 Kernel = Callable[[jax.Array, jax.Array], jax.Array]
+"""A kernel on features: `(phi_a [..., n, p], phi_b [..., m, p]) -> [..., n, m]`."""
 
 
 def _pair(phi_a: Any, phi_b: Any) -> tuple[jax.Array, jax.Array]:

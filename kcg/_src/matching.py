@@ -452,7 +452,9 @@ def match_subject(subject: probes.Subject, prompts: Any, key: Any, *, ridge: flo
     ridge: the KRR ridge of the candidates.
     max_steps: `T`, the longest trajectory.
     readout: one of `READOUTS`; "linear_readout" is fitted on `fit_prompts`.
-    algorithms, spaces, feature_map: the candidates (`candidate_names`).
+    algorithms: the candidates (`candidate_names`).
+    spaces: the candidates (`candidate_names`).
+    feature_map: the candidates (`candidate_names`).
     gradients: also compare induced weights `d f / d x_query` (one backward pass per layer and step).
   """
   linear = None

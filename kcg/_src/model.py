@@ -8,8 +8,10 @@ A decoder-style stack over tokens `[B, T, F]`:
     out = N_final(h_L) @ W_readout + b_readout
 
 `N` is the identity, LayerNorm or RMSNorm (pre-norm). Per-layer parameters are stacked along a
-leading layer axis and applied with `lax.scan`, so a 600-layer compiled model compiles as fast as a
-one-layer one; `tied_layers=True` keeps a single block applied `num_layers` times (a looped
+leading layer axis. Stacks of up to 32 layers (trained models) run as straight-line code; deeper ones
+(compiled CG models, hundreds of layers over a dozen stored blocks) run as one `lax.scan`, so a
+600-layer compiled model compiles as fast as a one-layer one; both forms apply the same operations to
+the same parameters. `tied_layers=True` keeps a single block applied `num_layers` times (a looped
 transformer). Linear attention is `out_i = scale * sum_{j allowed} (q_i . k_j) v_j`, no softmax, no
 normaliser.
 """
@@ -66,7 +68,8 @@ class ModelConfig:
       Q (K^T V) with prefix sums, O(T d_k d_v); "auto" picks associative for the prefix mask, and for the
       causal mask when T > 128 (measured: below that the quadratic form is as fast).
     precision: "highest" pins float32 matmuls to full precision (no TF32/bf16 passes on GPU/TPU);
-      "default" lets the backend choose (faster training).
+      "default" lets the backend choose and normalises softmax attention after the value product
+      (faster training; see `_softmax_attention`).
     param_dtype: dtype of freshly initialised parameters.
   """
 
@@ -127,16 +130,19 @@ class ModelConfig:
 
   @property
   def resolved_value_dim(self) -> int:
+    """`value_dim`, or `head_dim` when it is None."""
     return self.head_dim if self.value_dim is None else self.value_dim
 
   @property
   def resolved_attention_scale(self) -> float:
+    """`attention_scale`, or 1 for linear attention and 1/sqrt(head_dim) for softmax when None."""
     if self.attention_scale is not None:
       return float(self.attention_scale)
     return 1.0 if self.attention == "linear" else 1.0 / math.sqrt(self.head_dim)
 
   @property
   def num_param_layers(self) -> int:
+    """Distinct parameter sets in `layer_schedule` (fewer than num_layers when layers are tied)."""
     return len(set(self.layer_schedule))
 
   @property
@@ -209,6 +215,14 @@ _MAX_CAUSAL_CHUNK = 128
 # wins from T = 256 for dk = dv in {1, 16, 64}; at T <= 128 with dk = dv >= 16 it is no faster
 # (even or up to 1.5x slower over three runs on a shared machine).
 _AUTO_CAUSAL_MIN_TOKENS = 128
+# Stacks of at most this many layers are unrolled; deeper ones are one `lax.scan` over the layer
+# schedule (compile time independent of depth). Measured (experiments/bench.py, section
+# "training_throughput", BENCHMARKS.md): on CPU a scan over the 12 layers of the GPT-style training
+# step made it ~1.2x slower, because the scan keeps every layer's activations for the backward
+# pass in stacked [L, ...] buffers that XLA zero-fills, copies and slices, and gathers each layer's
+# parameters (and scatters their gradients) by a traced index. Unrolling costs compile time
+# (measured: an 8-layer width-32 training step compiles in 5-6 s instead of ~4 s).
+_MAX_UNROLLED_LAYERS = 32
 
 
 def _resolved_linear_impl(impl: str, mask: str, num_tokens: int) -> str:
@@ -300,11 +314,23 @@ def _causal_associative(q, k, v, precision, chunk: int | None = None):
 
 
 def _softmax_attention(q, k, v, allowed, config):
+  """softmax(S) V for the masked scores S = q k^T [B,H,T,T] and values v [B,H,T,dv].
+
+  precision="highest" (compiled models) normalises the weights first (jax.nn.softmax, then the
+  product): the evaluation order that their exactness tests check. "default" (training) divides
+  after the value product, (exp(S - m) V) / (exp(S - m) 1) with m the row maximum: the same
+  quotient with the division on [T, dv] instead of [T, T] (attention forward + backward ~1.5x
+  faster on CPU, BENCHMARKS.md). Every row allows at least its own token, so its sum is >= 1.
+  """
   precision = _precision(config)
   scores = jnp.einsum("bhid,bhjd->bhij", q, k, precision=precision)
   scores = jnp.where(allowed, scores, jnp.asarray(jnp.finfo(scores.dtype).min, scores.dtype))
-  weights = jax.nn.softmax(scores, axis=-1)
-  return jnp.einsum("bhij,bhje->bhie", weights, v, precision=precision)
+  if config.precision == "highest":
+    weights = jax.nn.softmax(scores, axis=-1)
+    return jnp.einsum("bhij,bhje->bhie", weights, v, precision=precision)
+  weights = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
+  out = jnp.einsum("bhij,bhje->bhie", weights, v, precision=precision)
+  return out / jnp.sum(weights, axis=-1, keepdims=True)
 
 
 class Blocks(nnx.Module):
@@ -383,17 +409,14 @@ class Transformer(nnx.Module):
     precision = _precision(c)
     num_tokens = tokens_BxTxF.shape[1]
     allowed = attention_mask(num_tokens, c.mask, num_prefix)
-    if head_mask is None:
-      head_mask = jnp.ones((c.num_layers, c.num_heads), dtype)
-    if layer_mask is None:
-      layer_mask = jnp.ones((c.num_layers,), dtype)
-    if head_mask.shape != (c.num_layers, c.num_heads):
+    if head_mask is not None and head_mask.shape != (c.num_layers, c.num_heads):
       raise ValueError(f"head_mask must have shape {(c.num_layers, c.num_heads)}, got {head_mask.shape}.")
-    if layer_mask.shape != (c.num_layers,):
+    if layer_mask is not None and layer_mask.shape != (c.num_layers,):
       raise ValueError(f"layer_mask must have shape {(c.num_layers,)}, got {layer_mask.shape}.")
     if c.attention_free_layers:
       attends = (jnp.arange(c.num_layers) >= c.attention_free_layers).astype(dtype)
-      head_mask = jnp.asarray(head_mask, dtype) * attends[:, None]
+      heads = jnp.ones((c.num_layers, c.num_heads), dtype) if head_mask is None else head_mask
+      head_mask = jnp.asarray(heads, dtype) * attends[:, None]
 
     h = jnp.einsum("btf,fd->btd", tokens_BxTxF, cast(self.embed.kernel[...]), precision=precision)
     if c.use_bias:
@@ -413,8 +436,10 @@ class Transformer(nnx.Module):
         o = _linear_attention(q, k, v, allowed, c, num_prefix)
       else:
         o = _softmax_attention(q, k, v, allowed, c)
-      o = o * heads_on[None, :, None, None]
-      h = h + layer_on * jnp.einsum("bhtk,hkd->btd", o, p["attn_out"], precision=precision)
+      if heads_on is not None:
+        o = o * heads_on[None, :, None, None]
+      u = jnp.einsum("bhtk,hkd->btd", o, p["attn_out"], precision=precision)
+      h = h + (u if layer_on is None else layer_on * u)
       if c.mlp_hidden > 0:
         x = _normalize(h, p.get("mlp_norm_scale"), p.get("mlp_norm_bias"), c.norm, c.norm_eps)
         u = jnp.einsum("btd,dm->btm", x, p["mlp_in"], precision=precision)
@@ -426,17 +451,30 @@ class Transformer(nnx.Module):
         u = jnp.einsum("btm,md->btd", u, p["mlp_out"], precision=precision)
         if c.use_bias:
           u = u + p["mlp_out_bias"][None, None, :]
-        h = h + layer_on * u
+        h = h + (u if layer_on is None else layer_on * u)
       return h
 
-    def step(h, xs):
-      stored, heads_on, layer_on = xs
-      layer_params = {name: a[stored] for name, a in params.items()}
-      h = block(h, layer_params, heads_on, layer_on)
-      return h, (h if return_residuals else None)
+    # Masks that are not given are not applied (multiplying by ones would be exact but not free).
+    head_mask = None if head_mask is None else cast(head_mask)
+    layer_mask = None if layer_mask is None else cast(layer_mask)
+    if c.num_layers <= _MAX_UNROLLED_LAYERS:
+      stored_blocks = {name: jax.lax.unstack(a) for name, a in params.items()}
+      h_final, hs = h, []
+      for layer, stored in enumerate(c.layer_schedule):
+        h_final = block(h_final, {name: a[stored] for name, a in stored_blocks.items()},
+                        None if head_mask is None else head_mask[layer],
+                        None if layer_mask is None else layer_mask[layer])
+        hs.append(h_final)
+      hs = jnp.stack(hs) if return_residuals else None
+    else:
+      def step(h, xs):
+        stored, heads_on, layer_on = xs
+        layer_params = {name: a[stored] for name, a in params.items()}
+        h = block(h, layer_params, heads_on, layer_on)
+        return h, (h if return_residuals else None)
 
-    schedule = jnp.asarray(c.layer_schedule, jnp.int32)
-    h_final, hs = jax.lax.scan(step, h, (schedule, cast(head_mask), cast(layer_mask)))
+      schedule = jnp.asarray(c.layer_schedule, jnp.int32)
+      h_final, hs = jax.lax.scan(step, h, (schedule, head_mask, layer_mask))
     if c.norm is not None:
       h_out = _normalize(h_final, cast(self.final_norm_scale[...]),
                          cast(self.final_norm_bias[...]) if c.norm == "layernorm" else None,

@@ -1,4 +1,4 @@
-"""r independent CGs in one transformer, for targets y in R^{k x r} (stub S3, first half).
+"""r independent CGs in one transformer, for targets y in R^{k x r}.
 
 `with_outputs(program, r)` turns any single-output construction into one that solves
 (K + ridge I) A = Y column by column. Which channels carry one copy per output is found by data
@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from kcg._src.craft import Block, Head, ReluUnits, ResidualLayout
-from kcg._src.programs import Program
+from kcg._src.craft import (Block, Head, Program, ReluUnits, ResidualLayout, as_matrix,
+                            terms_dim)
+from kcg._src.ops import Transform
 
 
 def per_output_channels(program: Program) -> frozenset[str]:
@@ -51,28 +52,17 @@ def per_output_channels(program: Program) -> frozenset[str]:
   return frozenset(tainted)
 
 
-def _matrix(coef, rows: int, cols: int) -> np.ndarray:
-  if np.ndim(coef) == 0:
-    return float(coef) * np.eye(rows, cols)
-  return np.asarray(coef, np.float64)
-
-
-def _terms_dim(layout: ResidualLayout, terms) -> int:
-  channel, coef = terms[0]
-  return layout.size(channel) if np.ndim(coef) == 0 else np.shape(coef)[1]
-
-
 def _select_rows(coef, size: int, cols: int, copy: int, r: int) -> np.ndarray:
   """[size r, cols]: `coef` ([size, cols]) in row block `copy`."""
   out = np.zeros((size * r, cols))
-  out[copy * size:(copy + 1) * size] = _matrix(coef, size, cols)
+  out[copy * size:(copy + 1) * size] = as_matrix(coef, size, cols)
   return out
 
 
 def _select_cols(coef, rows: int, size: int, copy: int, r: int) -> np.ndarray:
   """[rows, size r]: `coef` ([rows, size]) in column block `copy`."""
   out = np.zeros((rows, size * r))
-  out[:, copy * size:(copy + 1) * size] = _matrix(coef, rows, size)
+  out[:, copy * size:(copy + 1) * size] = as_matrix(coef, rows, size)
   return out
 
 
@@ -87,7 +77,7 @@ def _copy_output(layout, terms, dims: int, tainted, copy: int, r: int):
 
 
 def _head(layout: ResidualLayout, head: Head, tainted, r: int) -> tuple[Head, ...]:
-  dk, dv = _terms_dim(layout, head.query), _terms_dim(layout, head.value)
+  dk, dv = terms_dim(layout, head.query), terms_dim(layout, head.value)
   query_key = {c for terms in (head.query, head.key) for c, _ in terms}
   value = {c for c, _ in head.value}
   written = {c for c, _ in head.output}
@@ -98,15 +88,18 @@ def _head(layout: ResidualLayout, head: Head, tainted, r: int) -> tuple[Head, ..
       raise ValueError(f"Head {head.name!r} mixes per-output and shared channels in its value or "
                        "output; it cannot be shared across outputs.")
     eye = np.eye(r)
-    shared_value = tuple((c, np.kron(eye, _matrix(coef, layout.size(c), dv))) for c, coef in head.value)
-    shared_output = tuple((c, np.kron(eye, _matrix(coef, dv, layout.size(c)))) for c, coef in head.output)
+    shared_value = tuple((c, np.kron(eye, as_matrix(coef, layout.size(c), dv)))
+                         for c, coef in head.value)
+    shared_output = tuple((c, np.kron(eye, as_matrix(coef, dv, layout.size(c))))
+                          for c, coef in head.output)
     return (head._replace(value=shared_value, output=shared_output,
                           name=f"{head.name} [shared by {r} outputs]"),)
   return tuple(
       Head(_copy_terms(layout, head.query, dk, tainted, c, r),
            _copy_terms(layout, head.key, dk, tainted, c, r),
            _copy_terms(layout, head.value, dv, tainted, c, r),
-           _copy_output(layout, head.output, dv, tainted, c, r), f"{head.name} [output {c}]")
+           _copy_output(layout, head.output, dv, tainted, c, r), f"{head.name} [output {c}]",
+           head.op)
       for c in range(r))
 
 
@@ -122,7 +115,7 @@ def _units(layout: ResidualLayout, group: ReluUnits, tainted, r: int) -> tuple[R
     value = None if group.value is None else _copy_terms(layout, group.value, n, tainted, c, r)
     copies.append(ReluUnits(_copy_terms(layout, group.pre, n, tainted, c, r),
                             _copy_output(layout, group.post, n, tainted, c, r),
-                            f"{group.name} [output {c}]", value))
+                            f"{group.name} [output {c}]", group.op, value))
   return tuple(copies)
 
 
@@ -141,11 +134,12 @@ def with_outputs(program: Program, num_outputs: int) -> Program:
   for block in program.blocks:
     heads = tuple(h for head in block.heads for h in _head(layout, head, tainted, r))
     units = tuple(u for group in block.units for u in _units(layout, group, tainted, r))
-    blocks.append(Block(block.name, heads, units))
+    blocks.append(block._replace(heads=heads, units=units))
   for feature, channel, coef in program.embedding:
     if (feature == "y") != (channel in tainted) or np.ndim(coef) != 0:
       raise ValueError(f"Embedding {feature}->{channel} cannot be widened to {r} outputs.")
-  return program._replace(name=f"{program.name} x{r} outputs", layout=wide, blocks=tuple(blocks))
+  return program._replace(layout=wide, blocks=tuple(blocks),
+                          transforms=program.transforms + ((Transform.OUTPUTS, r),))
 
 
 def num_outputs_of(program: Program) -> int:

@@ -1,9 +1,9 @@
 """Where a compiled CG transformer under pre-LayerNorm departs from the unnormalised one.
 
-`compile_cg(norm="rmsnorm")` is exact (kcg._src.programs.with_norm_pins). LayerNorm is refused by
-`compile_cg`; this module builds the LayerNorm model anyway, through the compiler's stages, and
-finds the first layer, token and channel where its residual stream leaves the unnormalised
-model's, so the failure can be looked at rather than taken on trust.
+`compile_cg(norm="rmsnorm")` is exact (kcg._src.transforms.with_norm_pins). LayerNorm is refused by
+`compile_cg`; this module builds the LayerNorm model anyway, through the compiler's pipeline with
+`refuse_inexact=False`, and finds the first layer, token and channel where its residual stream
+leaves the unnormalised model's, so the failure can be looked at rather than taken on trust.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from kcg._src import compiler
-from kcg._src import programs
+from kcg._src import craft
 
 
 class Departure(NamedTuple):
@@ -22,7 +22,7 @@ class Departure(NamedTuple):
 
   Attributes:
     layer: 1-based layer index (0 = embedding); None if it never departs.
-    layer_name: which block (`programs.layer_names`).
+    layer_name: which block (`craft.layer_names`).
     token: token index; `role` says which ("support i", "aggregator", "query i").
     channel: the residual channel's name.
     expected, got: the plain and LayerNorm values there.
@@ -58,18 +58,16 @@ def layernorm_departure(num_support: int, feature_dim: int, num_steps: int, ridg
   y_support [1, k], x_query [1, q, p]: one prompt.
   """
   plain = compiler.compile_cg(num_support, feature_dim, num_steps, ridge, **options)
-  # Bypasses compile_cg's refusal on purpose: this is the model that refusal is about.
-  normed = compiler.CompiledCG(
-      num_support=plain.num_support, feature_dim=plain.feature_dim, num_steps=plain.num_steps,
-      ridge=plain.ridge, mask=plain.mask, form=plain.form, state_placement=plain.state_placement,
-      dtype=plain.dtype, preconditioner=plain.preconditioner, norm="layernorm")
+  # The model compile_cg refuses, built on purpose: this is the model that refusal is about.
+  normed = compiler.compile_options(plain.options.replace(norm="layernorm"), dtype=plain.dtype,
+                                    refuse_inexact=False)
   residual = lambda m: np.asarray(m.forward(x_support, y_support, x_query,
                                             return_residuals=True).residuals)[:, 0]
   plain_h, normed_h = residual(plain), residual(normed)[..., :plain.config.width]
   predictions = [np.asarray(m.predict_steps(x_support, y_support, x_query)) for m in (plain, normed)]
   prediction_error = float(np.abs(predictions[1] - predictions[0]).max()
                            / max(np.abs(predictions[0]).max(), floor))
-  names = programs.layer_names(plain.program)
+  names = craft.layer_names(plain.program)
   channels = [name for name, size in plain.program.layout.channels for _ in range(size)]
   blocks = {name: np.asarray(value)
             for name, value in nnx.to_pure_dict(normed.params)["blocks"].items()}

@@ -44,8 +44,8 @@ import numpy as np
 from flax import nnx
 
 from kcg._src import checks
+from kcg._src import craft
 from kcg._src import model as model_lib
-from kcg._src import programs
 from kcg._src import prompt as prompt_lib
 from kcg._src import solvers
 
@@ -89,6 +89,7 @@ class Subject(NamedTuple):
 
   @property
   def num_layers(self) -> int:
+    """L, the subject's number of layers (its residual streams are `L + 1`, with the input)."""
     return self.config.num_layers
 
 
@@ -178,7 +179,7 @@ def _mask_or_none(mask, dtype):
 
 
 def subject_from_compiled(compiled: Any, name: str | None = None) -> Subject:
-  """A `Subject` for a `kcg.CompiledCG` (its model, its readout, `programs.layer_names`).
+  """A `Subject` for a `kcg.CompiledCG` (its model, its readout, `craft.layer_names`).
 
   Prompts in the compiled dtype run its model directly; other dtypes go through `compiled.forward`,
   which builds the model for that dtype (the reciprocal's range depends on it).
@@ -202,7 +203,7 @@ def subject_from_compiled(compiled: Any, name: str | None = None) -> Subject:
 
   default = f"compiled CG t={compiled.num_steps} ({compiled.form}, {compiled.mask})"
   return Subject(name or default, compiled.config, forward, _readout_fn(compiled.model),
-                 programs.layer_names(compiled.program), input_dim, positional, compiled.program,
+                 craft.layer_names(compiled.program), input_dim, positional, compiled.program,
                  compiled.model)
 
 

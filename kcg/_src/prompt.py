@@ -40,18 +40,22 @@ class PromptLayout(NamedTuple):
 
   @property
   def num_tokens(self) -> int:
+    """`k + 1 + q`: the supports, the aggregator, the queries."""
     return self.num_support + 1 + self.num_query
 
   @property
   def num_prefix(self) -> int:
+    """`k + 1`: the tokens every token may attend to under the prefix mask."""
     return self.num_support + 1
 
   @property
   def aggregator_index(self) -> int:
+    """Position of the aggregator token, right after the k supports."""
     return self.num_support
 
   @property
   def query_slice(self) -> slice:
+    """Positions of the q query tokens."""
     return slice(self.num_support + 1, self.num_tokens)
 
   @property
@@ -65,9 +69,11 @@ class PromptLayout(NamedTuple):
 
   @property
   def token_dim(self) -> int:
+    """Size of one input token: the sum of the feature blocks."""
     return sum(size for _, size in self.features)
 
   def feature_slice(self, name: str) -> slice:
+    """Where feature block `name` sits in a token; ValueError for an unknown name."""
     offset = 0
     for block, size in self.features:
       if block == name:
@@ -78,6 +84,7 @@ class PromptLayout(NamedTuple):
 
 def make_layout(num_support: int, num_query: int, input_dim: int, *, positional: bool = False,
                 num_outputs: int = 1) -> PromptLayout:
+  """A validated `PromptLayout` (every size a positive int, else ValueError)."""
   for name, value in (("num_support", num_support), ("num_query", num_query),
                       ("input_dim", input_dim), ("num_outputs", num_outputs)):
     if not isinstance(value, (int, np.integer)) or value < 1:
@@ -114,6 +121,8 @@ def encode(layout: PromptLayout, x_support: jax.Array, y_support: jax.Array,
 
 def validate_prompt(layout: PromptLayout, x_support, y_support, x_query):
   """Checks shapes, dtypes and finiteness; returns the arrays in one floating dtype."""
+  for name, value in (("x_support", x_support), ("y_support", y_support), ("x_query", x_query)):
+    checks.check_real(name, value)
   x_support = jnp.asarray(x_support)
   y_support = jnp.asarray(y_support)
   x_query = jnp.asarray(x_query)
@@ -170,17 +179,21 @@ class InterleavedLayout(NamedTuple):
 
   @property
   def num_tokens(self) -> int:
+    """`2 n`: one x token and one y token per point."""
     return 2 * self.num_points
 
   @property
   def features(self) -> tuple[tuple[str, int], ...]:
+    """Named input feature blocks, in order: (name, size)."""
     return (("x", self.input_dim), ("y", self.num_outputs), ("is_x", 1), ("is_y", 1))
 
   @property
   def token_dim(self) -> int:
+    """Size of one input token: the sum of the feature blocks."""
     return sum(size for _, size in self.features)
 
   def feature_slice(self, name: str) -> slice:
+    """Where feature block `name` sits in a token; ValueError for an unknown name."""
     offset = 0
     for block, size in self.features:
       if block == name:
@@ -191,6 +204,7 @@ class InterleavedLayout(NamedTuple):
 
 def make_interleaved_layout(num_points: int, input_dim: int, *,
                             num_outputs: int = 1) -> InterleavedLayout:
+  """A validated `InterleavedLayout` (every size a positive int, else ValueError)."""
   for name, value in (("num_points", num_points), ("input_dim", input_dim),
                       ("num_outputs", num_outputs)):
     if not isinstance(value, (int, np.integer)) or value < 1:
@@ -201,6 +215,8 @@ def make_interleaved_layout(num_points: int, input_dim: int, *,
 def encode_interleaved(layout: InterleavedLayout, x_points: jax.Array,
                        y_points: jax.Array) -> jax.Array:
   """Tokens [B, 2n, F] from x_points [B,n,d] and y_points [B,n] (or [B,n,r]), x- and y-tokens alternating."""
+  checks.check_real("x_points", x_points)
+  checks.check_real("y_points", y_points)
   x_points = jnp.asarray(x_points)
   y_points = jnp.asarray(y_points)
   dtype = jnp.result_type(x_points.dtype, y_points.dtype)

@@ -67,6 +67,10 @@ class RouteError(NamedTuple):
 
 def route_b_prediction_error(phi_support, y_support, phi_query, ridge, num_steps, heads,
                              temperature) -> RouteError:
+  """Route B (`heads` softmax heads from `temperature` up) against exact dot-product CG, t = 0..T.
+
+  Inputs `phi_support [B, k, p]`, `y_support [B, k]`, `phi_query [B, q, p]`; `num_steps` is T.
+  """
   k, p = np.shape(phi_support)[1:]
   compiled = compiler.compile_cg(k, p, num_steps, ridge, mask="prefix", attention="softmax",
                                  kernel="linear", temperature=temperature, temperature_heads=heads)
@@ -96,6 +100,8 @@ class RouteA(NamedTuple):
 
 def route_a_error(phi_support, y_support, phi_query, ridge, num_steps, temperature,
                   projection=None) -> RouteA:
+  """Route A (softmax, kernel `exp(<U phi, U phi'> / temperature)`, U = `projection` or I) compiled
+  for `num_steps` CG steps, against reference CG on that kernel and its oracle, t = 0..T."""
   k, p = np.shape(phi_support)[1:]
   kernel = kernels.ExponentialKernel(temperature, projection)
   compiled = compiler.compile_cg(k, p, num_steps, ridge, mask="prefix", attention="softmax",
@@ -125,6 +131,8 @@ class Preconditioning(NamedTuple):
 
 
 def preconditioning(phi_support, y_support, phi_query, ridge, num_steps) -> Preconditioning:
+  """Compiled CG and compiled Jacobi PCG (`M = diag(K) + ridge I`) on the same prompts, with the
+  condition numbers before and after preconditioning and the rates they predict."""
   phi_support = np.asarray(phi_support)
   y_support = np.asarray(y_support)
   batch, k, p = phi_support.shape
@@ -158,6 +166,8 @@ class ChebyshevVsCG(NamedTuple):
 
 
 def chebyshev_vs_cg(phi_support, y_support, phi_query, ridge, num_steps) -> ChebyshevVsCG:
+  """Compiled Chebyshev (one interval: the batch's smallest and largest eigenvalue of K + ridge I)
+  and compiled CG against the KRR oracle, t = 0..T."""
   phi_support = np.asarray(phi_support)
   batch, k, p = phi_support.shape
   f_star = np.asarray(solvers.krr_predict(phi_support, y_support, phi_query, ridge))
@@ -259,7 +269,7 @@ def width_error(phi_support, y_support, phi_query, ridge, projections, *, eigenv
 
 
 # ----------------------------------------------------------------------------------------------------
-# Several outputs (stub S3): r independent CGs sharing the mat-vec head, against block CG.
+# Several outputs: r independent CGs sharing the mat-vec head, against block CG.
 # ----------------------------------------------------------------------------------------------------
 
 

@@ -279,7 +279,10 @@ def sketch_error_bound(phi_support: Any, y_support: Any, phi_query: Any, ridge: 
   """Bounds `|f(x) - f_m(x)|` between full and sketched KRR at every query (module docstring).
 
   Args:
-    phi_support, y_support, phi_query, ridge: as in `sketched_krr_predict`.
+    phi_support: as in `sketched_krr_predict`.
+    y_support: as in `sketched_krr_predict`.
+    phi_query: as in `sketched_krr_predict`.
+    ridge: as in `sketched_krr_predict`.
     projection: `S [..., m, p]` with orthonormal rows (checked when concrete).
     kernel_distance: optional `E^2` (scalar or `[...]`) to use instead of the prompt's own
       `||Phi (I - P)||_2^2`, e.g. `spectral_tail(mu, m, k)` for an a-priori estimate (which is then

@@ -28,18 +28,22 @@ when p.Ap = 0.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
+from kcg._src import blocks as B
 from kcg._src import reciprocal as recip
-from kcg._src.craft import Block, Head, ReluUnits, ResidualLayout, linear_units, product_units
-from kcg._src.programs import (AGG, Program, StateLocation, _flag_channels, _flag_embedding,
-                               _holders, _scalar_channels, _linear_from, product_units_from)
+from kcg._src.craft import (Block, Head, Program, ReluUnits, ResidualLayout, StateLocation,
+                            linear_units, looped_program, product_units)
+from kcg._src.ops import Construction, Op
 
+AGG = B.AGGREGATOR
 HARD = 80.0
-ROLES = ("is_support", AGG, "is_query")
+ROLES = B.FLAGS
 
 
-def _head(real_q, real_k, value, output, name, *, real_dims, idle_from, idle_to):
+def _head(real_q, real_k, value, output, name, op, *, real_dims, idle_from, idle_to):
   """A softmax head: real part (dims 0..real_dims-1) plus the idle part (dim real_dims)."""
   dims = real_dims + 1
 
@@ -53,62 +57,53 @@ def _head(real_q, real_k, value, output, name, *, real_dims, idle_from, idle_to)
     return tuple(out)
 
   return Head(pad(real_q, idle_from, HARD), pad(real_k, idle_to, 1.0), tuple(value), tuple(output),
-              name)
+              name, op)
 
 
 def _broadcast(value: str, output: str, name: str) -> Head:
   """Every token reads the aggregator's `value` (hard attention)."""
   return Head(tuple((r, np.array([[HARD]])) for r in ROLES), ((AGG, np.array([[1.0]])),),
-              ((value, 1.0),), ((output, 1.0),), name)
+              ((value, 1.0),), ((output, 1.0),), name, Op.BROADCAST)
 
 
-def _sum_over_supports(value: str, output: str, num_support: int, name: str) -> Head:
+def _sum_over_supports(value: str, output: str, num_support: int, name: str, op: Op) -> Head:
   """The aggregator reads sum_j value_j over the supports (k times a hard uniform average);
   supports and queries read the aggregator, whose `value` is 0."""
   return _head(((AGG, np.array([[HARD]])),), (("is_support", np.array([[1.0]])),),
-               ((value, 1.0),), ((output, float(num_support)),), name, real_dims=1,
+               ((value, 1.0),), ((output, float(num_support)),), name, op, real_dims=1,
                idle_from=("is_support", "is_query"), idle_to=(AGG,))
 
 
-def _aggregator_relu(source: str, target: str, coef: float, offset: float, spec) -> ReluUnits:
+def _silencing_offset(spec) -> float:
+  """A pre-activation offset that keeps a unit off at tokens whose flag is 0.
+
+  There a channel holds only hard attention's leak, at most ~1e6 e^-80 times the largest value of
+  the channel elsewhere (<= high); units read it with weights up to 1/low. 3.6e31 for both dtypes
+  (their high/low is 1e60), so it fits float32.
+  """
+  return -2.0 * (1.0 + 1e6 * np.exp(-HARD) * spec.high / spec.low)
+
+
+def _aggregator_relu(source: str, target: str, coef: float, offset: float, spec,
+                     name: str) -> ReluUnits:
   """target += relu(coef * source + offset) at the aggregator; exactly 0 at other tokens."""
-  off = np.array([[-2.0 * spec.high / spec.low]])
+  off = np.array([[_silencing_offset(spec)]])
   pre = ((source, np.array([[coef]])), (AGG, np.array([[offset]])),
          ("is_support", off), ("is_query", off))
-  return ReluUnits(pre, ((target, np.ones((1, 1))),), f"relu({coef:g} {source} + {offset:g})")
-
-
-def _token_newton_blocks(pairs, spec, prefix, extra_second=()):
-  """Per token: x <- x (2 - s x) for each (s, x, scratch), two gated layers per step.
-
-  `extra_second`: more units for the second layer of the first step."""
-  blocks = []
-  for i in range(spec.newton_steps):
-    blocks.append(Block(f"{prefix} newton {i + 1}/{spec.newton_steps} (s x)", units=tuple(
-        product_units_from(s, x, [(scratch, 1.0)]) for s, x, scratch in pairs)))
-    units = []
-    for s, x, scratch in pairs:
-      units += [product_units_from(x, scratch, [(x, -1.0)]), _linear_from(x, [(x, 1.0)]),
-                _linear_from(scratch, [(scratch, -1.0)])]
-    if i == 0:
-      units += list(extra_second)
-    blocks.append(Block(f"{prefix} newton {i + 1}/{spec.newton_steps} (x (2 - s x))",
-                        units=tuple(units)))
-  return blocks
+  return ReluUnits(pre, ((target, np.ones((1, 1))),), name, Op.GUARD)
 
 
 def _guess(source: str, target: str, flags, spec) -> ReluUnits:
   """Initial guess of 1/source at the tokens with one of `flags`; exactly 0 at every other token.
 
   Hard attention leaves ~e^-80 of other tokens' values in a token's channels, so `source` is only
-  ~0 (1e-35, of either sign) where it should be 0; relu(-source) c_i with c_i ~ 1e80 would turn
-  that into 1e45. The other roles' flags push every unit's pre-activation to -2 high instead.
+  ~0 (1e-35, of either sign) where it should be 0; relu(-source / t_i) with 1/t_i up to 1e40 would
+  turn that into up to 1e5 per unit. The other roles' flags push every unit's pre-activation far
+  below 0 instead (`_silencing_offset`).
   """
-  on_s, on_flag, post = recip.guess_units_matrices(spec)
-  off = np.full((1, len(on_s)), -2.0 * spec.high)
-  pre = ((source, on_s[None, :]),) + tuple((flag, on_flag[None, :]) for flag in flags) + tuple(
-      (role, off) for role in ROLES if role not in flags)
-  return ReluUnits(pre, ((target, post[:, None]),), f"guess 1/{source}")
+  return B.guess_units(source, target, spec, on=tuple(flags),
+                       off=tuple(role for role in ROLES if role not in flags),
+                       off_offset=_silencing_offset(spec))
 
 
 def richardson_weights(temperatures) -> np.ndarray:
@@ -129,7 +124,8 @@ def exponential_support_state(num_support: int, feature_dim: int, num_steps: int
                               spec: recip.ReciprocalSpec) -> Program:
   """Route A: dual CG on (K~ + ridge I) alpha = y, K~ the exponential kernel, softmax heads."""
   return _softmax_support_state(num_support, feature_dim, num_steps, ridge, (temperature,),
-                                (1.0,), 0.0, projection, spec, "exponential_support_state")
+                                (1.0,), 0.0, projection, spec,
+                                Construction.EXPONENTIAL_SUPPORT_STATE)
 
 
 def dot_product_support_state(num_support: int, feature_dim: int, num_steps: int, ridge: float,
@@ -147,150 +143,163 @@ def dot_product_support_state(num_support: int, feature_dim: int, num_steps: int
   coefficients = tuple(float(w * t) for w, t in zip(weights, temperatures))
   return _softmax_support_state(num_support, feature_dim, num_steps, ridge, temperatures,
                                 coefficients, float(sum(coefficients)), projection, spec,
-                                f"dot_product_support_state[{len(temperatures)} heads]")
+                                Construction.DOT_PRODUCT_SUPPORT_STATE)
 
 
 def _softmax_support_state(num_support, feature_dim, num_steps, ridge, temperatures, coefficients,
-                           subtract, projection, spec, name) -> Program:
+                           subtract, projection, spec, construction) -> Program:
   """(Kp)_i = sum_m c_m (K~_{tau_m} p)_i - subtract * sum_j p_j, then CG (see module docstring)."""
-  k, p = num_support, feature_dim
+  k, dim = num_support, feature_dim
   projection = np.asarray(projection, np.float64)
   m = projection.shape[0]
   h = len(temperatures)
-  scalars = [n for n, _ in _scalar_channels()]
+  scalars = list(B.SCALARS)
   per_temperature = [f"{base}_{i}" for i in range(h)
                      for base in ("Kp_raw", "kq_raw", "inv_Z", "Z", "Z_scratch")]
   per_token = (["alpha", "r", "p", "p_prev", "Kp", "kq_p", "f", "pAp_i", "rr_i", "gamma_local",
                 "beta_local"] + per_temperature + (["p_sum_s", "p_sum_q"] if subtract else []))
   agg_scratch = ["pAp_scratch", "rr_scratch", "pAp_pos", "pAp_ok_a", "pAp_ok", "gamma_ungated"]
   layout = ResidualLayout(
-      channels=tuple([("phi_support", p), ("phi_query", p), ("y", 1)]
+      channels=tuple([("phi_support", dim), ("phi_query", dim), ("y", 1)]
                      + [(n, 1) for n in per_token] + [(n, 1) for n in scalars + agg_scratch]
-                     + _flag_channels()),
-      holders=_holders([("f", "queries"), ("kq_p", "queries"), ("p_sum_s", "supports"),
-                        ("p_sum_q", "queries")][:None if subtract else -2]
-                       + [(f"{base}_{i}", "supports and queries") for i in range(h)
-                          for base in ("inv_Z", "Z", "Z_scratch")]
-                       + [(f"kq_raw_{i}", "queries") for i in range(h)]
-                       + [(n, "supports") for n in ("alpha", "r", "p", "p_prev", "Kp", "pAp_i",
-                                                    "rr_i")]
-                       + [(f"Kp_raw_{i}", "supports") for i in range(h)]
-                       + [(n, "aggregator") for n in scalars + agg_scratch]))
-  embedding = [("x_support", "phi_support", 1.0), ("x_query", "phi_query", 1.0), ("y", "y", 1.0),
-               ("y", "r", 1.0), ("y", "p", 1.0)] + _flag_embedding()
+                     + B.flag_channels()),
+      holders=B.holders([("f", "queries"), ("kq_p", "queries"), ("p_sum_s", "supports"),
+                         ("p_sum_q", "queries")][:None if subtract else -2]
+                        + [(f"{base}_{i}", "supports and queries") for i in range(h)
+                           for base in ("inv_Z", "Z", "Z_scratch")]
+                        + [(f"kq_raw_{i}", "queries") for i in range(h)]
+                        + [(n, "supports") for n in ("alpha", "r", "p", "p_prev", "Kp", "pAp_i",
+                                                     "rr_i")]
+                        + [(f"Kp_raw_{i}", "supports") for i in range(h)]
+                        + [(n, "aggregator") for n in scalars + agg_scratch]))
+  embedding = B.feature_embedding() + [("y", "r", 1.0), ("y", "p", 1.0)]
   k_map = projection.T
+  linear = functools.partial(linear_units, layout)
+  product = functools.partial(product_units, layout)
 
-  def matvec(q_channel, value, output, idle_to, name, temperature):
+  def matvec(q_channel, value, output, idle_to, name, temperature, op):
     # q . k = <U phi_i, U phi_j> / tau
     idle_from = tuple(r for r in ROLES if r != ("is_support" if q_channel == "phi_support"
                                                 else "is_query"))
     return _head(((q_channel, projection.T / temperature),), (("phi_support", k_map),),
-                 ((value, 1.0),), ((output, 1.0),), name, real_dims=m, idle_from=idle_from,
+                 ((value, 1.0),), ((output, 1.0),), name, op, real_dims=m, idle_from=idle_from,
                  idle_to=idle_to)
 
   init_heads, init_units = [], []
   for i, tau in enumerate(temperatures):
-    init_heads += [matvec("phi_support", AGG, f"inv_Z_{i}", ("is_support",), f"1/Z_{i} at supports", tau),
-                   matvec("phi_query", AGG, f"inv_Z_{i}", ("is_support",), f"1/Z_{i} at queries", tau)]
+    init_heads += [matvec("phi_support", AGG, f"inv_Z_{i}", ("is_support",),
+                          f"1/Z_{i} at supports", tau, Op.NORMALISER),
+                   matvec("phi_query", AGG, f"inv_Z_{i}", ("is_support",), f"1/Z_{i} at queries",
+                          tau, Op.NORMALISER)]
     init_units.append(_guess(f"inv_Z_{i}", f"Z_{i}", ("is_support", "is_query"), spec))
-  init = [Block("init: 1/Z_i (sink heads)", heads=tuple(init_heads), units=tuple(init_units))]
-  init += _token_newton_blocks([(f"inv_Z_{i}", f"Z_{i}", f"Z_scratch_{i}") for i in range(h)],
-                               spec, "init: Z")
+  init = [Block("init: 1/Z_i (sink heads)", Op.NORMALISER, heads=tuple(init_heads),
+                units=tuple(init_units))]
+  init += B.token_newton_blocks(layout, [(f"inv_Z_{i}", f"Z_{i}", f"Z_scratch_{i}")
+                                         for i in range(h)], spec, "init: Z")
   init += [
-      Block("init: r_i^2", units=(product_units_from("r", "r", [("rr_i", 1.0)]),)),
-      Block("init: rr = sum r_i^2", heads=(_sum_over_supports("rr_i", "rr", k, "sum r_i^2"),),
-            units=(_guess("rr", "inv_rr_next", (AGG,), spec),
-                   _linear_from("rr_i", [("rr_i", -1.0)]))),
+      Block("init: r_i^2", Op.INIT,
+            units=(product("r", "r", [("rr_i", 1.0)], op=Op.RESIDUAL_NORM),)),
+      Block("init: rr = sum r_i^2", Op.INIT,
+            heads=(_sum_over_supports("rr_i", "rr", k, "sum r_i^2", Op.RESIDUAL_NORM),),
+            units=(_guess("rr", "inv_rr_next", (AGG,), spec), linear("rr_i", [("rr_i", -1.0)]))),
   ]
 
   matvec_heads, matvec_units = [], []
   for i, (tau, c) in enumerate(zip(temperatures, coefficients)):
     matvec_heads += [
-        matvec("phi_support", "p", f"Kp_raw_{i}", (AGG,), f"sum_j e^(s_ij/tau_{i}) p_j / Z", tau),
-        matvec("phi_query", "p", f"kq_raw_{i}", (AGG,), f"sum_j e^(s_qj/tau_{i}) p_j / Z", tau)]
+        matvec("phi_support", "p", f"Kp_raw_{i}", (AGG,), f"sum_j e^(s_ij/tau_{i}) p_j / Z", tau,
+               Op.MATVEC),
+        matvec("phi_query", "p", f"kq_raw_{i}", (AGG,), f"sum_j e^(s_qj/tau_{i}) p_j / Z", tau,
+               Op.QUERY_MATVEC)]
     matvec_units += [
-        product_units_from(f"Kp_raw_{i}", f"Z_{i}", [("Kp", c)]),
-        product_units_from(f"kq_raw_{i}", f"Z_{i}", [("kq_p", c)]),
-        _linear_from(f"Kp_raw_{i}", [(f"Kp_raw_{i}", -1.0)]),
-        _linear_from(f"kq_raw_{i}", [(f"kq_raw_{i}", -1.0)])]
+        product(f"Kp_raw_{i}", f"Z_{i}", [("Kp", c)], op=Op.MATVEC),
+        product(f"kq_raw_{i}", f"Z_{i}", [("kq_p", c)], op=Op.QUERY_MATVEC),
+        linear(f"Kp_raw_{i}", [(f"Kp_raw_{i}", -1.0)]),
+        linear(f"kq_raw_{i}", [(f"kq_raw_{i}", -1.0)])]
   if subtract:
     # One head per role, so that each role subtracts only from its own channel: a query also
     # reads itself, so any junk left in its support-only channels would reach its prediction.
-    matvec_heads += [_sum_to_role("p", "p_sum_s", "is_support", k, "sum_j p_j at supports"),
-                     _sum_to_role("p", "p_sum_q", "is_query", k, "sum_j p_j at queries")]
-    matvec_units += [_linear_from("p_sum_s", [("p_sum_s", -1.0), ("Kp", -subtract)]),
-                     _linear_from("p_sum_q", [("p_sum_q", -1.0), ("kq_p", -subtract)])]
+    matvec_heads += [_sum_to_role("p", "p_sum_s", "is_support", k, "sum_j p_j at supports",
+                                  Op.MATVEC),
+                     _sum_to_role("p", "p_sum_q", "is_query", k, "sum_j p_j at queries",
+                                  Op.QUERY_MATVEC)]
+    matvec_units += [linear("p_sum_s", [("p_sum_s", -1.0), ("Kp", -subtract)], op=Op.MATVEC),
+                     linear("p_sum_q", [("p_sum_q", -1.0), ("kq_p", -subtract)],
+                            op=Op.QUERY_MATVEC)]
   matvec_units += [
-      _linear_from("gamma", [("gamma", -1.0)]),
-      _linear_from("beta", [("beta", -1.0)]),
-      _linear_from("inv_rr_next", [("inv_rr", 1.0), ("inv_rr_next", -1.0)]),
+      linear("gamma", [("gamma", -1.0)]),
+      linear("beta", [("beta", -1.0)]),
+      linear("inv_rr_next", [("inv_rr", 1.0), ("inv_rr_next", -1.0)]),
   ]
 
-  def step():
-    s = "softmax-cg"
-    return [
-        Block(f"{s} mat-vec (K~ p)_i / Z_i", heads=tuple(matvec_heads), units=tuple(matvec_units)),
-        Block(f"{s} p_i (Ap)_i", units=(
-            product_units_from("p", "Kp", [("pAp_i", 1.0)]),
-            product_units_from("p", "p", [("pAp_i", ridge)]),
-        )),
-        Block(f"{s} pAp = sum_i p_i (Ap)_i", heads=(
-            _sum_over_supports("pAp_i", "pAp", k, "sum p_i (Ap)_i"),),
-            units=(_guess("pAp", "inv_pAp", (AGG,), spec), _linear_from("pAp_i", [("pAp_i", -1.0)]),
-                   _aggregator_relu("pAp", "pAp_pos", 1.0, 0.0, spec),
-                   _aggregator_relu("pAp", "pAp_ok_a", -1.0 / spec.low, 1.0, spec))),
-        *_token_newton_blocks([("pAp_pos", "inv_pAp", "pAp_scratch"), ("rr", "inv_rr", "rr_scratch")],
-                              spec, s, extra_second=(
-                                  _aggregator_relu("pAp_ok_a", "pAp_ok", -1.0, 1.0, spec),
-                                  _linear_from("pAp_ok_a", [("pAp_ok_a", -1.0)]))),
-        Block(f"{s} gamma = rr / pAp", units=(
-            product_units_from("rr", "inv_pAp", [("gamma_ungated", 1.0)]),
-            _linear_from("pAp", [("pAp", -1.0)]),
-            _linear_from("pAp_pos", [("pAp_pos", -1.0)]),
-            _linear_from("inv_pAp", [("inv_pAp", -1.0)]),
-        )),
-        Block(f"{s} gamma *= [pAp > 0] (breakdown guard)", units=(
-            product_units_from("gamma_ungated", "pAp_ok", [("gamma", 1.0)]),
-            _linear_from("gamma_ungated", [("gamma_ungated", -1.0)]),
-            _linear_from("pAp_ok", [("pAp_ok", -1.0)]),
-        )),
-        Block(f"{s} update alpha, r, f", heads=(_broadcast("gamma", "gamma_local", "gamma to all"),),
-              units=(
-                  product_units_from("gamma_local", "p", [("alpha", 1.0), ("r", -ridge)]),
-                  product_units_from("gamma_local", "Kp", [("r", -1.0)]),
-                  product_units_from("gamma_local", "kq_p", [("f", 1.0)]),
-                  _linear_from("gamma_local", [("gamma_local", -1.0)]),
-                  _linear_from("Kp", [("Kp", -1.0)]),
-                  _linear_from("kq_p", [("kq_p", -1.0)]),
-                  _linear_from("p", [("p_prev", 1.0), ("p", -1.0)]),
-                  _linear_from("rr", [("rr", -1.0)]),
-              )),
-        Block(f"{s} r_i^2", units=(product_units_from("r", "r", [("rr_i", 1.0)]),)),
-        Block(f"{s} rr_next = sum r_i^2", heads=(_sum_over_supports("rr_i", "rr_next", k, "sum r_i^2"),),
-              units=(_guess("rr_next", "inv_rr_next", (AGG,), spec),
-                     _linear_from("rr_i", [("rr_i", -1.0)]))),
-        Block(f"{s} beta = rr_next / rr", units=(
-            product_units_from("rr_next", "inv_rr", [("beta", 1.0)]),
-            _linear_from("rr_next", [("rr", 1.0), ("rr_next", -1.0)]),
-            _linear_from("inv_rr", [("inv_rr", -1.0)]),
-        )),
-        Block(f"{s} p = r + beta p", heads=(_broadcast("beta", "beta_local", "beta to all"),), units=(
-            product_units_from("beta_local", "p_prev", [("p", 1.0)]),
-            _linear_from("r", [("p", 1.0)]),
-            _linear_from("p_prev", [("p_prev", -1.0)]),
-            _linear_from("beta_local", [("beta_local", -1.0)]),
-        )),
-    ]
-
-  from kcg._src.programs import _finish  # pylint: disable=g-import-not-at-top
+  s = "softmax-cg"
+  step = [
+      Block(f"{s} mat-vec (K~ p)_i / Z_i", Op.MATVEC, heads=tuple(matvec_heads),
+            units=tuple(matvec_units)),
+      Block(f"{s} p_i (Ap)_i", Op.PAP, units=(
+          product("p", "Kp", [("pAp_i", 1.0)], op=Op.CURVATURE),
+          product("p", "p", [("pAp_i", ridge)], op=Op.RIDGE),
+      )),
+      Block(f"{s} pAp = sum_i p_i (Ap)_i", Op.PAP, heads=(
+          _sum_over_supports("pAp_i", "pAp", k, "sum p_i (Ap)_i", Op.PAP),),
+          units=(_guess("pAp", "inv_pAp", (AGG,), spec), linear("pAp_i", [("pAp_i", -1.0)]),
+                 _aggregator_relu("pAp", "pAp_pos", 1.0, 0.0, spec, "relu(pAp)"),
+                 _aggregator_relu("pAp", "pAp_ok_a", -1.0 / spec.low, 1.0, spec,
+                                  "relu(1 - pAp / low)"))),
+      *B.token_newton_blocks(layout, [("pAp_pos", "inv_pAp", "pAp_scratch"),
+                                      ("rr", "inv_rr", "rr_scratch")], spec, s, extra_second=(
+                                          _aggregator_relu("pAp_ok_a", "pAp_ok", -1.0, 1.0, spec,
+                                                           "relu(1 - relu(1 - pAp / low))"),
+                                          linear("pAp_ok_a", [("pAp_ok_a", -1.0)]))),
+      Block(f"{s} gamma = rr / pAp", Op.STEP_SIZE, units=(
+          product("rr", "inv_pAp", [("gamma_ungated", 1.0)], op=Op.STEP_SIZE),
+          linear("pAp", [("pAp", -1.0)]),
+          linear("pAp_pos", [("pAp_pos", -1.0)]),
+          linear("inv_pAp", [("inv_pAp", -1.0)]),
+      )),
+      Block(f"{s} gamma *= [pAp > 0] (breakdown guard)", Op.GUARD, units=(
+          product("gamma_ungated", "pAp_ok", [("gamma", 1.0)], op=Op.GUARD),
+          linear("gamma_ungated", [("gamma_ungated", -1.0)]),
+          linear("pAp_ok", [("pAp_ok", -1.0)]),
+      )),
+      Block(f"{s} update alpha, r, f", Op.UPDATE,
+            heads=(_broadcast("gamma", "gamma_local", "gamma to all"),), units=(
+                product("gamma_local", "p", [("alpha", 1.0), ("r", -ridge)], op=Op.UPDATE),
+                product("gamma_local", "Kp", [("r", -1.0)], op=Op.UPDATE),
+                product("gamma_local", "kq_p", [("f", 1.0)], op=Op.UPDATE),
+                linear("gamma_local", [("gamma_local", -1.0)]),
+                linear("Kp", [("Kp", -1.0)]),
+                linear("kq_p", [("kq_p", -1.0)]),
+                linear("p", [("p_prev", 1.0), ("p", -1.0)]),
+                linear("rr", [("rr", -1.0)]),
+            )),
+      Block(f"{s} r_i^2", Op.RESIDUAL_NORM,
+            units=(product("r", "r", [("rr_i", 1.0)], op=Op.RESIDUAL_NORM),)),
+      Block(f"{s} rr_next = sum r_i^2", Op.RESIDUAL_NORM,
+            heads=(_sum_over_supports("rr_i", "rr_next", k, "sum r_i^2", Op.RESIDUAL_NORM),),
+            units=(_guess("rr_next", "inv_rr_next", (AGG,), spec),
+                   linear("rr_i", [("rr_i", -1.0)]))),
+      Block(f"{s} beta = rr_next / rr", Op.BETA, units=(
+          product("rr_next", "inv_rr", [("beta", 1.0)], op=Op.BETA),
+          linear("rr_next", [("rr", 1.0), ("rr_next", -1.0)]),
+          linear("inv_rr", [("inv_rr", -1.0)]),
+      )),
+      Block(f"{s} p = r + beta p", Op.DIRECTION,
+            heads=(_broadcast("beta", "beta_local", "beta to all"),), units=(
+                product("beta_local", "p_prev", [("p", 1.0)], op=Op.DIRECTION),
+                linear("r", [("p", 1.0)], op=Op.DIRECTION),
+                linear("p_prev", [("p_prev", -1.0)]),
+                linear("beta_local", [("beta_local", -1.0)]),
+            )),
+  ]
   state = {"alpha": StateLocation("alpha", "support"), "r": StateLocation("r", "support"),
            "p": StateLocation("p", "support"), "gamma": StateLocation("gamma", "aggregator"),
            "beta": StateLocation("beta", "aggregator")}
-  return _finish(name, layout, embedding, init, step, num_steps, state, spec)
+  return looped_program(construction, layout, embedding, init, step, num_steps, state, spec)
 
 
-def _sum_to_role(value: str, output: str, role: str, num_support: int, name: str) -> Head:
+def _sum_to_role(value: str, output: str, role: str, num_support: int, name: str, op: Op) -> Head:
   """Tokens of `role` read sum_j value_j over the supports; the others read the aggregator (0)."""
   return _head(((role, np.array([[HARD]])),), (("is_support", np.array([[1.0]])),),
-               ((value, 1.0),), ((output, float(num_support)),), name, real_dims=1,
+               ((value, 1.0),), ((output, float(num_support)),), name, op, real_dims=1,
                idle_from=tuple(r for r in ROLES if r != role), idle_to=(AGG,))

@@ -12,6 +12,9 @@ from flax import nnx
 from kcg._src import checkpointing
 from kcg._src import model as model_lib
 from kcg._src import prompt as prompt_lib
+from kcg._src import train_config as config_lib
+from kcg._src import train_data as data_lib
+from kcg._src import train_eval as eval_lib
 from kcg._src import training
 
 
@@ -27,7 +30,7 @@ class TrainedModel:
   """
 
   model: model_lib.Transformer
-  config: training.TrainConfig
+  config: config_lib.TrainConfig
   step: int
   workdir: str
 
@@ -37,7 +40,7 @@ class TrainedModel:
     `d` may be smaller than the trained input dimension (inputs are zero-padded, as in training).
     Jitted and cached per prompt shape.
     """
-    return training.make_predict_fn(self.model, self.config.data)(x_support, y_support, x_query)
+    return eval_lib.make_predict_fn(self.model, self.config.data)(x_support, y_support, x_query)
 
   def encode(self, x_support: Any, y_support: Any, x_query: Any) -> tuple[jax.Array, int | None]:
     """The tokens [B, T, F] the model reads for this prompt, and its `num_prefix` (for probing).
@@ -53,31 +56,35 @@ class TrainedModel:
       raise ValueError(f"x_support and x_query must be [B, k, d] and [B, q, d], got "
                        f"{x_support.shape} and {x_query.shape}.")
     layout = prompt_lib.make_layout(x_support.shape[1], x_query.shape[1], data.input_dim)
-    tokens = prompt_lib.encode(layout, training.pad_inputs(x_support, data.input_dim), y_support,
-                               training.pad_inputs(x_query, data.input_dim))
+    tokens = prompt_lib.encode(layout, data_lib.pad_inputs(x_support, data.input_dim), y_support,
+                               data_lib.pad_inputs(x_query, data.input_dim))
     return tokens, layout.num_prefix
 
 
 def load_trained(workdir: str, *, step: int | None = None) -> TrainedModel:
-  """Loads the latest (or the given) verified checkpoint of a training run and its saved config.
+  """Loads the newest verified (or the given) checkpoint of a training run and its saved config.
+
+  Reads only: safe while a trainer is writing to `workdir`. Newer checkpoints that fail
+  verification (damaged, or a save still in progress) are skipped with a logged warning.
 
   Raises:
-    CheckpointError (a ValueError): no config.json, no checkpoint, or a partial or corrupt one.
+    CheckpointError (a ValueError): no config.json, no verified checkpoint, the requested step is
+      partial or corrupt, or its parameters hold NaN or Inf.
   """
   config = checkpointing.read_config(workdir)
-  checkpointer = checkpointing.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
-  try:
-    latest = checkpointer.latest_step()
-    if latest is None:
-      raise checkpointing.CheckpointError(f"No checkpoint in {checkpointer.directory}; train first.")
-    step = latest if step is None else int(step)
-    graphdef, abstract = training.abstract_train_state(config)
-    # Load onto one local device whatever mesh the run was saved from.
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                            abstract)
-    state = checkpointer.restore(step, abstract)
-  finally:
-    checkpointer.close()
+  if step is None:
+    step = checkpointing.latest_verified_step(workdir)
+    if step is None:
+      on_disk = checkpointing.checkpoint_steps(workdir)
+      raise checkpointing.CheckpointError(
+          f"No verified checkpoint in {checkpointing.checkpoint_dir(workdir)}"
+          + (f" (steps {on_disk} failed verification, see the warnings)" if on_disk else "")
+          + "; train first.")
+  graphdef, abstract = training.abstract_train_state(config)
+  # Load onto one local device whatever mesh the run was saved from.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                          abstract)
+  state = checkpointing.restore(workdir, int(step), abstract)
   model, _ = nnx.merge(graphdef, state)
-  return TrainedModel(model=model, config=config, step=step, workdir=workdir)
+  return TrainedModel(model=model, config=config, step=int(step), workdir=workdir)
