@@ -7,15 +7,17 @@ import math
 import os
 from typing import Any
 
+from kcg import finetune
+from kcg import plotting
+
 _MODE_TEXT = {
     "plain": "every weight",
     "freeze_reciprocal": "every weight but the division",
     "gains": "a gain per layer and head, weights frozen",
     "random": "same architecture, random init",
 }
-_COLOURS = {"plain": "tab:red", "freeze_reciprocal": "tab:orange", "gains": "tab:blue",
-            "random": "tab:green", "imitate": "tab:purple"}
-_MARKERS = {"plain": "x", "freeze_reciprocal": "s", "gains": "o", "random": "^", "imitate": "D"}
+# Line styles follow the order of `finetune.MODES`, then of these dtypes (`_line_style`).
+_DTYPES = ("float32", "float64")
 
 
 def _f(x: Any, digits: int = 3) -> str:
@@ -70,68 +72,59 @@ def _summary_row(key: str, r: dict) -> dict:
   }
 
 
-def _figure(path: str, groups: dict, construction: str, t: int) -> None:
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
-  from matplotlib.ticker import MaxNLocator
+def _line_style(mode: str, dtype: str) -> dict:
+  """One (colour, marker) per (mode, dtype), the same in every figure; float64 also dashed."""
+  index = finetune.MODES.index(mode) + len(finetune.MODES) * _DTYPES.index(dtype)
+  return {**plotting.line_style(index), "linestyle": "-" if dtype == "float32" else "--",
+          "markersize": 4}
 
-  figure = Figure(figsize=(11, 4.6))
-  FigureCanvasAgg(figure)
-  loss_ax, agree_ax, ynl_ax = figure.subplots(1, 3)
+
+def _figure(path: str, groups: dict, construction: str, t: int) -> None:
+  figure, ((loss_ax, agree_ax, ynl_ax),) = plotting.new_figure(1, 3, size=(12.5, 4.2))
   reference = None
-  for key, r in groups.items():
+  for r in groups.values():
     evals = _evals(r)
     if not evals:
       continue
     label = f"{r['mode']} {r['dtype']}" + (f" (diverged at step {r['diverged_at']})"
                                           if r["diverged_at"] is not None else "")
-    style = dict(color=_COLOURS[r["mode"]], marker=_MARKERS[r["mode"]],
-                 linestyle="-" if r["dtype"] == "float32" else "--", label=label, markersize=4)
+    style = dict(_line_style(r["mode"], r["dtype"]), label=label)
     steps = [h["step"] for h in evals]
     loss_ax.semilogy(steps, [h["mse"] for h in evals], **style)
     agree_ax.semilogy(steps, [max(1 - h["cg_r2"], 1e-16) for h in evals], **style)
     ynl_ax.plot(steps, [h["y_nonlinearity"] for h in evals], **style)
     reference = evals[-1]
   if reference is not None:
-    loss_ax.axhline(reference["krr_mse"], color="black", linestyle=":", label="KRR oracle")
-    loss_ax.axhline(reference["cg_mse"], color="grey", linestyle="-.", label=f"CG_{t}")
-  for ax, ylabel in ((loss_ax, "test mean squared error vs noiseless f"),
-                     (agree_ax, "1 - R^2 against CG_t (log)"),
+    loss_ax.axhline(reference["krr_mse"], **plotting.REFERENCE, linestyle=":", label="KRR oracle")
+    loss_ax.axhline(reference["cg_mse"], **plotting.REFERENCE, linestyle="--", label=f"CG_{t}")
+  for ax, ylabel in ((loss_ax, "test MSE vs noiseless f"),
+                     (agree_ax, "1 - R^2 against CG_t"),
                      (ynl_ax, "y-nonlinearity index")):
     ax.set_xlabel("training step")
-    ax.set_ylabel(ylabel, fontsize=8)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=5))
+    ax.set_ylabel(ylabel)
+    plotting.integer_ticks(ax)
     ax.grid(True, alpha=0.3)
-  handles, labels = loss_ax.get_legend_handles_labels()
   figure.suptitle(f"{construction}, t = {t}: from compiled weights vs from random init", fontsize=9)
-  figure.tight_layout(rect=(0, 0.16, 1, 1))
-  # Below the panels, so that it hides no data.
-  figure.legend(handles, labels, loc="lower center", ncol=4, fontsize=7, frameon=False)
-  figure.savefig(path, dpi=110)
+  # One legend right of the panels, which draw the same runs alike, so that it hides no data.
+  plotting.add_figure_legend(figure, (loss_ax, agree_ax, ynl_ax))
+  plotting.save_figure(figure, path)
 
 
 def _imitation_figure(path: str, record: dict, construction: str, t: int) -> None:
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
-  from matplotlib.ticker import MaxNLocator
-
-  figure = Figure(figsize=(5.5, 3.8))
-  FigureCanvasAgg(figure)
-  ax = figure.add_subplot()
+  figure, ((ax,),) = plotting.new_figure(size=(5.5, 3.8))
   evals = _evals(record)
   steps = [h["step"] for h in evals]
-  ax.semilogy(steps, [h["teacher_relative"] for h in evals], color="tab:purple", marker="D",
+  ax.semilogy(steps, [h["teacher_relative"] for h in evals], **plotting.line_style(0),
               markersize=4, label="held-out prompts")
-  ax.semilogy(steps, [h["teacher_relative_scaled"] for h in evals], color="tab:brown", marker="v",
+  ax.semilogy(steps, [h["teacher_relative_scaled"] for h in evals], **plotting.line_style(1),
               markersize=4, linestyle="--", label="inputs x 2 (outside the training scale)")
   ax.set_xlabel("training step")
   ax.set_ylabel("|f - CG_t| / |CG_t|")
-  ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=5))
+  plotting.integer_ticks(ax)
   ax.grid(True, alpha=0.3)
-  ax.legend(fontsize=7)
+  plotting.add_legend(ax)
   ax.set_title(f"learning CG: {construction}, t = {t}, random init imitating CG_{t}", fontsize=9)
-  figure.tight_layout()
-  figure.savefig(path, dpi=110)
+  plotting.save_figure(figure, path)
 
 
 def _sentences(rows: list[dict], construction: str, t: int) -> list[str]:

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import figure_style
+
 from kcg import finetune
 from kcg import ops
 from kcg._src import train_data
@@ -186,12 +188,16 @@ def test_bad_config_fails_before_any_training(tmp_path, field, value, match):
     _config("tiny")
 
 
-def test_smoke_binary_writes_report_results_and_figures_then_resumes(tmp_path):
+def test_smoke_binary_writes_report_results_and_figures_then_resumes(tmp_path, monkeypatch):
   from experiments import finetune as binary
   config = _config("smoke")
+  figures = figure_style.record(monkeypatch)
   results = binary.run(config, str(tmp_path))
   for name in ("report.md", "results.json", "dual_prefix_t1.png", "dual_prefix_t1_imitate.png"):
     assert (tmp_path / name).exists(), name
+  assert len(figures) == 2
+  for figure in figures:
+    figure_style.check_style(figure)
   runs = results["runs"]
   plain = runs["dual_prefix_t1_task_plain_float32"]
   gains = runs["dual_prefix_t1_task_gains_float32"]

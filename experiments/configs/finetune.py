@@ -23,8 +23,8 @@ Scales (`--config=experiments/configs/finetune.py[:runlocal|:smoke]`):
 
       python -m experiments.finetune --config=experiments/configs/finetune.py:runlocal --workdir=/tmp/ftl
 
-* `smoke`: one construction, t = 1, modes plain and gains and the imitation, 6 steps, float32: the
-  fast test.
+* `smoke`: one construction, t = 1, modes plain and gains and the imitation, 2 steps of batch 4,
+  float32: the fast test.
 
 report.md ends its summary with the run's own wall and CPU seconds.
 """
@@ -91,9 +91,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.modes = ("plain", "gains")
     config.dtypes = ("float32",)
     config.float64_modes = ()
-    config.num_steps = 6
-    config.imitate_steps = 6
-    config.eval_every = 3
-    config.batch_size = 8
-    config.num_eval_prompts = 16
+    config.num_steps = 2
+    config.imitate_steps = 2
+    config.eval_every = 1
+    config.batch_size = 4
+    config.num_eval_prompts = 8
   return config

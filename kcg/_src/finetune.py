@@ -582,8 +582,10 @@ def fit(setup: Setup, run: Run, directory: str | None = None, *, num_eval_prompt
                                  qkv_init_scale=run.qkv_init_scale)
   reference = _params(compiled.model)
   optimizer = nnx.Optimizer(model, make_tx(train_config, keep), wrt=wrt)
-  graphdef, state = nnx.split((model, optimizer))
   mesh = training.make_mesh(jax.devices()[:1])
+  graphdef, state = nnx.split((model, optimizer))
+  # Laid out as the jitted step returns it, so that the step compiles once, not again at step 1.
+  state = jax.device_put(state, training.replicated(mesh))
   if run.task == "imitate":
     batch_at = imitation_batch_fn(compile_setup(setup, jnp.float64), train_config, mesh)
   else:
