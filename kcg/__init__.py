@@ -17,6 +17,7 @@ Public API (implementation lives in `kcg._src`):
   controls, ablations against the damaged algorithm, layer-wise matching, the study's laws).
 * `kcg.alignment`: do trained models run KRR, by CG, on their own hidden features (readings of
   phi_l, KRR and candidates on it, kernel alignment, smoother weights, y-linearity, grafting).
+* `kcg.finetune`: from compiled to trained (fine-tuning compiled CG, learning CG from random init).
 * `kcg.ops`: what each head and block of a compiled program computes (`Op`), which construction
   it is (`Construction`).
 * `kcg.analysis`, `kcg.plotting`: compiled-vs-reference comparisons; headless plots and the style
@@ -34,6 +35,7 @@ from kcg import baselines
 from kcg import bounds
 from kcg import evaluation
 from kcg import features
+from kcg import finetune
 from kcg import kernels
 from kcg import matching
 from kcg import ops
@@ -70,8 +72,8 @@ def __getattr__(name: str):
   raise AttributeError(f"module 'kcg' has no attribute {name!r}")
 
 __all__ = [
-    "ablations", "alignment", "analysis", "baselines", "evaluation", "matching", "ops", "plotting",
-    "probes", "study",
+    "ablations", "alignment", "analysis", "baselines", "evaluation", "finetune", "matching", "ops",
+    "plotting", "probes", "study",
     "CompiledCG", "CompiledState", "Dimensions", "ForwardOutput", "ModelConfig", "Transformer",
     "bounds", "compile_cg", "compile_chebyshev", "dimensions", "features", "kernels", "problems", "prompt", "routes", "sketch", "solvers",
     "tasks", "training", "TrainedModel", "load_trained",

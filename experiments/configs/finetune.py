@@ -1,0 +1,99 @@
+"""From compiled to trained: does gradient descent keep CG, and can it find it? (`experiments/finetune.py`)
+
+Starts from `kcg.compile_cg` weights (dual CG with per-support state under the prefix mask; primal CG
+in the aggregator under the causal mask), trains on the noisy linear regression they solve with kcg's
+loss and optimizer, in four ways (`kcg.finetune.MODES`): every weight (`plain`), every weight but the
+division (`freeze_reciprocal`), a gain per layer and head on frozen weights (`gains`), and the same
+architecture from random init (`random`); then trains the architecture from random init to imitate
+CG_t (`imitate`). Writes DIR/report.md, DIR/results.json, PNGs; models in DIR/models/<name>; a rerun
+resumes.
+
+Scales (`--config=experiments/configs/finetune.py[:runlocal|:smoke]`):
+
+* default (full): t = 2, 4, 6, 8; d = 6, k = 12, q = 4, noise 0.3; 2000 steps of batch 32; every mode
+  in float32 and float64; imitation 2000 steps (72 runs). Not run yet: its runtime is unmeasured
+  (runlocal's 14 runs of 300 steps take ~4 CPU minutes, mostly compilation; expect hours on 2 cores).
+
+      python -m experiments.finetune --config=experiments/configs/finetune.py --workdir=/tmp/ft
+
+* `runlocal`: t = 2, d = 3, k = 6, q = 4; 300 steps (eval every 50); modes in float32, plain and
+  gains also in float64; imitation 300 steps (14 runs). Measured 2026-12-05 on the shared 2-core
+  machine under load (load average 15-27): 239 s CPU (user), 14 min wall, peak RSS 1.35 GB; the wall
+  time on idle cores should be close to the CPU time.
+
+      python -m experiments.finetune --config=experiments/configs/finetune.py:runlocal --workdir=/tmp/ftl
+
+* `smoke`: one construction, t = 1, modes plain and gains and the imitation, 2 steps of batch 4,
+  float32: the fast test.
+
+report.md ends its summary with the run's own wall and CPU seconds.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  options = {a for a in (arg or "").split(",") if a}
+  unknown = options - {"runlocal", "smoke"}
+  if unknown or len(options) > 1:
+    raise ValueError(f"Unknown or conflicting config option(s) {sorted(options)}; pick one of "
+                     "'runlocal', 'smoke' (or none for the full scale).")
+  config = ml_collections.ConfigDict()
+  config.scale = "full"
+  config.seed = 0
+  config.constructions = ("dual_prefix", "primal_causal")
+  config.cg_steps = (2, 4, 6, 8)
+  config.input_dim = 6
+  config.num_support = 12
+  config.num_query = 4
+  config.noise_std = 0.3
+  # Runs from the compiled weights (and the random-init control), per dtype.
+  config.modes = ("plain", "freeze_reciprocal", "gains", "random")
+  config.dtypes = ("float32", "float64")
+  # Modes that also run in float64 at the smaller scales (all of `modes` at full scale).
+  config.float64_modes = ("plain", "freeze_reciprocal", "gains", "random")
+  config.num_steps = 2000
+  config.batch_size = 32
+  config.learning_rate = 1e-3
+  # Gains are O(1) multipliers of exact blocks: a larger step (they are few).
+  config.gains_learning_rate = 1e-2
+  config.eval_every = 200
+  config.num_eval_prompts = 128
+  # Random init of the compiled architecture (no norm, attention scale 1): small q/k/v keep the
+  # cubic layers near the identity.
+  config.qkv_init_scale = 0.2
+  # Random init (task and imitation): a smaller step with a warmup (at 1e-3 it diverged in runlocal).
+  config.random_learning_rate = 3e-4
+  config.random_warmup_steps = 50
+  # Learning CG: random init trained to imitate CG_t (float32).
+  config.imitate = True
+  config.imitate_steps = 2000
+
+  if "runlocal" in options:
+    config.scale = "runlocal"
+    config.cg_steps = (2,)
+    config.input_dim = 3
+    config.num_support = 6
+    config.float64_modes = ("plain", "gains")
+    config.num_steps = 300
+    config.imitate_steps = 300
+    config.eval_every = 50
+    config.num_eval_prompts = 64
+  elif "smoke" in options:
+    config.scale = "smoke"
+    config.constructions = ("dual_prefix",)
+    config.cg_steps = (1,)
+    config.input_dim = 2
+    config.num_support = 4
+    config.num_query = 2
+    config.modes = ("plain", "gains")
+    config.dtypes = ("float32",)
+    config.float64_modes = ()
+    config.num_steps = 2
+    config.imitate_steps = 2
+    config.eval_every = 1
+    config.batch_size = 4
+    config.num_eval_prompts = 8
+  return config

@@ -1,0 +1,221 @@
+"""kcg.finetune: the reparametrised starts are the compiled model, frozen parts stay frozen, the
+division check sees a broken division, runs resume, bad configs fail first; the binary end to end."""
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import figure_style
+
+from kcg import finetune
+from kcg import ops
+from kcg._src import train_data
+
+SETUP = finetune.Setup("dual_prefix", num_steps=1, input_dim=2, num_support=4, num_query=2)
+PRIMAL = finetune.Setup("primal_causal", num_steps=1, input_dim=2, num_support=4, num_query=2)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(setup, dtype):
+  return finetune.compile_setup(setup, dtype)
+
+
+def _tokens(setup, dtype, batch=6):
+  data = setup.data
+  prompts = train_data.sample_prompts(jax.random.key(3), data, batch_size=batch)
+  return train_data.make_batch(prompts, data, jnp.dtype(dtype))
+
+
+def _params(model):
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("setup", [SETUP, PRIMAL], ids=["dual_prefix", "primal_causal"])
+def test_every_start_from_compiled_weights_is_the_compiled_model_bit_for_bit(setup, dtype):
+  compiled = _compiled(setup, dtype)
+  batch = _tokens(setup, dtype)
+  num_prefix = train_data.num_prefix(setup.data, batch.tokens)
+  expected = np.asarray(compiled.model(batch.tokens, num_prefix=num_prefix).outputs)
+  for mode in ("plain", "freeze_reciprocal", "gains"):
+    model, _, _ = finetune.start_model(mode, compiled)
+    got = np.asarray(model(batch.tokens, num_prefix=num_prefix).outputs)
+    np.testing.assert_array_equal(got, expected, err_msg=mode)
+  # And the compiled model is CG_t: float64 agrees with the reference solver to rounding.
+  if dtype == "float64":
+    ev = finetune.eval_set(setup, 8, seed=0)
+    pred = finetune.make_predict(compiled.model, setup, jnp.float64)(ev.x_support, ev.y_support,
+                                                                     ev.x_query)
+    np.testing.assert_allclose(pred, ev.cg, rtol=1e-11, atol=1e-12)
+
+
+def test_reciprocal_mask_is_the_programs_division_and_nothing_else():
+  # float64: every unit of the guess is in use (float32's shorter range leaves trailing columns 0).
+  compiled = _compiled(SETUP, "float64")
+  program = compiled.program
+  mask = finetune.reciprocal_mask(compiled)["blocks"]
+  newton_heads = sum(h.name.startswith("newton ") for b in program.blocks for h in b.heads)
+  guess_units = sum(u.num_units for b in program.blocks for u in b.units
+                    if u.name.startswith("guess 1/"))
+  # Four Newton steps refine two reciprocals with two heads each, in the init and the step blocks'
+  # scalar stage; guesses: one per reduction.
+  assert newton_heads == 4 * 2 * 2
+  assert int(mask["attn_out"].any(axis=(2, 3)).sum()) == newton_heads
+  assert int(mask["mlp_in_bias"].sum()) == guess_units > 0
+  # The masked MLP columns are the guess units: each reads the aggregator flag (its stand-in bias),
+  # apart from the unit whose breakpoint term is 0 (c_0 = 0, kcg._src.reciprocal); no other unit does.
+  flag = program.layout.slice("is_aggregator").start
+  reads_flag = np.asarray(compiled.model.blocks.mlp_in[...])[:, flag, :] != 0
+  assert np.all(~reads_flag[~mask["mlp_in_bias"]])
+  assert np.mean(reads_flag[mask["mlp_in_bias"]]) > 0.9
+  with pytest.raises(ValueError, match="no reciprocal"):
+    finetune.reciprocal_parts(program._replace(blocks=program.blocks[:0]))
+
+
+def test_frozen_entries_stay_bit_identical_and_the_rest_moves():
+  compiled = _compiled(SETUP, "float32")
+  model, wrt, keep = finetune.start_model("freeze_reciprocal", compiled)
+  run = finetune.Run(mode="freeze_reciprocal", num_steps=2, batch_size=8, learning_rate=1e-3)
+  tx = finetune.make_tx(run.train_config(SETUP), keep)
+  optimizer = nnx.Optimizer(model, tx, wrt=wrt)
+  before = jax.tree.map(np.array, _params(model))
+  graphdef, state = nnx.split((model, optimizer))
+  step = finetune.train_step(graphdef, SETUP.data, wrt)
+  for s in range(2):
+    state, _ = step(state, _tokens(SETUP, "float32", batch=8))
+  after = _params(nnx.merge(graphdef, state)[0])
+  frozen = finetune.reciprocal_mask(compiled)
+  moved = 0
+  for f, b, a in zip(jax.tree.leaves(frozen), jax.tree.leaves(before), jax.tree.leaves(after)):
+    a = np.asarray(a)
+    np.testing.assert_array_equal(a[f], b[f])  # bit-identical (NaN elsewhere is allowed)
+    moved += int(np.sum(a[~f] != b[~f]))
+  assert moved > 0
+
+
+def test_gains_train_only_the_gains():
+  compiled = _compiled(SETUP, "float32")
+  model, wrt, keep = finetune.start_model("gains", compiled)
+  assert keep is None and wrt is finetune.Gain
+  run = finetune.Run(mode="gains", num_steps=2, batch_size=8, learning_rate=1e-2)
+  optimizer = nnx.Optimizer(model, finetune.make_tx(run.train_config(SETUP), None), wrt=wrt)
+  graphdef, state = nnx.split((model, optimizer))
+  state, _ = finetune.train_step(graphdef, SETUP.data, wrt)(state, _tokens(SETUP, "float32", 8))
+  trained, _ = nnx.merge(graphdef, state)
+  distance = finetune.weight_distance(trained, _params(compiled.model))
+  assert distance["changed"] == 0 and distance["relative_l2"] == 0
+  assert distance["max_gain_change"] > 0
+
+
+def test_reciprocal_error_sees_a_broken_division():
+  compiled = _compiled(SETUP, "float64")
+  ev = finetune.eval_set(SETUP, 8, seed=0)
+  # Exact CG: Newton's relative error 4e-2^(2^4) is below float64 rounding.
+  assert finetune.reciprocal_error(compiled.model, compiled, ev, jnp.float64) < 1e-13
+  gained = finetune.GainedTransformer(nnx.clone(compiled.model))
+  layer_ops = [compiled.program.blocks[b].op for b in compiled.program.schedule]
+  last_newton = max(l for l, op in enumerate(layer_ops) if op is ops.Op.NEWTON)
+  gained.head_gain[...] = gained.head_gain[...].at[last_newton, 1].set(1.01)  # the -s x^2 head
+  assert finetune.reciprocal_error(gained, compiled, ev, jnp.float64) > 1e-3
+
+
+def test_plain_adam_from_compiled_weights_stops_at_the_first_non_finite_loss(tmp_path):
+  run = finetune.Run(mode="plain", num_steps=4, batch_size=8, eval_every=2)
+  result = finetune.fit(SETUP, run, str(tmp_path / "plain"), num_eval_prompts=8)
+  assert result.diverged_at is not None and result.diverged_at <= 2
+  assert result.history[0]["step"] == 0 and result.history[0]["cg_r2"] > 0.999999
+  assert result.history[-1]["finite"] is False
+  # The model the non-finite step started from leaves the compiled one at a named layer and channel.
+  where = result.history[-1]["departure"]
+  assert where["layer"] is not None and where["channel"] and where["token"] in (
+      "support", "aggregator", "query")
+  saved = json.loads((tmp_path / "plain" / "history.json").read_text())
+  assert saved["diverged_at"] == result.diverged_at
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_numbers(tmp_path):
+  run = finetune.Run(mode="gains", num_steps=4, batch_size=8, eval_every=2, learning_rate=1e-2)
+  whole = finetune.fit(SETUP, run, str(tmp_path / "whole"), num_eval_prompts=8)
+  finetune.fit(SETUP, run, str(tmp_path / "split"), num_eval_prompts=8, stop_at_step=2)
+  resumed = finetune.fit(SETUP, run, str(tmp_path / "split"), num_eval_prompts=8)
+  assert [h["step"] for h in resumed.history] == [0, 2, 4]
+  for a, b in zip(whole.history, resumed.history):
+    assert a["mse"] == b["mse"] and a["cg_r2"] == b["cg_r2"]
+  other = finetune.Run(mode="gains", num_steps=5, batch_size=8, eval_every=2)
+  with pytest.raises(ValueError, match="different run"):
+    finetune.fit(SETUP, other, str(tmp_path / "split"), num_eval_prompts=8)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(mode="adam"), "Run.mode"), (dict(task="regress"), "Run.task"),
+    (dict(dtype="bfloat16"), "Run.dtype"), (dict(num_steps=0), "num_steps"),
+    (dict(learning_rate=-1.0), "learning_rate"), (dict(qkv_init_scale=0.0), "qkv_init_scale")])
+def test_bad_run_fails_with_the_field_named(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    finetune.Run(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(construction="dual_causal"), "construction"), (dict(num_steps=0), "num_steps"),
+    (dict(noise_std=0.0), "noise_std")])
+def test_bad_setup_fails_with_the_field_named(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    finetune.Setup(**kwargs)
+
+
+def _config(option):
+  from experiments.configs import finetune as config_lib
+  return config_lib.get_config(option)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("modes", ("plain", "sgd"), "modes"), ("dtypes", ("float16",), "dtypes"),
+    ("constructions", ("dual_causal",), "construction"), ("cg_steps", (0,), "num_steps")])
+def test_bad_config_fails_before_any_training(tmp_path, field, value, match):
+  from experiments import finetune as binary
+  config = _config("smoke")
+  config[field] = value
+  with pytest.raises(ValueError, match=match):
+    binary.run(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / "models")
+  with pytest.raises(ValueError, match="Unknown or conflicting"):
+    _config("tiny")
+
+
+def test_smoke_binary_writes_report_results_and_figures_then_resumes(tmp_path, monkeypatch):
+  from experiments import finetune as binary
+  config = _config("smoke")
+  figures = figure_style.record(monkeypatch)
+  results = binary.run(config, str(tmp_path))
+  for name in ("report.md", "results.json", "dual_prefix_t1.png", "dual_prefix_t1_imitate.png"):
+    assert (tmp_path / name).exists(), name
+  assert len(figures) == 2
+  for figure in figures:
+    figure_style.check_style(figure)
+  runs = results["runs"]
+  plain = runs["dual_prefix_t1_task_plain_float32"]
+  gains = runs["dual_prefix_t1_task_gains_float32"]
+  assert plain["diverged_at"] is not None and gains["diverged_at"] is None
+  assert gains["history"][0]["cg_r2"] > 0.999999 and gains["history"][0]["reciprocal_error"] < 1e-5
+  report = (tmp_path / "report.md").read_text()
+  assert f"non-finite loss at step {plain['diverged_at']}" in report
+  assert os.path.isdir(tmp_path / "models" / "dual_prefix_t1_task_gains_float32" / "checkpoints")
+  again = binary.run(config, str(tmp_path))
+  assert again["runs"]["dual_prefix_t1_task_gains_float32"]["history"] == gains["history"]
+
+
+@pytest.mark.slow
+def test_runlocal_binary(tmp_path):
+  from experiments import finetune as binary
+  results = binary.run(_config("runlocal"), str(tmp_path))
+  assert len(results["runs"]) == 2 * (4 + 2 + 1)
+  for r in results["runs"].values():
+    if r["mode"] == "gains":
+      assert r["diverged_at"] is None
+      assert r["history"][0]["cg_r2"] > 0.99999
