@@ -23,6 +23,12 @@ And preconditioned CG with the Jacobi preconditioner (``jacobi_support_state``).
 Queries never hold solver state: each query token accumulates its prediction f_t(x) = k(x)^T alpha_t
 (primal: phi(x) . w_t) with the same step sizes, f_{t+1} = f_t + gamma_t k(x)^T p_t.
 
+Step sizes are applied where they are used: gamma = rr / pAp reaches the update as a head whose
+query is the token's own p or Kp, key 1/pAp and value rr at the aggregator (three factors in one
+head), and beta = rr_next / rr reaches p = r + beta p_prev the same way; each is also stored for
+the state read-out. So no layer forms a step size alone. With `carry_matvec` the next mat-vec is
+formed together with p (Kp = K r + beta Kp_prev): 4 + newton_steps layers per step.
+
 Each builder lists one step's blocks (`craft.looped_program` repeats them); every block and head
 names its `op`.
 """
