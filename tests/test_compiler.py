@@ -116,16 +116,37 @@ def test_depth_and_width_are_the_documented_functions(form, mask):
     assert compiled.config.width == dims.width
     assert compiled.config.num_heads == dims.num_heads
     assert compiled.config.mlp_hidden == dims.mlp_hidden
+    if t:  # what the built model has, per step
+      assert (compiled.config.num_layers - dims.init_layers) / t == dims.layers_per_step
     # Channels: features, solver vectors, y and f, 8 scalars, 3 flags (see programs.py).
+    # A step: the mat-vec (aggregator dual: u, then Kp), pAp (+ guess), 4 Newton steps
+    # (reciprocal.default_spec), the update, r.r (+ guess), p = r + beta p_prev.
     if form == "primal":
       assert dims.width == 7 * p + 2 + 8 + 3  # phi_s, phi_q, w, r, p, p_prev, Ap
-      assert dims.layers_per_step == 11
+      assert dims.layers_per_step == 5 + 4
     elif mask == "prefix":
       assert dims.width == 2 * p + 8 + 8 + 3  # y alpha r p Kp p_prev kq_p f, one each
-      assert dims.layers_per_step == 11
+      assert dims.layers_per_step == 5 + 4
     else:
       assert dims.width == 3 * p + 6 * k + 2 + 8 + 3  # phi_s phi_q u; position alpha r p p_prev Kp
-      assert dims.layers_per_step == 12
+      assert dims.layers_per_step == 6 + 4
+
+
+@pytest.mark.parametrize("form,mask", CONSTRUCTIONS)
+def test_carried_matvec_depth_and_width(form, mask):
+  """carry_matvec=True: 4 + 4 layers per step, one carried channel more (Kp_prev, u_prev, Ap_prev)."""
+  for k, p, t in [(4, 2, 0), (16, 8, 3)]:
+    dims = kcg.dimensions(k, p, t, mask=mask, form=form, carry_matvec=True)
+    compiled = kcg.compile_cg(k, p, t, 0.1, mask=mask, form=form, carry_matvec=True)
+    assert compiled.config.num_layers == dims.num_layers == dims.init_layers + t * dims.layers_per_step
+    assert compiled.config.width == dims.width
+    assert dims.layers_per_step == 4 + 4
+    if form == "primal":
+      assert dims.width == 8 * p + 2 + 8 + 3
+    elif mask == "prefix":
+      assert dims.width == 2 * p + 9 + 8 + 3
+    else:
+      assert dims.width == 4 * p + 6 * k + 2 + 8 + 3
 
 
 def test_jit_vmap_and_grad_through_the_compiled_forward():

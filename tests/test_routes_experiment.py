@@ -23,7 +23,7 @@ def test_runlocal_measures_every_route(tmp_path):
   pre = saved["preconditioning"]
   assert pre["kappa_preconditioned_median"] < pre["kappa_median"] / 5
   assert pre["pcg_error"][-1] < pre["cg_error"][-1]
-  assert saved["chebyshev"]["layers_per_step"] == {"chebyshev": 1, "cg": 11}
+  assert saved["chebyshev"]["layers_per_step"] == {"chebyshev": 1, "cg": 9}
   assert np.isfinite(results["route_b_curves"][0]["constant_C"])
   # Width m < p: each compiled width-m model is sketched KRR (float64 CG run to convergence), the
   # sketch bound holds at every query, m = p loses nothing, and the model is narrower for m < p.

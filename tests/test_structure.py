@@ -64,8 +64,9 @@ def test_parameters_equal_a_real_init_of_the_config():
 
 def _expected_dimensions(entry, num_steps):
   rank = table.feature_dim(entry, D)
-  options = {key: entry.options[key] for key in ("mask", "form", "preconditioner", "num_outputs",
-                                                  "multi_output", "norm") if key in entry.options}
+  keys = ("mask", "form", "preconditioner", "num_outputs", "multi_output", "norm", "newton_steps",
+          "carry_matvec")
+  options = {key: entry.options[key] for key in keys if key in entry.options}
   return kcg.dimensions(K, rank, num_steps, **options)
 
 

@@ -56,7 +56,7 @@ P^T R; Gram and guess; n Newton-Schulz; Lambda; update; f, (AP)^T R and Psi; P <
 one init layer (R = P = Y, so that t = 0 is a model too); heads per layer max(r^2, 2 r, r + 2);
 width 2 p + 8 r + 7 r^2 + 3; gated MLP of max(r * spec.num_units, 2 r^3 + 4 r^2) units (the guess
 of the r diagonal reciprocals in the Gram layer dominates). Compare r independent CGs
-(kcg._src.multi_output): 11 layers per step, ~k steps instead of ~k/r.
+(kcg._src.multi_output): 9 layers per step, ~k steps instead of ~k/r.
 """
 
 from __future__ import annotations

@@ -170,11 +170,27 @@ def token_reciprocal_blocks(layout: ResidualLayout, source: str, target: str, sc
 # The aggregator's scalars in a CG step: gamma = rho / pAp, beta = rho_next / rho.
 
 
+def newton_blocks(spec: recip.ReciprocalSpec, prefix: str, rho: str = "rr") -> list[Block]:
+  """Newton refinement of 1/pAp and 1/rho at the aggregator, both in the same layers."""
+  return [Block(f"{prefix} newton {i + 1}/{spec.newton_steps}", Op.NEWTON,
+                heads=newton_heads("inv_pAp", "pAp") + newton_heads(f"inv_{rho}", rho))
+          for i in range(spec.newton_steps)]
+
+
+def ratio_head(query: str, numerator: str, inverse: str, output, name: str, op: Op) -> Head:
+  """Every token adds h[query] * numerator / denominator to `output`, the ratio read at the
+  aggregator as numerator * inverse (inverse ~ 1/denominator): a step size applied without first
+  storing it, which saves the layer that would form it.
+
+  The query meets `inverse` first (q . k), then the numerator (v): h[query] * inverse is of the
+  order of 1/|state|, where h[query] * numerator would be |state|^3 (float32 underflows there
+  past convergence, at |state| ~ 1e-13)."""
+  return Head(((query, 1.0),), ((inverse, 1.0),), ((numerator, 1.0),), tuple(output), name, op)
+
+
 def scalar_blocks(spec: recip.ReciprocalSpec, prefix: str, rho: str = "rr") -> list[Block]:
   """Newton refinement of 1/pAp and 1/rho, then gamma = rho / pAp (clearing what is consumed)."""
-  blocks = [Block(f"{prefix} newton {i + 1}/{spec.newton_steps}", Op.NEWTON,
-                  heads=newton_heads("inv_pAp", "pAp") + newton_heads(f"inv_{rho}", rho))
-            for i in range(spec.newton_steps)]
+  blocks = newton_blocks(spec, prefix, rho)
   blocks.append(Block(f"{prefix} gamma = {rho} / pAp", Op.STEP_SIZE, heads=(
       product_head(rho, AGGREGATOR, "inv_pAp", [("gamma", 1.0)], f"gamma = {rho} * inv_pAp",
                    Op.STEP_SIZE),
@@ -207,3 +223,30 @@ def beta_block(prefix: str, rho: str = "rr") -> Block:
       at_aggregator(f"{rho}_next", [(rho, 1.0), (f"{rho}_next", -1.0)], f"{rho} <- {rho}_next"),
       at_aggregator(f"inv_{rho}", [(f"inv_{rho}", -1.0)], f"clear inv_{rho}"),
   ))
+
+
+# ---------------------------------------------------------------------------------------------
+# The same scalars applied where they are used (the constructions' fused step): gamma = rho / pAp
+# is stored by the update layer that applies it, beta = rho_next / rho by the direction layer.
+
+
+def gamma_heads(rho: str = "rr") -> tuple[Head, ...]:
+  """In the update layer: store gamma = rho * inv_pAp (for probes and the state read-out); clear
+  pAp and inv_pAp, consumed by the same layer's `ratio_head`s."""
+  return (
+      Head(((AGGREGATOR, 1.0),), (("inv_pAp", 1.0),), ((rho, 1.0),), (("gamma", 1.0),),
+           f"gamma = {rho} * inv_pAp", Op.STEP_SIZE),
+      at_aggregator("pAp", [("pAp", -1.0)], "clear pAp"),
+      at_aggregator("inv_pAp", [("inv_pAp", -1.0)], "clear inv_pAp"),
+  )
+
+
+def beta_heads(rho: str = "rr") -> tuple[Head, ...]:
+  """In the direction layer: store beta = rho_next * inv_rho; rho <- rho_next; clear inv_rho
+  (its successor waits in inv_rho_next)."""
+  return (
+      Head(((AGGREGATOR, 1.0),), ((f"inv_{rho}", 1.0),), ((f"{rho}_next", 1.0),),
+           (("beta", 1.0),), f"beta = {rho}_next * inv_{rho}", Op.BETA),
+      at_aggregator(f"{rho}_next", [(rho, 1.0), (f"{rho}_next", -1.0)], f"{rho} <- {rho}_next"),
+      at_aggregator(f"inv_{rho}", [(f"inv_{rho}", -1.0)], f"clear inv_{rho}"),
+  )

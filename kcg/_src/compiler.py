@@ -95,7 +95,7 @@ def build_program(options: CompileOptions, dtype=np.float64) -> craft.Program:
   checks it).
   """
   o = options
-  spec = recip.default_spec(dtype)
+  spec = recip.spec_for(dtype, o.newton_steps)
   rank = o.rank
   if o.attention == "softmax" and o.kernel == "exponential":
     program = softmax_programs.exponential_support_state(
@@ -119,11 +119,12 @@ def build_program(options: CompileOptions, dtype=np.float64) -> craft.Program:
   elif o.preconditioner == "jacobi":
     program = programs.jacobi_support_state(rank, o.num_steps, o.ridge, spec)
   elif o.form == "primal":
-    program = programs.aggregator_primal(rank, o.num_steps, o.ridge, spec)
+    program = programs.aggregator_primal(rank, o.num_steps, o.ridge, spec, o.carry_matvec)
   elif o.state_placement == "support":
-    program = programs.support_state(rank, o.num_steps, o.ridge, spec)
+    program = programs.support_state(rank, o.num_steps, o.ridge, spec, o.carry_matvec)
   else:
-    program = programs.aggregator_dual(o.num_support, rank, o.num_steps, o.ridge, spec)
+    program = programs.aggregator_dual(o.num_support, rank, o.num_steps, o.ridge, spec,
+                                       o.carry_matvec)
   if o.multi_output != "block":
     program = multi_output_lib.with_outputs(program, o.num_outputs)
   sketch = o.projection if o.attention == "linear" else None
@@ -419,7 +420,8 @@ def compile_chebyshev(num_support: int, feature_dim: int, num_steps: int, ridge:
 def dimensions(num_support: int, feature_dim: int, num_steps: int, *, mask: str = "causal",
                form: str = "dual", state_placement: str = "auto", preconditioner=None,
                num_outputs: int = 1, multi_output: str = "independent",
-               norm: str | None = None) -> Dimensions:
+               norm: str | None = None, newton_steps: int = 4,
+               carry_matvec: bool = False) -> Dimensions:
   """Depth and width of `compile_cg(...)` (linear attention) as explicit functions of k, p, t, r.
 
   num_layers(t) = init_layers + t * layers_per_step; width(k, p, r) is the layout's size. A model
@@ -429,7 +431,8 @@ def dimensions(num_support: int, feature_dim: int, num_steps: int, *, mask: str 
   options = validate(CompileOptions(
       num_support, feature_dim, num_steps, 1.0, mask=mask, form=form,
       state_placement=state_placement, preconditioner=preconditioner, num_outputs=num_outputs,
-      multi_output=multi_output, norm=norm))
+      multi_output=multi_output, norm=norm, newton_steps=newton_steps,
+      carry_matvec=carry_matvec))
   full, one, zero = (build_program(options.replace(num_steps=t)) for t in (num_steps, 1, 0))
   req = craft.requirements(full.layout, full.blocks)
   init_layers = len(zero.schedule)
@@ -446,7 +449,7 @@ def compile_cg(num_support: int, feature_dim: int, num_steps: int, ridge: float,
                kernel: str | None = None, temperature: float | None = None, projection=None,
                temperature_heads: int = 2, num_outputs: int = 1,
                multi_output: str = "independent", norm: str | None = None,
-               dtype=None) -> CompiledCG:
+               newton_steps: int = 4, carry_matvec: bool = False, dtype=None) -> CompiledCG:
   """Compiles t-step CG for kernel ridge regression into a `kcg.Transformer`.
 
   Args:
@@ -493,6 +496,14 @@ def compile_cg(num_support: int, feature_dim: int, num_steps: int, ridge: float,
       and in float32 until CG has converged below the reciprocal's range (then to ~1e-8; BUILD.md).
       "layernorm" is refused with the reason (its centring breaks the reciprocal; see
       `kcg.routes.layernorm_departure`); `compile_chebyshev` has no division and accepts it.
+    newton_steps: 4 (default), 3 or 2 Newton steps per reciprocal, each one layer of every CG
+      step (plain CG: 4 + newton_steps layers per step); fewer steps take a finer initial guess,
+      345, 884 or 9284 MLP units (BUILD.md, "Layers per CG step"). Exact in float64 either way.
+    carry_matvec: plain CG only: form the next mat-vec together with p = r + beta p_prev
+      (Kp = K r + beta Kp_prev), one layer less per step (two for the causal dual): 4 +
+      newton_steps layers. Exact as well; kcg.ablations refuses these models (removing a mat-vec
+      head would damage every later step through Kp_prev, which its damaged reference does not
+      model).
     dtype: parameter dtype of `.model`; default float64 when x64 is enabled, else float32.
       `predict` computes in the dtype of its inputs whatever this is.
 
@@ -504,4 +515,5 @@ def compile_cg(num_support: int, feature_dim: int, num_steps: int, ridge: float,
       features=features, state_placement=state_placement, input_dim=input_dim,
       feature_params=feature_params, preconditioner=preconditioner, kernel=kernel,
       temperature=temperature, projection=projection, temperature_heads=temperature_heads,
-      num_outputs=num_outputs, multi_output=multi_output, norm=norm), dtype=dtype)
+      num_outputs=num_outputs, multi_output=multi_output, norm=norm, newton_steps=newton_steps,
+      carry_matvec=carry_matvec), dtype=dtype)

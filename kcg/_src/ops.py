@@ -42,6 +42,10 @@ class Construction(enum.Enum):
   SUPPORT_STATE = "support_state"  # dual CG, alpha_i, r_i, p_i in support token i (prefix mask)
   AGGREGATOR_DUAL = "aggregator_dual"  # dual CG, alpha, r, p in R^k in the aggregator
   AGGREGATOR_PRIMAL = "aggregator_primal"  # primal CG, w, r, p in R^p in the aggregator
+  # The same three with the mat-vec carried across steps (Kp = K r + beta Kp_prev; carry_matvec).
+  CARRIED_SUPPORT_STATE = "carried_support_state"
+  CARRIED_AGGREGATOR_DUAL = "carried_aggregator_dual"
+  CARRIED_AGGREGATOR_PRIMAL = "carried_aggregator_primal"
   JACOBI_SUPPORT_STATE = "jacobi_support_state"  # PCG, M = diag(K) + ridge I
   CHEBYSHEV_SUPPORT_STATE = "chebyshev_support_state"
   CHEBYSHEV_AGGREGATOR_DUAL = "chebyshev_aggregator_dual"

@@ -25,6 +25,7 @@ ATTENTIONS = ("linear", "softmax")
 KERNELS = ("exponential", "linear")
 PRECONDITIONERS = (None, "jacobi")
 MULTI_OUTPUTS = ("independent", "block")
+NEWTON_STEPS = (4, 3, 2)  # kcg._src.reciprocal.RATIO_FOR_NEWTON_STEPS
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -57,6 +58,8 @@ class CompileOptions:
   num_outputs: int = 1
   multi_output: str = "independent"
   norm: str | None = None
+  newton_steps: int = 4
+  carry_matvec: bool = False
 
   @property
   def rank(self) -> int:
@@ -170,6 +173,16 @@ def validate(options: CompileOptions, *, refuse_inexact: bool = True) -> Compile
                      "form='dual', mask='prefix' and no preconditioner. Use "
                      "multi_output='independent' for the other constructions.")
   eig_bounds = _check_algorithm(o)
+  if (isinstance(o.newton_steps, bool) or not isinstance(o.newton_steps, (int, np.integer))
+      or o.newton_steps not in NEWTON_STEPS):
+    raise ValueError(f"newton_steps={o.newton_steps!r} is not one of {NEWTON_STEPS} (fewer steps "
+                     "need a finer reciprocal guess: 345, 884 or 9284 MLP units for 4, 3, 2).")
+  if not isinstance(o.carry_matvec, (bool, np.bool_)):
+    raise ValueError(f"carry_matvec must be True or False, got {o.carry_matvec!r}.")
+  if o.carry_matvec and (o.algorithm != "cg" or o.attention != "linear"
+                         or o.preconditioner is not None or o.multi_output == "block"):
+    raise ValueError("carry_matvec=True is built for plain CG (algorithm='cg', linear attention, "
+                     "no preconditioner, multi_output='independent'); drop it for the others.")
   if refuse_inexact and o.norm == "layernorm" and o.algorithm == "cg":
     raise ValueError(LAYERNORM_CG)
   return dataclasses.replace(
@@ -177,7 +190,8 @@ def validate(options: CompileOptions, *, refuse_inexact: bool = True) -> Compile
       ridge=ridge, state_placement=placement, kernel=kernel, temperature=temperature,
       temperature_heads=o.temperature_heads if kernel == "linear" else 1, projection=projection,
       feature_params=feature_params, input_dim=input_dim, eig_bounds=eig_bounds,
-      num_outputs=int(num_outputs))
+      num_outputs=int(num_outputs), newton_steps=int(o.newton_steps),
+      carry_matvec=bool(o.carry_matvec))
 
 
 def _check_features(o: CompileOptions, feature_dim: int):

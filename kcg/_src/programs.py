@@ -23,6 +23,12 @@ And preconditioned CG with the Jacobi preconditioner (``jacobi_support_state``).
 Queries never hold solver state: each query token accumulates its prediction f_t(x) = k(x)^T alpha_t
 (primal: phi(x) . w_t) with the same step sizes, f_{t+1} = f_t + gamma_t k(x)^T p_t.
 
+Step sizes are applied where they are used: gamma = rr / pAp reaches the update as a head whose
+query is the token's own p or Kp, key 1/pAp and value rr at the aggregator (three factors in one
+head), and beta = rr_next / rr reaches p = r + beta p_prev the same way; each is also stored for
+the state read-out. So no layer forms a step size alone. With `carry_matvec` the next mat-vec is
+formed together with p (Kp = K r + beta Kp_prev): 4 + newton_steps layers per step.
+
 Each builder lists one step's blocks (`craft.looped_program` repeats them); every block and head
 names its `op`.
 """
@@ -55,8 +61,9 @@ def _support_pap_block(prefix: str, ridge: float, spec) -> Block:
   ), units=(B.guess_units("pAp", "inv_pAp", spec),))
 
 
-def _support_update_heads(ridge: float) -> tuple[Head, ...]:
-  """alpha += gamma p, r -= gamma (Kp + ridge p) at supports, f += gamma k(x).p at queries."""
+def _support_gamma_update_heads(ridge: float) -> tuple[Head, ...]:
+  """The update with a stored gamma (PCG): alpha += gamma p, r -= gamma (Kp + ridge p),
+  f += gamma k(x).p."""
   return (
       Head((("p", 1.0),), ((AGG, 1.0),), (("gamma", 1.0),), (("alpha", 1.0), ("r", -ridge)),
            "alpha += gamma p; r -= gamma ridge p", Op.UPDATE),
@@ -72,59 +79,113 @@ def _support_direction_head() -> Head:
               "p += beta p_prev", Op.DIRECTION)
 
 
-def support_state(feature_dim: int, num_steps: int, ridge: float,
-                  spec: recip.ReciprocalSpec) -> Program:
-  """Dual CG with per-support state; needs the prefix mask (see module docstring)."""
+def _support_update_heads(ridge: float) -> tuple[Head, ...]:
+  """alpha += gamma p, r -= gamma (Kp + ridge p) at supports, f += gamma k(x).p at queries, with
+  gamma = rr * inv_pAp read at the aggregator (`B.ratio_head`), and gamma itself stored."""
+  return (
+      B.ratio_head("p", "rr", "inv_pAp", (("alpha", 1.0), ("r", -ridge)),
+                   "alpha += gamma p; r -= gamma ridge p", Op.UPDATE),
+      B.ratio_head("Kp", "rr", "inv_pAp", (("r", -1.0),), "r -= gamma Kp", Op.UPDATE),
+      B.ratio_head("kq_p", "rr", "inv_pAp", (("f", 1.0),), "f += gamma k(x).p", Op.UPDATE),
+  ) + B.gamma_heads()
+
+
+def support_state(feature_dim: int, num_steps: int, ridge: float, spec: recip.ReciprocalSpec,
+                  carry_matvec: bool = False) -> Program:
+  """Dual CG with per-support state; needs the prefix mask (see module docstring).
+
+  A step (BUILD.md, "Layers per CG step"): the mat-vec Kp = K p and k(x).p, pAp, the Newton steps,
+  the update (gamma applied as rr * inv_pAp), r.r, p = r + beta p_prev: 5 + newton_steps layers.
+  `carry_matvec`: the mat-vec is formed with p instead, Kp = K r + beta Kp_prev (linear in p, so
+  it needs p only through r and the kept Kp_prev): 4 + newton_steps layers, but the mat-vec
+  layer's heads then damage later steps through Kp_prev, so kcg.ablations has no table for it.
+  """
   dim = feature_dim
+  carried = [("Kp_prev", 1)] if carry_matvec else []
   layout = ResidualLayout(
       channels=tuple([("phi_support", dim), ("phi_query", dim), ("y", 1), ("alpha", 1), ("r", 1),
-                      ("p", 1), ("Kp", 1), ("p_prev", 1), ("kq_p", 1), ("f", 1)]
+                      ("p", 1), ("Kp", 1), ("p_prev", 1)] + carried + [("kq_p", 1), ("f", 1)]
                      + B.scalar_channels() + B.flag_channels()),
       holders=B.holders([("alpha", "supports"), ("r", "supports"), ("p", "supports"),
-                         ("Kp", "supports"), ("p_prev", "supports"), ("kq_p", "queries"),
-                         ("f", "queries")] + [(s, "aggregator") for s in B.SCALARS]))
+                         ("Kp", "supports"), ("p_prev", "supports")]
+                        + [(c, "supports") for c, _ in carried]
+                        + [("kq_p", "queries"), ("f", "queries")]
+                        + [(s, "aggregator") for s in B.SCALARS]))
   embedding = B.feature_embedding() + [("y", "r", 1.0), ("y", "p", 1.0)]
-  init = [Block("init: rr = y.y", Op.INIT,
-                heads=(B.reduce_over_supports("y", "y", [("rr", 1.0)], "y.y", Op.RESIDUAL_NORM),),
+  matvec, query_matvec = B.support_matvec_heads()
+  init_heads = (B.reduce_over_supports("y", "y", [("rr", 1.0)], "y.y", Op.RESIDUAL_NORM),)
+  init = [Block("init: rr = y.y" + ("; Kp = K y" if carry_matvec else ""), Op.INIT,
+                heads=init_heads + ((matvec,) if carry_matvec else ()),
                 units=(B.guess_units("rr", "inv_rr_next", spec),))]
   s = "cg"
-  step = [
-      Block(f"{s} mat-vec Kp", Op.MATVEC, heads=B.support_matvec_heads() + B.step_start_heads()),
-      _support_pap_block(s, ridge, spec),
-      *B.scalar_blocks(spec, s),
+  pap_heads = (B.reduce_over_supports("p", "Kp", [("pAp", 1.0)], "p.Kp", Op.CURVATURE),
+               B.reduce_over_supports("p", "p", [("pAp", ridge)], "ridge p.p", Op.RIDGE))
+  move_kp = (linear_units(layout, "Kp", [("Kp_prev", 1.0), ("Kp", -1.0)], "Kp_prev <- Kp, Kp <- 0")
+             if carry_matvec else linear_units(layout, "Kp", [("Kp", -1.0)], "clear Kp"))
+  direction_heads = (B.ratio_head("p_prev", "rr_next", "inv_rr", (("p", 1.0),),
+                                  "p += beta p_prev", Op.DIRECTION),) + B.beta_heads()
+  direction_units = (linear_units(layout, "r", [("p", 1.0)], "p += r", op=Op.DIRECTION),
+                     linear_units(layout, "p_prev", [("p_prev", -1.0)], "clear p_prev"))
+  if carry_matvec:
+    direction_heads += (
+        B.ratio_head("Kp_prev", "rr_next", "inv_rr", (("Kp", 1.0),), "Kp += beta Kp_prev",
+                     Op.DIRECTION),
+        Head((("phi_support", 1.0),), (("phi_support", 1.0),), (("r", 1.0),), (("Kp", 1.0),),
+             "(Kr)_i = sum_j (phi_i . phi_j) r_j", Op.MATVEC))
+    direction_units += (linear_units(layout, "Kp_prev", [("Kp_prev", -1.0)], "clear Kp_prev"),)
+    head_of_step = [Block(f"{s} pAp = p.Kp + ridge p.p; k(x).p", Op.CURVATURE,
+                          heads=pap_heads + (query_matvec,) + B.step_start_heads(),
+                          units=(B.guess_units("pAp", "inv_pAp", spec),))]
+  else:
+    head_of_step = [
+        Block(f"{s} mat-vec Kp", Op.MATVEC, heads=(matvec, query_matvec) + B.step_start_heads()),
+        Block(f"{s} pAp = p.Kp + ridge p.p", Op.CURVATURE, heads=pap_heads,
+              units=(B.guess_units("pAp", "inv_pAp", spec),))]
+  step = head_of_step + [
+      *B.newton_blocks(spec, s),
       Block(f"{s} update alpha, r, f", Op.UPDATE,
             heads=_support_update_heads(ridge) + B.after_update_heads(), units=(
-                linear_units(layout, "Kp", [("Kp", -1.0)], "clear Kp"),
-                linear_units(layout, "kq_p", [("kq_p", -1.0)], "clear kq_p"),
+                move_kp, linear_units(layout, "kq_p", [("kq_p", -1.0)], "clear kq_p"),
                 linear_units(layout, "p", [("p_prev", 1.0), ("p", -1.0)], "p_prev <- p, p <- 0"))),
       Block(f"{s} rr_next = r.r", Op.RESIDUAL_NORM, heads=(
           B.reduce_over_supports("r", "r", [("rr_next", 1.0)], "r.r", Op.RESIDUAL_NORM),),
           units=(B.guess_units("rr_next", "inv_rr_next", spec),)),
-      B.beta_block(s),
-      Block(f"{s} p = r + beta p", Op.DIRECTION, heads=(_support_direction_head(),), units=(
-          linear_units(layout, "r", [("p", 1.0)], "p += r", op=Op.DIRECTION),
-          linear_units(layout, "p_prev", [("p_prev", -1.0)], "clear p_prev"))),
+      Block(f"{s} p = r + beta p" + ("; Kp = K r + beta Kp" if carry_matvec else ""),
+            Op.DIRECTION, heads=direction_heads, units=direction_units),
   ]
-  return looped_program(Construction.SUPPORT_STATE, layout, embedding, init, step, num_steps,
+  construction = (Construction.CARRIED_SUPPORT_STATE if carry_matvec
+                  else Construction.SUPPORT_STATE)
+  return looped_program(construction, layout, embedding, init, step, num_steps,
                         _state("support"), spec)
 
 
-def _aggregator_direction_block(prefix: str) -> Block:
-  """p = r + beta p_prev, p_prev <- 0 (p_prev <- p, p <- 0 happened in the update block)."""
-  return Block(f"{prefix} p = r + beta p", Op.DIRECTION, heads=(
-      B.product_head("beta", AGG, "p_prev", [("p", 1.0)], "p += beta p_prev", Op.DIRECTION),
+def _aggregator_update_heads(solution: str, matvec: str, ridge: float | None) -> tuple[Head, ...]:
+  """solution += gamma p, r -= gamma matvec (and gamma ridge p unless ridge is None: the primal's
+  Ap holds its ridge term), gamma = rr * inv_pAp; p moves to p_prev."""
+  outputs = [(solution, 1.0)] + ([] if ridge is None else [("r", -ridge)])
+  return (
+      B.product_head("rr", "inv_pAp", "p", outputs, f"{solution} += gamma p" +
+                     ("" if ridge is None else "; r -= gamma ridge p"), Op.UPDATE),
+      B.product_head("rr", "inv_pAp", matvec, [("r", -1.0)], f"r -= gamma {matvec}", Op.UPDATE),
+      B.at_aggregator("p", [("p_prev", 1.0), ("p", -1.0)], "p_prev <- p, p <- 0"),
+  ) + B.gamma_heads() + B.after_update_heads()
+
+
+def _aggregator_direction_heads(carried: str | None) -> tuple[Head, ...]:
+  """p = r + beta p_prev; with `carried`, also carried += beta carried_prev (the rest of the next
+  mat-vec is linear in r)."""
+  heads = (
+      B.product_head("rr_next", "inv_rr", "p_prev", [("p", 1.0)], "p += beta p_prev",
+                     Op.DIRECTION),
       B.at_aggregator("r", [("p", 1.0)], "p += r", Op.DIRECTION),
       B.at_aggregator("p_prev", [("p_prev", -1.0)], "clear p_prev"),
-  ))
-
-
-def _move_p_heads() -> tuple[Head, ...]:
-  return (B.at_aggregator("p", [("p_prev", 1.0), ("p", -1.0)], "p_prev <- p, p <- 0"),)
-
-
-def _u_head() -> Head:
-  return Head((("p", 1.0),), (("position", 1.0),), (("phi_support", 1.0),), (("u", 1.0),),
-              "u = sum_j p_j phi_j", Op.MATVEC_U)
+  ) + B.beta_heads()
+  if carried is None:
+    return heads
+  return heads + (
+      B.product_head("rr_next", "inv_rr", f"{carried}_prev", [(carried, 1.0)],
+                     f"{carried} += beta {carried}_prev", Op.DIRECTION),
+      B.at_aggregator(f"{carried}_prev", [(f"{carried}_prev", -1.0)], f"clear {carried}_prev"))
 
 
 def _kp_from_u_head() -> Head:
@@ -132,16 +193,18 @@ def _kp_from_u_head() -> Head:
               "Kp = sum_j (u . phi_j) e_j", Op.MATVEC)
 
 
-def _init_from_y_head() -> Head:
-  return Head(((AGG, 1.0),), (("y", 1.0),), (("position", 1.0),), (("r", 1.0), ("p", 1.0)),
-              "r = p = sum_j y_j e_j", Op.INIT)
-
-
 def aggregator_dual(num_support: int, feature_dim: int, num_steps: int, ridge: float,
-                    spec: recip.ReciprocalSpec) -> Program:
-  """Dual CG with alpha, r, p in R^k held by the aggregator; works under any mask."""
+                    spec: recip.ReciprocalSpec, carry_matvec: bool = False) -> Program:
+  """Dual CG with alpha, r, p in R^k held by the aggregator; works under any mask.
+
+  A step: u = Phi^T p, Kp = Phi u, pAp, the Newton steps, the update, r.r, then f += gamma phi(x).u
+  and p = r + beta p_prev: 6 + newton_steps layers. `carry_matvec`: u = Phi^T r + beta u_prev is
+  formed with p, so that Kp = Phi u and pAp = u.u + ridge p.p come in one layer: 4 + newton_steps
+  (no ablation table: see `support_state`).
+  """
   k, dim = num_support, feature_dim
   vectors = [("alpha", k), ("r", k), ("p", k), ("p_prev", k), ("Kp", k), ("u", dim)]
+  vectors += [("u_prev", dim)] if carry_matvec else []
   layout = ResidualLayout(
       channels=tuple([("phi_support", dim), ("phi_query", dim), ("y", 1), ("position", k)] + vectors
                      + [("f", 1)] + B.scalar_channels() + B.flag_channels()),
@@ -149,41 +212,61 @@ def aggregator_dual(num_support: int, feature_dim: int, num_steps: int, ridge: f
                         + [(n, "aggregator") for n, _ in vectors]
                         + [(s, "aggregator") for s in B.SCALARS]))
   embedding = B.feature_embedding() + [("position", "position", 1.0)]
-  init = [Block("init: r = p = y; rr = y.y", Op.INIT, heads=(
-      _init_from_y_head(),
-      B.reduce_over_supports("y", "y", [("rr", 1.0)], "y.y", Op.RESIDUAL_NORM),
-  ), units=(B.guess_units("rr", "inv_rr_next", spec),))]
+  init_heads = (
+      Head(((AGG, 1.0),), (("y", 1.0),), (("position", 1.0),), (("r", 1.0), ("p", 1.0)),
+           "r = p = sum_j y_j e_j", Op.INIT),
+      B.reduce_over_supports("y", "y", [("rr", 1.0)], "y.y", Op.RESIDUAL_NORM))
+  if carry_matvec:
+    init_heads += (Head(((AGG, 1.0),), (("y", 1.0),), (("phi_support", 1.0),), (("u", 1.0),),
+                        "u = sum_j y_j phi_j", Op.MATVEC_U),)
+  init = [Block("init: r = p = y; rr = y.y" + ("; u = Phi^T y" if carry_matvec else ""), Op.INIT,
+                heads=init_heads, units=(B.guess_units("rr", "inv_rr_next", spec),))]
   s = "cg"
-  step = [
-      Block(f"{s} u = Phi^T p", Op.MATVEC_U, heads=(_u_head(),) + B.step_start_heads()),
-      Block(f"{s} Kp = Phi u", Op.MATVEC, heads=(_kp_from_u_head(),)),
-      Block(f"{s} pAp = p.Kp + ridge p.p", Op.CURVATURE, heads=(
-          B.product_head("p", "Kp", AGG, [("pAp", 1.0)], "p.Kp", Op.CURVATURE),
-          B.product_head("p", "p", AGG, [("pAp", ridge)], "ridge p.p", Op.RIDGE),
-      ), units=(B.guess_units("pAp", "inv_pAp", spec),)),
-      *B.scalar_blocks(spec, s),
-      Block(f"{s} update alpha, r, f", Op.UPDATE, heads=(
-          B.product_head("gamma", AGG, "p", [("alpha", 1.0), ("r", -ridge)],
-                         "alpha += gamma p; r -= gamma ridge p", Op.UPDATE),
-          B.product_head("gamma", AGG, "Kp", [("r", -1.0)], "r -= gamma Kp", Op.UPDATE),
-          Head((("phi_query", 1.0),), (("u", 1.0),), (("gamma", 1.0),), (("f", 1.0),),
-               "f += gamma phi(x).u", Op.QUERY_MATVEC),
-          B.at_aggregator("Kp", [("Kp", -1.0)], "clear Kp"),
-          B.at_aggregator("u", [("u", -1.0)], "clear u"),
-      ) + B.after_update_heads() + _move_p_heads()),
+  u_of = "u_prev" if carry_matvec else "u"  # where u = Phi^T p is when f reads it
+  query_head = Head((("phi_query", 1.0),), ((u_of, 1.0),), (("gamma", 1.0),), (("f", 1.0),),
+                    "f += gamma phi(x).u", Op.QUERY_MATVEC)
+  if carry_matvec:
+    head_of_step = [Block(f"{s} Kp = Phi u; pAp = u.u + ridge p.p", Op.CURVATURE, heads=(
+        _kp_from_u_head(),
+        B.product_head("u", "u", AGG, [("pAp", 1.0)], "p.Kp = u.u", Op.CURVATURE),
+        B.product_head("p", "p", AGG, [("pAp", ridge)], "ridge p.p", Op.RIDGE),
+    ) + B.step_start_heads(), units=(B.guess_units("pAp", "inv_pAp", spec),))]
+    move_u = (B.at_aggregator("u", [("u_prev", 1.0), ("u", -1.0)], "u_prev <- u, u <- 0"),)
+    direction = _aggregator_direction_heads("u") + (query_head, Head(
+        (("r", 1.0),), (("position", 1.0),), (("phi_support", 1.0),), (("u", 1.0),),
+        "u += sum_j r_j phi_j", Op.MATVEC_U))
+  else:
+    head_of_step = [
+        Block(f"{s} u = Phi^T p", Op.MATVEC_U, heads=(Head(
+            (("p", 1.0),), (("position", 1.0),), (("phi_support", 1.0),), (("u", 1.0),),
+            "u = sum_j p_j phi_j", Op.MATVEC_U),) + B.step_start_heads()),
+        Block(f"{s} Kp = Phi u", Op.MATVEC, heads=(_kp_from_u_head(),)),
+        Block(f"{s} pAp = p.Kp + ridge p.p", Op.CURVATURE, heads=(
+            B.product_head("p", "Kp", AGG, [("pAp", 1.0)], "p.Kp", Op.CURVATURE),
+            B.product_head("p", "p", AGG, [("pAp", ridge)], "ridge p.p", Op.RIDGE),
+        ), units=(B.guess_units("pAp", "inv_pAp", spec),))]
+    move_u = ()
+    direction = (_aggregator_direction_heads(None) + (query_head,)
+                 + (B.at_aggregator("u", [("u", -1.0)], "clear u"),))
+  step = head_of_step + [
+      *B.newton_blocks(spec, s),
+      Block(f"{s} update alpha, r", Op.UPDATE, heads=_aggregator_update_heads("alpha", "Kp", ridge)
+            + (B.at_aggregator("Kp", [("Kp", -1.0)], "clear Kp"),) + move_u),
       Block(f"{s} rr_next = r.r", Op.RESIDUAL_NORM, heads=(
           B.product_head("r", "r", AGG, [("rr_next", 1.0)], "r.r", Op.RESIDUAL_NORM),),
           units=(B.guess_units("rr_next", "inv_rr_next", spec),)),
-      B.beta_block(s),
-      _aggregator_direction_block(s),
+      Block(f"{s} f += gamma phi(x).u; p = r + beta p" + ("; u = Phi^T r + beta u" if carry_matvec
+                                                           else ""), Op.DIRECTION, heads=direction),
   ]
-  return looped_program(Construction.AGGREGATOR_DUAL, layout, embedding, init, step, num_steps,
+  construction = (Construction.CARRIED_AGGREGATOR_DUAL if carry_matvec
+                  else Construction.AGGREGATOR_DUAL)
+  return looped_program(construction, layout, embedding, init, step, num_steps,
                         _state("aggregator"), spec)
 
 
-def _primal_matvec_head() -> Head:
-  return Head((("p", 1.0),), (("phi_support", 1.0),), (("phi_support", 1.0),), (("Ap", 1.0),),
-              "sum_j phi_j (phi_j . p)", Op.MATVEC)
+def _primal_matvec_head(vector: str) -> Head:
+  return Head(((vector, 1.0),), (("phi_support", 1.0),), (("phi_support", 1.0),), (("Ap", 1.0),),
+              f"sum_j phi_j (phi_j . {vector})", Op.MATVEC)
 
 
 def _primal_init_head() -> Head:
@@ -192,46 +275,60 @@ def _primal_init_head() -> Head:
 
 
 def aggregator_primal(feature_dim: int, num_steps: int, ridge: float,
-                      spec: recip.ReciprocalSpec) -> Program:
-  """CG on (Phi^T Phi + ridge I) w = Phi^T y with w, r, p in R^p held by the aggregator."""
+                      spec: recip.ReciprocalSpec, carry_matvec: bool = False) -> Program:
+  """CG on (Phi^T Phi + ridge I) w = Phi^T y with w, r, p in R^p held by the aggregator.
+
+  A step: Ap = Phi^T Phi p + ridge p, pAp, the Newton steps, the update, r.r, then
+  f += gamma phi(x).p (gamma is stored by then) and p = r + beta p_prev: 5 + newton_steps layers.
+  `carry_matvec`: Ap = A r + beta Ap_prev is formed with p: 4 + newton_steps (no ablation table).
+  """
   dim = feature_dim
   vectors = [("w", dim), ("r", dim), ("p", dim), ("p_prev", dim), ("Ap", dim)]
+  vectors += [("Ap_prev", dim)] if carry_matvec else []
   layout = ResidualLayout(
       channels=tuple([("phi_support", dim), ("phi_query", dim), ("y", 1)] + vectors + [("f", 1)]
                      + B.scalar_channels() + B.flag_channels()),
       holders=B.holders([("f", "queries")] + [(n, "aggregator") for n, _ in vectors]
                         + [(s, "aggregator") for s in B.SCALARS]))
+  ridge_head = lambda v: B.at_aggregator(v, [("Ap", ridge)], f"ridge {v}", Op.RIDGE)
+  rr_heads = (B.product_head("r", "r", AGG, [("rr", 1.0)], "r.r", Op.RESIDUAL_NORM),)
   init = [
       Block("init: r = p = Phi^T y", Op.INIT, heads=(_primal_init_head(),)),
-      Block("init: rr = r.r", Op.INIT,
-            heads=(B.product_head("r", "r", AGG, [("rr", 1.0)], "r.r", Op.RESIDUAL_NORM),),
+      Block("init: rr = r.r" + ("; Ap = A p" if carry_matvec else ""), Op.INIT,
+            heads=rr_heads + ((_primal_matvec_head("p"), ridge_head("p")) if carry_matvec else ()),
             units=(B.guess_units("rr", "inv_rr_next", spec),)),
   ]
   s = "primal-cg"
-  step = [
-      Block(f"{s} Ap = Phi^T Phi p + ridge p", Op.MATVEC, heads=(
-          _primal_matvec_head(),
-          B.at_aggregator("p", [("Ap", ridge)], "ridge p", Op.RIDGE),
-      ) + B.step_start_heads()),
-      Block(f"{s} pAp = p.Ap", Op.PAP,
-            heads=(B.product_head("p", "Ap", AGG, [("pAp", 1.0)], "p.Ap", Op.PAP),),
-            units=(B.guess_units("pAp", "inv_pAp", spec),)),
-      *B.scalar_blocks(spec, s),
-      Block(f"{s} update w, r, f", Op.UPDATE, heads=(
-          B.product_head("gamma", AGG, "p", [("w", 1.0)], "w += gamma p", Op.UPDATE),
-          B.product_head("gamma", AGG, "Ap", [("r", -1.0)], "r -= gamma Ap", Op.UPDATE),
-          Head((("phi_query", 1.0),), (("p", 1.0),), (("gamma", 1.0),), (("f", 1.0),),
-               "f += gamma phi(x).p", Op.QUERY_MATVEC),
-          B.at_aggregator("Ap", [("Ap", -1.0)], "clear Ap"),
-      ) + B.after_update_heads() + _move_p_heads()),
+  pap = Block(f"{s} pAp = p.Ap", Op.PAP,
+              heads=(B.product_head("p", "Ap", AGG, [("pAp", 1.0)], "p.Ap", Op.PAP),)
+              + (B.step_start_heads() if carry_matvec else ()),
+              units=(B.guess_units("pAp", "inv_pAp", spec),))
+  query_head = Head((("phi_query", 1.0),), (("p_prev", 1.0),), (("gamma", 1.0),), (("f", 1.0),),
+                    "f += gamma phi(x).p", Op.QUERY_MATVEC)
+  if carry_matvec:
+    head_of_step = [pap]
+    move_ap = B.at_aggregator("Ap", [("Ap_prev", 1.0), ("Ap", -1.0)], "Ap_prev <- Ap, Ap <- 0")
+    direction = _aggregator_direction_heads("Ap") + (
+        query_head, _primal_matvec_head("r"), ridge_head("r"))
+  else:
+    head_of_step = [Block(f"{s} Ap = Phi^T Phi p + ridge p", Op.MATVEC, heads=(
+        _primal_matvec_head("p"), ridge_head("p")) + B.step_start_heads()), pap]
+    move_ap = B.at_aggregator("Ap", [("Ap", -1.0)], "clear Ap")
+    direction = _aggregator_direction_heads(None) + (query_head,)
+  step = head_of_step + [
+      *B.newton_blocks(spec, s),
+      Block(f"{s} update w, r", Op.UPDATE,
+            heads=_aggregator_update_heads("w", "Ap", None) + (move_ap,)),
       Block(f"{s} rr_next = r.r", Op.RESIDUAL_NORM, heads=(
           B.product_head("r", "r", AGG, [("rr_next", 1.0)], "r.r", Op.RESIDUAL_NORM),),
           units=(B.guess_units("rr_next", "inv_rr_next", spec),)),
-      B.beta_block(s),
-      _aggregator_direction_block(s),
+      Block(f"{s} f += gamma phi(x).p; p = r + beta p" + ("; Ap = A r + beta Ap" if carry_matvec
+                                                           else ""), Op.DIRECTION, heads=direction),
   ]
-  return looped_program(Construction.AGGREGATOR_PRIMAL, layout, B.feature_embedding(), init, step,
-                        num_steps, _state("aggregator", alpha="w"), spec)
+  construction = (Construction.CARRIED_AGGREGATOR_PRIMAL if carry_matvec
+                  else Construction.AGGREGATOR_PRIMAL)
+  return looped_program(construction, layout, B.feature_embedding(), init, step, num_steps,
+                        _state("aggregator", alpha="w"), spec)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,7 +381,7 @@ def jacobi_support_state(feature_dim: int, num_steps: int, ridge: float,
       _support_pap_block(s, ridge, spec),
       *B.scalar_blocks(spec, s, rho),
       Block(f"{s} update alpha, r, f; z = r / diag", Op.UPDATE,
-            heads=_support_update_heads(ridge) + B.after_update_heads(rho), units=(
+            heads=_support_gamma_update_heads(ridge) + B.after_update_heads(rho), units=(
                 linear_units(layout, "Kp", [("Kp", -1.0)], "clear Kp"),
                 linear_units(layout, "kq_p", [("kq_p", -1.0)], "clear kq_p"),
                 linear_units(layout, "p", [("p_prev", 1.0), ("p", -1.0)], "p_prev <- p, p <- 0"),

@@ -94,6 +94,22 @@ class ReciprocalSpec(NamedTuple):
     return 2.0 ** self.newton_steps * (1 / t[0] + 1 / t[1])
 
 
+# Breakpoint ratio of the guess for a number of Newton steps: the widest ratio in
+# kcg.routes.reciprocal_trade_off whose guess reaches float64's rounding in that many steps
+# (ratio 1.5: 345 units, 1.17: 884, 1.015: 9284 over 60 decades).
+RATIO_FOR_NEWTON_STEPS = {4: 1.5, 3: 1.17, 2: 1.015}
+
+
+def spec_for(dtype, newton_steps: int = 4) -> ReciprocalSpec:
+  """`default_spec(dtype)` with `newton_steps` Newton steps and the guess fine enough for them
+  (`RATIO_FOR_NEWTON_STEPS`): fewer layers per CG step, a wider MLP."""
+  if newton_steps not in RATIO_FOR_NEWTON_STEPS:
+    raise ValueError(f"newton_steps={newton_steps!r} is not one of "
+                     f"{tuple(RATIO_FOR_NEWTON_STEPS)}.")
+  return default_spec(dtype)._replace(ratio=RATIO_FOR_NEWTON_STEPS[newton_steps],
+                                      newton_steps=newton_steps)
+
+
 def default_spec(dtype) -> ReciprocalSpec:
   """Range and steps for a dtype: 4 Newton steps reach its epsilon; 60 decades in 345 units.
 
