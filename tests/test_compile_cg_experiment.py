@@ -19,7 +19,7 @@ def test_runlocal_writes_results_and_plot(tmp_path):
   # t = k = 8 steps: CG has converged (exact termination), compiled and reference agree.
   assert saved["compiled_vs_oracle"][8] < 1e-9
   assert max(saved["compiled_vs_reference"]) < 1e-6
-  assert results["dimensions"]["num_layers"] == 1 + 12 * 10
+  assert results["dimensions"]["num_layers"] == 1 + 10 * 10  # causal dual: 10 layers per CG step
 
 
 def test_ci_runs_the_readme_test_command():

@@ -73,10 +73,16 @@ def test_rmsnorm_model_in_float32_is_as_accurate_as_the_unnormalised_model(name)
   plain64 = np.asarray(_compiled(name, None).predict_steps(xs, ys, xq))
   xs, ys, xq = (a.astype(np.float32) for a in (xs, ys, xq))
   if name == "route-b":
-    # Run to t = 24 >> k, float32 Route B leaves float32's range past convergence: refused, not NaN.
-    for norm in (None, "rmsnorm"):
-      with pytest.raises(ValueError, match="not finite"):
-        _compiled(name, norm).predict_steps(xs, ys, xq)
+    # Run to t = 24 >> k = 8, float32 Route B (tau = 300) leaves float32's range past convergence:
+    # the plain model is refused, not NaN. The pre-norm model stays finite; up to t = k it is within
+    # Route B's float32 cancellation error (measured 9e-3 of max |f| = 4.2), past convergence it
+    # drifts (0.16 at t = 24; BUILD.md).
+    with pytest.raises(ValueError, match="not finite"):
+      _compiled(name, None).predict_steps(xs, ys, xq)
+    normed = np.asarray(_compiled(name, "rmsnorm").predict_steps(xs, ys, xq))
+    assert np.all(np.isfinite(normed))
+    k = xs.shape[1]
+    assert np.abs(normed - plain64)[:, :k + 1].max() <= 5e-3 * np.abs(plain64).max()
     return
   plain = np.asarray(_compiled(name, None).predict_steps(xs, ys, xq))
   normed = np.asarray(_compiled(name, "rmsnorm").predict_steps(xs, ys, xq))
