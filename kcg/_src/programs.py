@@ -193,6 +193,13 @@ def _kp_from_u_head() -> Head:
               "Kp = sum_j (u . phi_j) e_j", Op.MATVEC)
 
 
+def _aggregator_residual_norm_block(prefix: str, spec: recip.ReciprocalSpec) -> Block:
+  """rr_next = r.r of the aggregator's r, with the reciprocal's guess of 1/rr_next."""
+  return Block(f"{prefix} rr_next = r.r", Op.RESIDUAL_NORM, heads=(
+      B.product_head("r", "r", AGG, [("rr_next", 1.0)], "r.r", Op.RESIDUAL_NORM),),
+      units=(B.guess_units("rr_next", "inv_rr_next", spec),))
+
+
 def aggregator_dual(num_support: int, feature_dim: int, num_steps: int, ridge: float,
                     spec: recip.ReciprocalSpec, carry_matvec: bool = False) -> Program:
   """Dual CG with alpha, r, p in R^k held by the aggregator; works under any mask.
@@ -252,9 +259,7 @@ def aggregator_dual(num_support: int, feature_dim: int, num_steps: int, ridge: f
       *B.newton_blocks(spec, s),
       Block(f"{s} update alpha, r", Op.UPDATE, heads=_aggregator_update_heads("alpha", "Kp", ridge)
             + (B.at_aggregator("Kp", [("Kp", -1.0)], "clear Kp"),) + move_u),
-      Block(f"{s} rr_next = r.r", Op.RESIDUAL_NORM, heads=(
-          B.product_head("r", "r", AGG, [("rr_next", 1.0)], "r.r", Op.RESIDUAL_NORM),),
-          units=(B.guess_units("rr_next", "inv_rr_next", spec),)),
+      _aggregator_residual_norm_block(s, spec),
       Block(f"{s} f += gamma phi(x).u; p = r + beta p" + ("; u = Phi^T r + beta u" if carry_matvec
                                                            else ""), Op.DIRECTION, heads=direction),
   ]
@@ -319,9 +324,7 @@ def aggregator_primal(feature_dim: int, num_steps: int, ridge: float,
       *B.newton_blocks(spec, s),
       Block(f"{s} update w, r", Op.UPDATE,
             heads=_aggregator_update_heads("w", "Ap", None) + (move_ap,)),
-      Block(f"{s} rr_next = r.r", Op.RESIDUAL_NORM, heads=(
-          B.product_head("r", "r", AGG, [("rr_next", 1.0)], "r.r", Op.RESIDUAL_NORM),),
-          units=(B.guess_units("rr_next", "inv_rr_next", spec),)),
+      _aggregator_residual_norm_block(s, spec),
       Block(f"{s} f += gamma phi(x).p; p = r + beta p" + ("; Ap = A r + beta Ap" if carry_matvec
                                                            else ""), Op.DIRECTION, heads=direction),
   ]
