@@ -69,7 +69,26 @@ def _summary_row(key: str, r: dict) -> dict:
       "y_nl_median_end": last.get("y_nonlinearity_median"),
       "departure": next((h.get("departure") for h in r["history"] if "departure" in h), None),
       "blowup": next((h.get("blowup") for h in r["history"] if "blowup" in h), None),
+      "probe_start": first.get("probe_r2_mean"), "probe_end": last.get("probe_r2_mean"),
+      "probe_end_by_quantity": {q: _mean(v) for q, v in (last.get("probe_r2") or {}).items()},
+      "closest_end": last.get("closest_candidate"),
+      "closest_r2_end": (last.get("candidate_r2") or {}).get(last.get("closest_candidate")),
+      "step_end_matches": _step_end_matches(last),
   }
+
+
+def _mean(values) -> float | None:
+  finite = [v for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
+  return sum(finite) / len(finite) if finite else None
+
+
+def _step_end_matches(record: dict) -> list[str]:
+  """"<algorithm> t=<step>" of the layer matching at each step-end layer s = 1..t of `record`."""
+  match, layers = record.get("layer_match"), record.get("probe_layers")
+  if not match or not layers:
+    return []
+  return [f"{match['name'][l]} t={match['step'][l]}" if match["name"][l] is not None else "none"
+          for l in layers]
 
 
 def _line_style(mode: str, dtype: str) -> dict:
@@ -108,6 +127,66 @@ def _figure(path: str, groups: dict, construction: str, t: int) -> None:
   # One legend right of the panels, which draw the same runs alike, so that it hides no data.
   plotting.add_figure_legend(figure, (loss_ax, agree_ax, ynl_ax))
   plotting.save_figure(figure, path)
+
+
+def _probe_figure(path: str, group: dict, construction: str, t: int) -> None:
+  """Held-out probe R^2 of alpha, r, p at the compiled step-end layers (mean over s) vs training step."""
+  figure, (axes,) = plotting.new_figure(1, 3, size=(12.5, 4.2))
+  for r in group.values():
+    evals = [h for h in _evals(r) if h.get("probe_r2")]
+    if not evals:
+      continue
+    if r["task"] == "imitate":
+      style = dict(plotting.line_style(len(finetune.MODES) * len(_DTYPES)), linestyle=":",
+                   markersize=4, label=f"imitating CG_{t} (random init) {r['dtype']}")
+    else:
+      style = dict(_line_style(r["mode"], r["dtype"]), label=f"{r['mode']} {r['dtype']}" + (
+          f" (diverged at step {r['diverged_at']})" if r["diverged_at"] is not None else ""))
+    steps = [h["step"] for h in evals]
+    for ax, quantity in zip(axes, ("alpha", "r", "p")):
+      values = [_mean(h["probe_r2"][quantity]) for h in evals]
+      ax.plot(steps, [max(v, -1.0) if v is not None else math.nan for v in values], **style)
+  for ax, quantity in zip(axes, ("alpha", "r", "p")):
+    ax.set_xlabel("training step")
+    ax.set_ylabel(f"probe R^2 of {quantity}_s (held out, mean over s; floor -1)")
+    ax.set_title(f"{quantity}_s at the compiled step-end layers", fontsize=9)
+    plotting.integer_ticks(ax)
+    ax.grid(True, alpha=0.3)
+  figure.suptitle(f"{construction}, t = {t}: is the CG state where the compiled model keeps it?",
+                  fontsize=9)
+  plotting.add_figure_legend(figure, axes)
+  plotting.save_figure(figure, path)
+
+
+def _run_label(r: dict) -> str:
+  name = f"{r['mode'] if r['task'] == 'task' else 'imitation'} {r['dtype']}"
+  if r["diverged_at"] is not None:
+    name += f" (diverged at step {r['diverged_at']}; last evaluated at step {r['last_step']})"
+  return name
+
+
+def _probe_sentences(rows: list[dict], construction: str, t: int) -> list[str]:
+  """Probe, candidate and layer-matching sentences of one (construction, t), from the rows."""
+  out = []
+  parts = [f"{_run_label(r)} {_f(r['probe_start'])} -> {_f(r['probe_end'])}"
+           for r in rows if r["probe_end"] is not None]
+  if parts:
+    out.append(f"{construction}, t={t}: held-out probe R^2 of the CG state (alpha_s, r_s, p_s at the "
+               f"compiled step-end layers, mean over quantities and s = 1..{t}), first -> last "
+               f"evaluated checkpoint: " + "; ".join(parts) + ".")
+  closest = [f"{_run_label(r)}: {r['closest_end']} (R^2 {_f(r['closest_r2_end'], 4)})"
+             for r in rows if r["closest_end"] is not None]
+  if closest:
+    out.append(f"{construction}, t={t}: at the last evaluated checkpoint the predictions are closest "
+               f"(R^2 after "
+               f"{t} steps of each candidate, or KRR) to " + "; ".join(closest) + ".")
+  for r in rows:
+    if r["task"] == "imitate" and r["step_end_matches"]:
+      out.append(f"{construction}, t={t}: the imitating model's logit lens at the compiled step-end "
+                 f"layers (s = 1..{t}) best matches " + ", ".join(r["step_end_matches"]) +
+                 f"; its probe R^2 there: " + ", ".join(
+                     f"{q} {_f(v)}" for q, v in r["probe_end_by_quantity"].items()) + ".")
+  return out
 
 
 def _imitation_figure(path: str, record: dict, construction: str, t: int) -> None:
@@ -208,10 +287,15 @@ def write(workdir: str, results: dict) -> dict:
     rows = [_summary_row(k, r) for k, r in group.items()]
     rows_all += rows
     lines += _sentences(rows, construction, t)
+    lines += _probe_sentences(rows, construction, t)
     name = f"{construction}_t{t}.png"
     _figure(os.path.join(workdir, name), {k: r for k, r in group.items() if r["task"] == "task"},
             construction, t)
     figures.append(name)
+    if any(h.get("probe_r2") for r in group.values() for h in _evals(r)):
+      name = f"{construction}_t{t}_probes.png"
+      _probe_figure(os.path.join(workdir, name), group, construction, t)
+      figures.append(name)
     for k, r in group.items():
       if r["task"] == "imitate" and _evals(r):
         name = f"{construction}_t{t}_imitate.png"
@@ -226,20 +310,25 @@ def write(workdir: str, results: dict) -> dict:
             "the Bayes ridge). Test MSE is against the noiseless targets on held-out prompts; R^2 and the "
             "relative error are against CG_t (reference solver, float64); the y-nonlinearity index is 0 "
             "for predictors affine in the labels and > 0 for CG; |s x - 1| checks the division channels "
-            "at the aggregator after each step's last Newton layer.", "", "## Summary", ""]
+            "at the aggregator after each step's last Newton layer. Probes: a cross-validated linear "
+            "probe from the residual stream at the layer where the compiled program ends step s to "
+            "the reference alpha_s, r_s, p_s; candidates: CG, primal CG, PCG, GD, Chebyshev, "
+            "Newton-Schulz, GD++, momentum, the best fixed polynomial (t steps) and KRR on the raw "
+            "inputs.", "", "## Summary", ""]
   report += [f"- {s}" for s in lines]
   report += ["", f"Runtime: {results['wall_s']:.0f} s wall, {results['cpu_s']:.0f} s CPU (this process; "
              "on a shared machine wall time is inflated by other load).", "", "## Figures", ""]
   report += [f"![{n}]({n})" for n in figures]
   header = ["run", "diverged at", "MSE start", "MSE end", "CG_t MSE", "KRR MSE", "R^2 vs CG_t end",
             "y-NL start", "y-NL end", "y-NL median end", "max |sx-1|", "rel. weight dist.", "teacher err end",
-            "teacher err (x2)"]
+            "teacher err (x2)", "probe R^2 start", "probe R^2 end", "closest candidate end"]
   report += ["", "## All runs", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for r in rows_all:
     values = [r["run"], r["diverged_at"], r["mse_start"], r["mse_end"], r["cg_mse"], r["krr_mse"],
               r["cg_r2_end"], r["y_nl_start"], r["y_nl_end"], r["y_nl_median_end"],
               r["reciprocal_error_max"],
-              r["distance_end"], r["teacher_end"], r["teacher_scaled_end"]]
+              r["distance_end"], r["teacher_end"], r["teacher_scaled_end"], r["probe_start"],
+              r["probe_end"], r["closest_end"] or "n/a"]
     report.append("| " + " | ".join(v if isinstance(v, str) else _f(v) for v in values) + " |")
   with open(os.path.join(workdir, "report.md"), "w") as f:
     f.write("\n".join(report) + "\n")

@@ -8,7 +8,10 @@ program's block identities), a learned gain per layer and head on frozen weights
 (`"random"`). `fit(setup, run, directory)` trains, evaluates at checkpoints (`evaluate`: test error
 against the KRR oracle, agreement with CG_t, y-linearity index, `reciprocal_error`,
 `weight_distance`) and resumes; `Run(task="imitate")` trains to imitate CG_t ("learning CG").
-`experiments/finetune.py` runs the study.
+`experiments/finetune.py` runs the study. Measures read from inside the model (`kcg._src.finetune_measures`,
+recorded by `evaluate` too): probes of CG's alpha, r, p at the compiled step-end layers
+(`step_end_layers`, `state_probes`), agreement with every candidate solver (`candidate_predictions`,
+`candidate_agreement`) and layer-wise matching (`layer_matching`).
 """
 
 from kcg._src.finetune import CONSTRUCTIONS
@@ -37,10 +40,23 @@ from kcg._src.finetune import reciprocal_parts
 from kcg._src.finetune import start_model
 from kcg._src.finetune import train_step
 from kcg._src.finetune import weight_distance
+from kcg._src.finetune_measures import CANDIDATES
+from kcg._src.finetune_measures import PROBE_QUANTITIES
+from kcg._src.finetune_measures import StateProbes
+from kcg._src.finetune_measures import candidate_agreement
+from kcg._src.finetune_measures import candidate_predictions
+from kcg._src.finetune_measures import checkpoint_measures
+from kcg._src.finetune_measures import layer_matching
+from kcg._src.finetune_measures import model_residuals
+from kcg._src.finetune_measures import state_probes
+from kcg._src.finetune_measures import step_end_layers
 
 __all__ = (
     "CONSTRUCTIONS", "MODES", "TASKS", "EvalSet", "FitResult", "Gain", "GainedTransformer", "Run",
     "Setup", "compile_setup", "eval_set", "evaluate", "fit", "imitation_batch_fn", "make_predict",
     "make_tx", "masked_updates", "random_model", "departure", "reciprocal_error", "reciprocal_errors", "reciprocal_mask",
     "reciprocal_parts", "start_model", "train_step", "weight_distance",
+    # Measures from inside the model (kcg._src.finetune_measures).
+    "CANDIDATES", "PROBE_QUANTITIES", "StateProbes", "candidate_agreement", "candidate_predictions",
+    "checkpoint_measures", "layer_matching", "model_residuals", "state_probes", "step_end_layers",
 )

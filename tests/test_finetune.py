@@ -193,9 +193,10 @@ def test_smoke_binary_writes_report_results_and_figures_then_resumes(tmp_path, m
   config = _config("smoke")
   figures = figure_style.record(monkeypatch)
   results = binary.run(config, str(tmp_path))
-  for name in ("report.md", "results.json", "dual_prefix_t1.png", "dual_prefix_t1_imitate.png"):
+  for name in ("report.md", "results.json", "dual_prefix_t1.png", "dual_prefix_t1_imitate.png",
+               "dual_prefix_t1_probes.png"):
     assert (tmp_path / name).exists(), name
-  assert len(figures) == 2
+  assert len(figures) == 3
   for figure in figures:
     figure_style.check_style(figure)
   runs = results["runs"]
@@ -205,6 +206,10 @@ def test_smoke_binary_writes_report_results_and_figures_then_resumes(tmp_path, m
   assert gains["history"][0]["cg_r2"] > 0.999999 and gains["history"][0]["reciprocal_error"] < 1e-5
   report = (tmp_path / "report.md").read_text()
   assert f"non-finite loss at step {plain['diverged_at']}" in report
+  # The compiled start holds the CG state at its step-end layers and is closest to CG_t.
+  assert gains["history"][0]["probe_r2_mean"] > 0.99
+  assert gains["history"][0]["closest_candidate"] == "cg"
+  assert "held-out probe R^2 of the CG state" in report
   assert os.path.isdir(tmp_path / "models" / "dual_prefix_t1_task_gains_float32" / "checkpoints")
   again = binary.run(config, str(tmp_path))
   assert again["runs"]["dual_prefix_t1_task_gains_float32"]["history"] == gains["history"]

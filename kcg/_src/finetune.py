@@ -44,6 +44,7 @@ from flax import nnx
 from kcg._src import checkpointing
 from kcg._src import compiler
 from kcg._src import craft
+from kcg._src import finetune_measures
 from kcg._src import model as model_lib
 from kcg._src import ops
 from kcg._src import prompt as prompt_lib
@@ -485,7 +486,8 @@ def evaluate(model, compiled: compiler.CompiledCG, setup: Setup, run: Run, ev: E
   y_nonlinearity (pooled) and y_nonlinearity_median (over prompts), reciprocal_error and
   reciprocal_error_median (max and median of `reciprocal_errors`) (compiled starts only), distance (compiled starts only) and, for
   imitation runs, teacher_relative and teacher_relative_scaled (relative error against CG_t on the
-  eval prompts and on `scaled`).
+  eval prompts and on `scaled`); and the probes, candidate agreement and layer matching of
+  `finetune_measures.checkpoint_measures`.
   """
   dtype = jnp.dtype(run.dtype)
   predict = make_predict(model, setup, dtype)
@@ -511,6 +513,7 @@ def evaluate(model, compiled: compiler.CompiledCG, setup: Setup, run: Run, ev: E
     if scaled is not None:
       pred_s = predict(scaled.x_support, scaled.y_support, scaled.x_query)
       out["teacher_relative_scaled"] = _relative(pred_s, scaled.cg)
+  out.update(finetune_measures.checkpoint_measures(model, compiled, setup, run, ev, pred))
   return out
 
 
