@@ -13,7 +13,10 @@ run), on held-out prompts, at every checkpoint (`checkpoint_measures`, called by
   pooled R^2 is reported. The compiled model holds these in named channels, so its R^2 is 1 to rounding;
   a model that computes something else need not hold them linearly anywhere.
   The probes cost milliseconds (ridge fits of a residual width of a few dozen), so they run at every
-  checkpoint, on every run.
+  checkpoint, on every run. Primal CG keeps its state at the aggregator, one row per prompt: at 64
+  eval prompts and 4 folds that is ~1.4 training rows per varying residual column, so a low R^2 there
+  bounds what a linear probe finds from that few prompts (`kcg.probes` module doc), no more; the
+  compiled model's exact channels still give R^2 = 1 to ~1e-9.
 * *Candidate agreement* (`candidate_predictions`, `candidate_agreement`): the model's predictions
   against every candidate solver of `kcg.matching` / `kcg.alignment` after t steps (the compiled
   model's step count) on the raw inputs (the compiled kernel is linear) and the compiled ridge: dual CG,
