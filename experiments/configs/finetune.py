@@ -19,7 +19,11 @@ Scales (`--config=experiments/configs/finetune.py[:runlocal|:smoke]`):
 * `runlocal`: t = 2, d = 3, k = 6, q = 4; 300 steps (eval every 50); modes in float32, plain and
   gains also in float64; imitation 300 steps (14 runs). Measured 2026-12-05 on the shared 2-core
   machine under load (load average 15-27): 239 s CPU (user), 14 min wall, peak RSS 1.35 GB; the wall
-  time on idle cores should be close to the CPU time.
+  time on idle cores should be close to the CPU time. With the probes, candidate agreement and layer
+  matching at every checkpoint (`kcg.finetune.checkpoint_measures`), measured back to back with the
+  same code without them (load average 5-6): 326 s vs 287 s CPU, 479 s vs 427 s wall, peak RSS
+  2.08 vs 1.86 GB (+14% CPU, mostly one more compiled forward pass per run and the candidates' fit
+  once per setup); training numbers identical.
 
       python -m experiments.finetune --config=experiments/configs/finetune.py:runlocal --workdir=/tmp/ftl
 
