@@ -277,6 +277,27 @@ def _sentences(rows: list[dict], construction: str, t: int) -> list[str]:
   return out
 
 
+def _layer_match_tables(results: dict) -> list[str]:
+  """Per layer of each imitation run's last evaluation: the best-matching candidate and step."""
+  out = []
+  for key, r in results["runs"].items():
+    evals = _evals(r)
+    if r["task"] != "imitate" or not evals or not evals[-1].get("layer_match"):
+      continue
+    last = evals[-1]
+    match, ends = last["layer_match"], set(last.get("probe_layers") or [])
+    out += ["", f"## Layer matching: {key}, step {last['step']}", "",
+            "Logit lens of each layer against every per-prompt candidate's trajectory (up to 2t steps); "
+            "* marks the compiled model's step-end layers.", "",
+            "| layer | best match | mean squared difference | rel. distance (inf: f_0 = 0) |",
+            "|---|---|---|---|"]
+    rows = zip(match["name"], match["step"], match["squared_difference"], match["relative"])
+    for layer, (name, step, mse, rel) in enumerate(rows):
+      label = "none (not finite)" if name is None else f"{name} t={step}"
+      out.append(f"| {layer}{'*' if layer in ends else ''} | {label} | {_f(mse)} | {_f(rel)} |")
+  return out
+
+
 def write(workdir: str, results: dict) -> dict:
   """Adds the summary table to `results`, writes results.json, the PNGs and report.md."""
   groups: dict = {}
@@ -330,6 +351,7 @@ def write(workdir: str, results: dict) -> dict:
               r["distance_end"], r["teacher_end"], r["teacher_scaled_end"], r["probe_start"],
               r["probe_end"], r["closest_end"] or "n/a"]
     report.append("| " + " | ".join(v if isinstance(v, str) else _f(v) for v in values) + " |")
+  report += _layer_match_tables(results)
   with open(os.path.join(workdir, "report.md"), "w") as f:
     f.write("\n".join(report) + "\n")
   return results

@@ -210,6 +210,7 @@ def test_smoke_binary_writes_report_results_and_figures_then_resumes(tmp_path, m
   assert gains["history"][0]["probe_r2_mean"] > 0.99
   assert gains["history"][0]["closest_candidate"] == "cg"
   assert "held-out probe R^2 of the CG state" in report
+  assert "## Layer matching: dual_prefix_t1_imitate_random_float32" in report
   assert os.path.isdir(tmp_path / "models" / "dual_prefix_t1_task_gains_float32" / "checkpoints")
   again = binary.run(config, str(tmp_path))
   assert again["runs"]["dual_prefix_t1_task_gains_float32"]["history"] == gains["history"]

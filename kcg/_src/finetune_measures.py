@@ -219,7 +219,8 @@ def candidate_agreement(pred_BxQ: Any, candidates: dict[str, Any]) -> dict:
 def layer_matching(layer_predictions_LxBxQ: Any, ev: Any, ridge: float, max_steps: int,
                    key: Any) -> dict:
   """Per layer, the best-matching per-prompt candidate (`PER_PROMPT`, raw inputs) and step among
-  0..max_steps (`kcg.matching.match_layers`): `{"name": [L+1], "step": [L+1], "relative": [L+1]}`."""
+  0..max_steps (`kcg.matching.match_layers`): `{"name", "step", "relative", "squared_difference"}`,
+  each `[L+1]` (relative distance |f_l - f_t| / |f_t|: inf at a step-0 match, where f_0 = 0)."""
   f64 = lambda a: jnp.asarray(a, jnp.float64)
   prompts = _Prompts(f64(ev.x_support), f64(ev.y_support), f64(ev.x_query), f64(ev.f_query))
   with jax.numpy_dtype_promotion("standard"):
@@ -234,7 +235,9 @@ def layer_matching(layer_predictions_LxBxQ: Any, ev: Any, ridge: float, max_step
   finite = np.asarray(finite)
   return {"name": [m.name if finite[m.layer] else None for m in result.layers],
           "step": [m.step if finite[m.layer] else None for m in result.layers],
-          "relative": [m.relative_distance if finite[m.layer] else math.inf for m in result.layers]}
+          "relative": [m.relative_distance if finite[m.layer] else math.inf for m in result.layers],
+          "squared_difference": [m.squared_difference if finite[m.layer] else math.inf
+                                 for m in result.layers]}
 
 
 def checkpoint_measures(model, compiled: Any, setup: Any, run: Any, ev: Any,
