@@ -1,4 +1,6 @@
-"""report.md, results.json and the PNGs of experiments/finetune.py, written from the numbers only."""
+"""report.md, results.json and the PNGs of experiments/finetune.py, written from the numbers only.
+
+One section of sentences and one figure per (task family, construction, t)."""
 
 from __future__ import annotations
 
@@ -52,7 +54,8 @@ def _summary_row(key: str, r: dict) -> dict:
   first, last = (evals[0], evals[-1]) if evals else ({}, {})
   recip = [h.get("reciprocal_error") for h in evals if h.get("reciprocal_error") is not None]
   return {
-      "run": key, "mode": r["mode"], "task": r["task"], "dtype": r["dtype"],
+      "run": key, "family": r.get("family", "linear"), "mode": r["mode"], "task": r["task"],
+      "dtype": r["dtype"],
       "diverged_at": r["diverged_at"], "last_step": last.get("step"),
       "mse_start": first.get("mse"), "mse_end": last.get("mse"), "krr_mse": last.get("krr_mse"),
       "cg_mse": last.get("cg_mse"), "cg_r2_start": first.get("cg_r2"), "cg_r2_end": last.get("cg_r2"),
@@ -202,29 +205,34 @@ def write(workdir: str, results: dict) -> dict:
   """Adds the summary table to `results`, writes results.json, the PNGs and report.md."""
   groups: dict = {}
   for key, r in results["runs"].items():
-    groups.setdefault((r["construction"], r["cg_steps"]), {})[key] = r
+    groups.setdefault((r.get("family", "linear"), r["construction"], r["cg_steps"]), {})[key] = r
   rows_all, lines, figures = [], [], []
-  for (construction, t), group in groups.items():
+  for (family, construction, t), group in groups.items():
     rows = [_summary_row(k, r) for k, r in group.items()]
     rows_all += rows
-    lines += _sentences(rows, construction, t)
-    name = f"{construction}_t{t}.png"
+    # The sentences and titles name the family with the construction ("relu_features dual_prefix").
+    label = f"{family} {construction}"
+    lines += _sentences(rows, label, t)
+    name = f"{family}_{construction}_t{t}.png"
     _figure(os.path.join(workdir, name), {k: r for k, r in group.items() if r["task"] == "task"},
-            construction, t)
+            label, t)
     figures.append(name)
     for k, r in group.items():
       if r["task"] == "imitate" and _evals(r):
-        name = f"{construction}_t{t}_imitate.png"
-        _imitation_figure(os.path.join(workdir, name), r, construction, t)
+        name = f"{family}_{construction}_t{t}_imitate.png"
+        _imitation_figure(os.path.join(workdir, name), r, label, t)
         figures.append(name)
   results["summary"] = rows_all
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(_clean(results), f, indent=1)
   report = [f"# From compiled to trained ({results['scale']} scale)", "",
             "Does gradient descent started at exact CG keep CG, and can it find CG from random init? "
-            "Each run trains with kcg's loss and AdamW on noisy linear regression (the compiled ridge is "
-            "the Bayes ridge). Test MSE is against the noiseless targets on held-out prompts; R^2 and the "
-            "relative error are against CG_t (reference solver, float64); the y-nonlinearity index is 0 "
+            "Each run trains with kcg's loss and AdamW on the task its compiled model solves: noisy linear "
+            "regression on x (family linear) or targets linear in a fixed random-ReLU feature layer "
+            "phi(x) that the compiled model's first layer computes (family relu_features); the compiled "
+            "ridge is the Bayes ridge. Test MSE is against the noiseless targets on held-out prompts; the "
+            "KRR oracle, R^2 and the relative error are against KRR and CG_t on phi(x) (reference solver, "
+            "float64); the y-nonlinearity index is 0 "
             "for predictors affine in the labels and > 0 for CG; |s x - 1| checks the division channels "
             "at the aggregator after each step's last Newton layer.", "", "## Summary", ""]
   report += [f"- {s}" for s in lines]

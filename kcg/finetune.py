@@ -8,10 +8,13 @@ program's block identities), a learned gain per layer and head on frozen weights
 (`"random"`). `fit(setup, run, directory)` trains, evaluates at checkpoints (`evaluate`: test error
 against the KRR oracle, agreement with CG_t, y-linearity index, `reciprocal_error`,
 `weight_distance`) and resumes; `Run(task="imitate")` trains to imitate CG_t ("learning CG").
+`Setup(features="random_relu")` compiles a random-ReLU first layer and trains on targets linear in
+those features (kcg.tasks' "relu_features"); the references are then KRR and CG on phi(x).
 `experiments/finetune.py` runs the study.
 """
 
 from kcg._src.finetune import CONSTRUCTIONS
+from kcg._src.finetune import FEATURES
 from kcg._src.finetune import MODES
 from kcg._src.finetune import TASKS
 from kcg._src.finetune import EvalSet
@@ -39,7 +42,7 @@ from kcg._src.finetune import train_step
 from kcg._src.finetune import weight_distance
 
 __all__ = (
-    "CONSTRUCTIONS", "MODES", "TASKS", "EvalSet", "FitResult", "Gain", "GainedTransformer", "Run",
+    "CONSTRUCTIONS", "FEATURES", "MODES", "TASKS", "EvalSet", "FitResult", "Gain", "GainedTransformer", "Run",
     "Setup", "compile_setup", "eval_set", "evaluate", "fit", "imitation_batch_fn", "make_predict",
     "make_tx", "masked_updates", "random_model", "departure", "reciprocal_error", "reciprocal_errors", "reciprocal_mask",
     "reciprocal_parts", "start_model", "train_step", "weight_distance",

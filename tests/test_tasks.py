@@ -30,7 +30,7 @@ def _family_config(family):
 FAMILY_CONFIGS = {family: _family_config(family) for family in tasks.FAMILIES}
 LINEAR = FAMILY_CONFIGS["linear"]
 NOISELESS = ("linear", "linear_anisotropic", "sparse_linear", "mixture_linear", "relu_network",
-             "kernel_prior")
+             "kernel_prior", "relu_features")
 EPS64 = float(np.finfo(np.float64).eps)
 
 

@@ -49,6 +49,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.num_support = 12
   config.num_query = 4
   config.noise_std = 0.3
+  # Task families (`kcg.finetune.Setup.features`): "identity" is noisy linear regression on x (the
+  # compiled model runs CG on x); "random_relu" has targets w^T phi(x), phi(x) = relu(W x) / sqrt(m)
+  # with (W, b) fixed by feature_seed, and the compiled model computes the same phi in its first layer.
+  config.features = ("identity", "random_relu")
+  config.feature_dim = 24
+  config.feature_seed = 0
+  # What the random_relu family runs ("identity" uses constructions, modes, float64_modes, imitate).
+  config.random_relu = ml_collections.ConfigDict(dict(
+      constructions=("dual_prefix", "primal_causal"),
+      modes=("plain", "freeze_reciprocal", "gains", "random"),
+      float64_modes=("plain", "freeze_reciprocal", "gains", "random"), imitate=True))
   # Runs from the compiled weights (and the random-init control), per dtype.
   config.modes = ("plain", "freeze_reciprocal", "gains", "random")
   config.dtypes = ("float32", "float64")
@@ -81,6 +92,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.imitate_steps = 300
     config.eval_every = 50
     config.num_eval_prompts = 64
+    config.feature_dim = 12
+    config.random_relu = ml_collections.ConfigDict(dict(
+        constructions=("dual_prefix",), modes=("plain", "gains", "random"), float64_modes=(),
+        imitate=False))
   elif "smoke" in options:
     config.scale = "smoke"
     config.constructions = ("dual_prefix",)
@@ -96,4 +111,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval_every = 1
     config.batch_size = 4
     config.num_eval_prompts = 8
+    config.feature_dim = 4
+    config.random_relu = ml_collections.ConfigDict(dict(
+        constructions=("dual_prefix",), modes=("gains",), float64_modes=(), imitate=False))
   return config
