@@ -160,7 +160,12 @@ def _sentences(rows: list[dict], construction: str, t: int) -> list[str]:
     r = by.get(("task", "gains", dtype))
     if r is not None:
       if r["diverged_at"] is not None:
-        out.append(f"{construction}, t={t}, {dtype}, gains: non-finite loss at step {r['diverged_at']}.")
+        blow = r["blowup"] or {}
+        detail = "" if blow.get("layer") is None else (
+            f"; the first change above 1e6 (relative) is at layer {blow['layer']} ({blow['name']}), "
+            f"channel {blow['channel']} of {_article(blow['token'])} token")
+        out.append(f"{construction}, t={t}, {dtype}, gains: non-finite loss at step {r['diverged_at']}"
+                   f"{detail}.")
       else:
         kept = "within R^2 0.99 of" if (r["cg_r2_end"] or -1) > 0.99 else "below R^2 0.99 against"
         if r["reciprocal_breaks_at"] is None:
