@@ -1,30 +1,41 @@
 """From compiled to trained: does gradient descent keep CG, and can it find it? (`experiments/finetune.py`)
 
 Starts from `kcg.compile_cg` weights (dual CG with per-support state under the prefix mask; primal CG
-in the aggregator under the causal mask), trains on the noisy linear regression they solve with kcg's
-loss and optimizer, in four ways (`kcg.finetune.MODES`): every weight (`plain`), every weight but the
-division (`freeze_reciprocal`), a gain per layer and head on frozen weights (`gains`), and the same
+in the aggregator under the causal mask), trains on the task they solve with kcg's loss and optimizer,
+in four ways (`kcg.finetune.MODES`): every weight (`plain`), every weight but the division
+(`freeze_reciprocal`), a gain per layer and head on frozen weights (`gains`), and the same
 architecture from random init (`random`); then trains the architecture from random init to imitate
-CG_t (`imitate`). Writes DIR/report.md, DIR/results.json, PNGs; models in DIR/models/<name>; a rerun
-resumes.
+CG_t (`imitate`). Two task families (`config.features`, `kcg.finetune.Setup.features`): "identity",
+noisy linear regression on x; "random_relu", targets w^T phi(x) + noise with phi(x) = relu(W x) /
+sqrt(m) a fixed random-ReLU layer (W from `feature_seed`, m = `feature_dim`) that the compiled model
+computes in its first layer (kcg.tasks' "relu_features"; the references are KRR and CG_t on phi).
+Writes DIR/report.md (one section and figure per family, construction and t), DIR/results.json,
+PNGs; models in DIR/models/<family>_<construction>_t<t>_<run>; a rerun resumes.
 
 Scales (`--config=experiments/configs/finetune.py[:runlocal|:smoke]`):
 
 * default (full): t = 2, 4, 6, 8; d = 6, k = 12, q = 4, noise 0.3; 2000 steps of batch 32; every mode
-  in float32 and float64; imitation 2000 steps (72 runs). Not run yet: its runtime is unmeasured
-  (runlocal's 14 runs of 300 steps take ~4 CPU minutes, mostly compilation; expect hours on 2 cores).
+  in float32 and float64; imitation 2000 steps; both families, m = 24 (72 runs per family). Not run
+  yet. Measured for sizing (2026-12-05, shared 2-core machine, load average 2-5): one relu_features
+  dual_prefix t = 8 float32 run (74 layers, width 79) takes ~12 CPU s to compile and evaluate at step
+  0 and ~35 CPU s per 100 steps with an evaluation of 128 prompts, so ~12 CPU min per 2000-step run
+  that does not diverge (there gains and random stopped at a non-finite loss, at steps 1 and 38).
+  At t = 8 the linear family's models have 73 (dual) / 74 (primal) layers of width 31 / 55, the
+  relu_features primal_causal model width 193 (`kcg.dimensions`). Expect many hours on 2 cores.
 
       python -m experiments.finetune --config=experiments/configs/finetune.py --workdir=/tmp/ft
 
-* `runlocal`: t = 2, d = 3, k = 6, q = 4; 300 steps (eval every 50); modes in float32, plain and
-  gains also in float64; imitation 300 steps (14 runs). Measured 2026-12-05 on the shared 2-core
-  machine under load (load average 15-27): 239 s CPU (user), 14 min wall, peak RSS 1.35 GB; the wall
+* `runlocal`: t = 2, d = 3, k = 6, q = 4; 300 steps (eval every 50). Linear family: every mode in
+  float32, plain and gains also in float64, imitation 300 steps (14 runs). relu_features family
+  (m = 12): dual_prefix, plain, gains and random in float32 (3 runs). Measured 2026-12-05 on the shared
+  2-core machine under load: linear runs 239 s CPU (user), 14 min wall (load average 15-27), peak RSS
+  1.35 GB; the relu_features runs 82 s CPU, 189 s wall (load average 2-5), peak RSS 1.4 GB. The wall
   time on idle cores should be close to the CPU time.
 
       python -m experiments.finetune --config=experiments/configs/finetune.py:runlocal --workdir=/tmp/ftl
 
-* `smoke`: one construction, t = 1, modes plain and gains and the imitation, 2 steps of batch 4,
-  float32: the fast test.
+* `smoke`: dual_prefix, t = 1; linear: modes plain and gains and the imitation; relu_features (m = 4):
+  gains; 2 steps of batch 4, float32: the fast test.
 
 report.md ends its summary with the run's own wall and CPU seconds.
 """

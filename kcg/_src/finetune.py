@@ -19,6 +19,10 @@ ways to start and what is trained (`MODES`):
 
 `imitation_targets` gives the "learning CG" task: the compiled float64 model's predictions as targets.
 
+Two task families (`Setup.features`): noisy linear regression on x ("identity"), and targets linear in a
+fixed random-ReLU layer phi ("random_relu", kcg.tasks' "relu_features") that the compiled model
+computes as its first layer; the references (KRR oracle, CG_t) are then computed on phi(x).
+
 Measures at checkpoints (`evaluate`): test error against the noiseless targets and against the KRR
 oracle, agreement with CG_t (pooled R^2 and relative error, `kcg.alignment.agreement`), the
 y-linearity index (`kcg.alignment.y_nonlinearity`: 0 for predictors affine in y, > 0 for CG), whether
@@ -336,7 +340,7 @@ class Run:
 
   Attributes:
     mode: a `MODES` entry (how the model starts and what is trained).
-    task: "task" (the noisy linear regression the compiled model solves: targets y) or "imitate"
+    task: "task" (the setup's regression task, which the compiled model solves: targets y) or "imitate"
       (targets are the compiled float64 model's predictions, CG_t: "learning CG").
     dtype: "float32" or "float64" (parameters, data and arithmetic).
     num_steps, batch_size, learning_rate, warmup_steps, clip_norm: AdamW as in `kcg.training`
