@@ -55,7 +55,8 @@ so comparisons isolate the shift.
 call: the feature layer `kcg.compile_cg(features="random_relu")` compiles. This is `relu_network` with
 its hidden layer fixed, so KRR on `phi` at ridge `noise_std^2 / RELU_FEATURES_WEIGHT_VARIANCE` is the
 Bayes posterior mean. `E|phi(x)|^2 = 1/2` (`E relu(z)^2 = 1/2` for `z = W_i x ~ N(0, 1)`), so
-`Var f = 2 E|phi|^2 = 1`.
+`Var f = 2 E|phi|^2 = 1`. `W` is drawn for the prompts' `d`: a curriculum stage with fewer dimensions
+draws its own layer.
 
 `Prompts` also carries the noiseless targets `f_support`, `f_query` (the conditional mean `E[y | x, task]`;
 for `mixture_linear`, given the point's component) for measuring excess risk.
