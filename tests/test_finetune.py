@@ -326,8 +326,8 @@ def test_runlocal_binary(tmp_path):
   for r in results["runs"].values():
     if r["mode"] in ("gains", "plain"):
       assert r["history"][0]["cg_r2"] > 0.99999
-    # float32 gains stop at a non-finite loss (linear: steps 17 and 2; relu_features: step 1): a gain
-    # above 1 on a head that clears an accumulator (pAp) leaves -delta pAp_old, which outweighs the
-    # next, smaller pAp and sends the reciprocal a non-positive input. float64 gains keep training.
+    # float32 gains stop at a non-finite loss (linear: steps 17 and 2; relu_features: step 1, where a
+    # gain above 1 on the head that clears pAp leaves -delta pAp_old, which outweighs the next, smaller
+    # pAp and sends the reciprocal a non-positive input). float64 gains keep training.
     if r["mode"] == "gains" and r["family"] == "linear" and r["dtype"] == "float64":
       assert r["diverged_at"] is None
