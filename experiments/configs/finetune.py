@@ -29,8 +29,9 @@ Scales (`--config=experiments/configs/finetune.py[:runlocal|:smoke]`):
   float32, plain and gains also in float64, imitation 300 steps (14 runs). relu_features family
   (m = 12): dual_prefix, plain, gains and random in float32 (3 runs). Measured 2026-12-05 on the shared
   2-core machine under load: linear runs 239 s CPU (user), 14 min wall (load average 15-27), peak RSS
-  1.35 GB; the relu_features runs 82 s CPU, 189 s wall (load average 2-5), peak RSS 1.4 GB. The wall
-  time on idle cores should be close to the CPU time.
+  1.35 GB; the relu_features runs alone 82 s CPU, 189 s wall (load average 2-5), peak RSS 1.4 GB; all
+  17 runs (the slow test) 373 s CPU (user), 383 s wall at load average ~5. The wall time on idle cores
+  should be close to the CPU time.
 
       python -m experiments.finetune --config=experiments/configs/finetune.py:runlocal --workdir=/tmp/ftl
 
