@@ -1,4 +1,6 @@
-"""report.md, results.json and the PNGs of experiments/finetune.py, written from the numbers only."""
+"""report.md, results.json and the PNGs of experiments/finetune.py, written from the numbers only.
+
+One section of sentences and one figure per (task family, construction, t)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ _MODE_TEXT = {
     "plain": "every weight",
     "freeze_reciprocal": "every weight but the division",
     "gains": "a gain per layer and head, weights frozen",
+    "compute_gains": "gains on the computing heads only, bookkeeping and division frozen",
     "random": "same architecture, random init",
 }
 # Line styles follow the order of `finetune.MODES`, then of these dtypes (`_line_style`).
@@ -52,7 +55,8 @@ def _summary_row(key: str, r: dict) -> dict:
   first, last = (evals[0], evals[-1]) if evals else ({}, {})
   recip = [h.get("reciprocal_error") for h in evals if h.get("reciprocal_error") is not None]
   return {
-      "run": key, "mode": r["mode"], "task": r["task"], "dtype": r["dtype"],
+      "run": key, "family": r.get("family", "linear"), "mode": r["mode"], "task": r["task"],
+      "dtype": r["dtype"],
       "diverged_at": r["diverged_at"], "last_step": last.get("step"),
       "mse_start": first.get("mse"), "mse_end": last.get("mse"), "krr_mse": last.get("krr_mse"),
       "cg_mse": last.get("cg_mse"), "cg_r2_start": first.get("cg_r2"), "cg_r2_end": last.get("cg_r2"),
@@ -233,26 +237,32 @@ def _sentences(rows: list[dict], construction: str, t: int) -> list[str]:
                    f"steps; test MSE {_f(r['mse_start'])} -> {_f(r['mse_end'])} (CG_t {_f(r['cg_mse'])}, "
                    f"KRR {_f(r['krr_mse'])}); R^2 against CG_t {_f(r['cg_r2_end'], 4)}; y-nonlinearity "
                    f"{_f(r['y_nl_start'])} -> {_f(r['y_nl_end'])}; max |s x - 1| {_f(r['reciprocal_error_max'])}.")
-    r = by.get(("task", "gains", dtype))
-    if r is not None:
-      if r["diverged_at"] is not None:
-        out.append(f"{construction}, t={t}, {dtype}, gains: non-finite loss at step {r['diverged_at']}.")
-      else:
-        kept = "within R^2 0.99 of" if (r["cg_r2_end"] or -1) > 0.99 else "below R^2 0.99 against"
-        if r["reciprocal_breaks_at"] is None:
-          division = (f"the division still divides (max |s x - 1| = {_f(r['reciprocal_error_max'])} over "
-                      "training)")
+    for gain_mode in ("gains", "compute_gains"):
+      r = by.get(("task", gain_mode, dtype))
+      if r is not None:
+        if r["diverged_at"] is not None:
+          blow = r["blowup"] or {}
+          detail = "" if blow.get("layer") is None else (
+              f"; the first change above 1e6 (relative) is at layer {blow['layer']} ({blow['name']}), "
+              f"channel {blow['channel']} of {_article(blow['token'])} token")
+          out.append(f"{construction}, t={t}, {dtype}, {gain_mode}: non-finite loss at step {r['diverged_at']}"
+                     f"{detail}.")
         else:
-          division = (f"the division stops dividing: max |s x - 1| > 1e-3 from step "
-                      f"{r['reciprocal_breaks_at']}, {_f(r['reciprocal_error_max'])} at worst, median "
-                      f"{_f(r['reciprocal_error_median_end'])} at the end")
-        out.append(
-            f"{construction}, t={t}, {dtype}, gains (exact at step 0): {r['last_step']} steps; test MSE "
-            f"{_f(r['mse_start'])} -> {_f(r['mse_end'])} (CG_t {_f(r['cg_mse'])}, KRR oracle "
-            f"{_f(r['krr_mse'])}); R^2 against CG_t {_f(r['cg_r2_start'], 4)} -> {_f(r['cg_r2_end'], 4)} "
-            f"({kept} CG_t); y-nonlinearity {_f(r['y_nl_start'])} -> {_f(r['y_nl_end'])} (median over "
-            f"prompts {_f(r['y_nl_median_start'])} -> {_f(r['y_nl_median_end'])}); {division}; "
-            f"max |gain - 1| {_f(r['gain_change_end'])}.")
+          kept = "within R^2 0.99 of" if (r["cg_r2_end"] or -1) > 0.99 else "below R^2 0.99 against"
+          if r["reciprocal_breaks_at"] is None:
+            division = (f"the division still divides (max |s x - 1| = {_f(r['reciprocal_error_max'])} over "
+                        "training)")
+          else:
+            division = (f"the division stops dividing: max |s x - 1| > 1e-3 from step "
+                        f"{r['reciprocal_breaks_at']}, {_f(r['reciprocal_error_max'])} at worst, median "
+                        f"{_f(r['reciprocal_error_median_end'])} at the end")
+          out.append(
+              f"{construction}, t={t}, {dtype}, {gain_mode} (exact at step 0): {r['last_step']} steps; test MSE "
+              f"{_f(r['mse_start'])} -> {_f(r['mse_end'])} (CG_t {_f(r['cg_mse'])}, KRR oracle "
+              f"{_f(r['krr_mse'])}); R^2 against CG_t {_f(r['cg_r2_start'], 4)} -> {_f(r['cg_r2_end'], 4)} "
+              f"({kept} CG_t); y-nonlinearity {_f(r['y_nl_start'])} -> {_f(r['y_nl_end'])} (median over "
+              f"prompts {_f(r['y_nl_median_start'])} -> {_f(r['y_nl_median_end'])}); {division}; "
+              f"max |gain - 1| {_f(r['gain_change_end'])}.")
   r = by.get(("task", "random", "float32"))
   if r is not None:
     if r["diverged_at"] is not None:
@@ -302,40 +312,45 @@ def write(workdir: str, results: dict) -> dict:
   """Adds the summary table to `results`, writes results.json, the PNGs and report.md."""
   groups: dict = {}
   for key, r in results["runs"].items():
-    groups.setdefault((r["construction"], r["cg_steps"]), {})[key] = r
+    groups.setdefault((r.get("family", "linear"), r["construction"], r["cg_steps"]), {})[key] = r
   rows_all, lines, figures = [], [], []
-  for (construction, t), group in groups.items():
+  for (family, construction, t), group in groups.items():
     rows = [_summary_row(k, r) for k, r in group.items()]
     rows_all += rows
-    lines += _sentences(rows, construction, t)
-    lines += _probe_sentences(rows, construction, t)
-    name = f"{construction}_t{t}.png"
+    # The sentences and titles name the family with the construction ("relu_features dual_prefix").
+    label = f"{family} {construction}"
+    lines += _sentences(rows, label, t)
+    name = f"{family}_{construction}_t{t}.png"
+    lines += _probe_sentences(rows, label, t)
     _figure(os.path.join(workdir, name), {k: r for k, r in group.items() if r["task"] == "task"},
-            construction, t)
+            label, t)
     figures.append(name)
     if any(h.get("probe_r2") for r in group.values() for h in _evals(r)):
-      name = f"{construction}_t{t}_probes.png"
-      _probe_figure(os.path.join(workdir, name), group, construction, t)
+      name = f"{family}_{construction}_t{t}_probes.png"
+      _probe_figure(os.path.join(workdir, name), group, label, t)
       figures.append(name)
     for k, r in group.items():
       if r["task"] == "imitate" and _evals(r):
-        name = f"{construction}_t{t}_imitate.png"
-        _imitation_figure(os.path.join(workdir, name), r, construction, t)
+        name = f"{family}_{construction}_t{t}_imitate.png"
+        _imitation_figure(os.path.join(workdir, name), r, label, t)
         figures.append(name)
   results["summary"] = rows_all
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(_clean(results), f, indent=1)
   report = [f"# From compiled to trained ({results['scale']} scale)", "",
             "Does gradient descent started at exact CG keep CG, and can it find CG from random init? "
-            "Each run trains with kcg's loss and AdamW on noisy linear regression (the compiled ridge is "
-            "the Bayes ridge). Test MSE is against the noiseless targets on held-out prompts; R^2 and the "
-            "relative error are against CG_t (reference solver, float64); the y-nonlinearity index is 0 "
+            "Each run trains with kcg's loss and AdamW on the task its compiled model solves: noisy linear "
+            "regression on x (family linear) or targets linear in a fixed random-ReLU feature layer "
+            "phi(x) that the compiled model's first layer computes (family relu_features); the compiled "
+            "ridge is the Bayes ridge. Test MSE is against the noiseless targets on held-out prompts; the "
+            "KRR oracle, R^2 and the relative error are against KRR and CG_t on phi(x) (reference solver, "
+            "float64); the y-nonlinearity index is 0 "
             "for predictors affine in the labels and > 0 for CG; |s x - 1| checks the division channels "
             "at the aggregator after each step's last Newton layer. Probes: a cross-validated linear "
             "probe from the residual stream at the layer where the compiled program ends step s to "
             "the reference alpha_s, r_s, p_s; candidates: CG, primal CG, PCG, GD, Chebyshev, "
-            "Newton-Schulz, GD++, momentum, the best fixed polynomial (t steps) and KRR on the raw "
-            "inputs.", "", "## Summary", ""]
+            "Newton-Schulz, GD++, momentum, the best fixed polynomial (t steps) and KRR on the same "
+            "features phi(x).", "", "## Summary", ""]
   report += [f"- {s}" for s in lines]
   report += ["", f"Runtime: {results['wall_s']:.0f} s wall, {results['cpu_s']:.0f} s CPU (this process; "
              "on a shared machine wall time is inflated by other load).", "", "## Figures", ""]

@@ -8,6 +8,8 @@ program's block identities), a learned gain per layer and head on frozen weights
 (`"random"`). `fit(setup, run, directory)` trains, evaluates at checkpoints (`evaluate`: test error
 against the KRR oracle, agreement with CG_t, y-linearity index, `reciprocal_error`,
 `weight_distance`) and resumes; `Run(task="imitate")` trains to imitate CG_t ("learning CG").
+`Setup(features="random_relu")` compiles a random-ReLU first layer and trains on targets linear in
+those features (kcg.tasks' "relu_features"); the references are then KRR and CG on phi(x).
 `experiments/finetune.py` runs the study. Measures read from inside the model (`kcg._src.finetune_measures`,
 recorded by `evaluate` too): probes of CG's alpha, r, p at the compiled step-end layers
 (`step_end_layers`, `state_probes`), agreement with every candidate solver (`candidate_predictions`,
@@ -15,6 +17,7 @@ recorded by `evaluate` too): probes of CG's alpha, r, p at the compiled step-end
 """
 
 from kcg._src.finetune import CONSTRUCTIONS
+from kcg._src.finetune import FEATURES
 from kcg._src.finetune import MODES
 from kcg._src.finetune import TASKS
 from kcg._src.finetune import EvalSet
@@ -23,6 +26,7 @@ from kcg._src.finetune import Gain
 from kcg._src.finetune import GainedTransformer
 from kcg._src.finetune import Run
 from kcg._src.finetune import Setup
+from kcg._src.finetune import compute_gain_mask
 from kcg._src.finetune import compile_setup
 from kcg._src.finetune import eval_set
 from kcg._src.finetune import evaluate
@@ -52,8 +56,8 @@ from kcg._src.finetune_measures import state_probes
 from kcg._src.finetune_measures import step_end_layers
 
 __all__ = (
-    "CONSTRUCTIONS", "MODES", "TASKS", "EvalSet", "FitResult", "Gain", "GainedTransformer", "Run",
-    "Setup", "compile_setup", "eval_set", "evaluate", "fit", "imitation_batch_fn", "make_predict",
+    "CONSTRUCTIONS", "FEATURES", "MODES", "TASKS", "EvalSet", "FitResult", "Gain", "GainedTransformer", "Run",
+    "Setup", "compile_setup", "compute_gain_mask", "eval_set", "evaluate", "fit", "imitation_batch_fn", "make_predict",
     "make_tx", "masked_updates", "random_model", "departure", "reciprocal_error", "reciprocal_errors", "reciprocal_mask",
     "reciprocal_parts", "start_model", "train_step", "weight_distance",
     # Measures from inside the model (kcg._src.finetune_measures).

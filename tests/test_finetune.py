@@ -1,6 +1,9 @@
 """kcg.finetune: the reparametrised starts are the compiled model, frozen parts stay frozen, the
-division check sees a broken division, runs resume, bad configs fail first; the binary end to end."""
+division check sees a broken division, runs resume, bad configs fail first; the random-ReLU feature
+family (compiled phi = the task's phi, CG on phi from an independent reference, the Bayes ridge); the
+binary end to end."""
 
+import dataclasses
 import functools
 import json
 import os
@@ -15,10 +18,15 @@ import figure_style
 
 from kcg import finetune
 from kcg import ops
+from kcg import tasks
 from kcg._src import train_data
 
 SETUP = finetune.Setup("dual_prefix", num_steps=1, input_dim=2, num_support=4, num_query=2)
 PRIMAL = finetune.Setup("primal_causal", num_steps=1, input_dim=2, num_support=4, num_query=2)
+# The feature family: m = 5 random-ReLU features of d = 2 inputs, k = 4 supports, t = 2 steps.
+RELU = finetune.Setup("dual_prefix", num_steps=2, input_dim=2, num_support=4, num_query=2,
+                      features="random_relu", feature_dim=5, feature_seed=3)
+RELU_PRIMAL = dataclasses.replace(RELU, construction="primal_causal")
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,6 +61,88 @@ def test_every_start_from_compiled_weights_is_the_compiled_model_bit_for_bit(set
     pred = finetune.make_predict(compiled.model, setup, jnp.float64)(ev.x_support, ev.y_support,
                                                                      ev.x_query)
     np.testing.assert_allclose(pred, ev.cg, rtol=1e-11, atol=1e-12)
+
+
+def _phi(setup, x):
+  """relu(x W^T + b) / sqrt(m) in NumPy float64 from the family's (W, b)."""
+  weights, bias = (np.asarray(a, np.float64) for a in tasks.relu_feature_params(
+      setup.input_dim, setup.feature_dim, setup.feature_seed))
+  return np.maximum(np.einsum("...d,md->...m", x, weights) + bias, 0.0) / np.sqrt(setup.feature_dim)
+
+
+def _plain_cg(phi_s, y, phi_q, ridge, num_steps, form):
+  """t steps of textbook CG in NumPy float64, one prompt: dual on (K + ridge I) a = y, f = K_q a;
+  primal on (Phi^T Phi + ridge I) w = Phi^T y, f = Phi_q w."""
+  if form == "dual":
+    matrix, rhs, readout = phi_s @ phi_s.T + ridge * np.eye(len(y)), y, phi_q @ phi_s.T
+  else:
+    matrix, rhs, readout = phi_s.T @ phi_s + ridge * np.eye(phi_s.shape[1]), phi_s.T @ y, phi_q
+  x = np.zeros_like(rhs)
+  r = rhs.copy()
+  p = r.copy()
+  for _ in range(num_steps):
+    ap = matrix @ p
+    step = (r @ r) / (p @ ap)
+    x, r_new = x + step * p, r - step * ap
+    p = r_new + (r_new @ r_new) / (r @ r) * p
+    r = r_new
+  return readout @ x
+
+
+@pytest.mark.parametrize("setup", [RELU, RELU_PRIMAL], ids=["dual_prefix", "primal_causal"])
+def test_feature_setup_at_step_0_is_cg_on_phi_from_an_independent_reference(setup):
+  compiled = _compiled(setup, "float64")
+  ev = finetune.eval_set(setup, 8, seed=0)
+  phi_s, phi_q = _phi(setup, ev.x_support), _phi(setup, ev.x_query)
+  assert setup.ridge == 0.3**2 / tasks.RELU_FEATURES_WEIGHT_VARIANCE
+  cg = np.stack([_plain_cg(a, y, b, setup.ridge, setup.num_steps, setup.form)
+                 for a, y, b in zip(phi_s, ev.y_support, phi_q)])
+  krr = np.stack([b @ a.T @ np.linalg.solve(a @ a.T + setup.ridge * np.eye(len(y)), y)
+                  for a, y, b in zip(phi_s, ev.y_support, phi_q)])
+  # The prompts' targets are O(1) and t = 2 steps on K + 0.045 I (|K| < 3): rounding of a few dozen
+  # float64 operations per entry, amplified by at most |K| / ridge ~ 1e2, stays below 1e-12.
+  np.testing.assert_allclose(ev.cg, cg, rtol=0, atol=1e-12)
+  np.testing.assert_allclose(ev.krr, krr, rtol=0, atol=1e-12)
+  assert np.max(np.abs(cg - krr)) > 1e-3  # t = 2 < k: CG_t is not yet KRR, so the two tell apart
+  # The compiled model (which every start from compiled weights equals bit for bit, tested above).
+  pred = finetune.make_predict(compiled.model, setup, jnp.float64)(ev.x_support, ev.y_support,
+                                                                   ev.x_query)
+  np.testing.assert_allclose(pred, cg, rtol=0, atol=1e-12)
+  # The model's first layer is the setup's phi: the features it feeds CG are the family's.
+  np.testing.assert_allclose(np.asarray(compiled.kernel_features(ev.x_query)), phi_q, rtol=0,
+                             atol=1e-15)
+
+
+def test_feature_family_targets_are_linear_in_the_compiled_phi_with_the_bayes_ridge():
+  compiled = _compiled(RELU, "float64")
+  # Noiseless targets on 40 > m points: w is determined; the queries must follow it exactly.
+  data = dataclasses.replace(RELU.data, num_support=40, noise_std=0.0)
+  prompts = train_data.sample_prompts(jax.random.key(5), data, batch_size=4)
+
+  def residual(phi_fn):
+    worst = 0.0
+    for xs, fs, xq, fq in zip(prompts.x_support, prompts.f_support, prompts.x_query,
+                              prompts.f_query):
+      w, *_ = np.linalg.lstsq(phi_fn(xs), np.asarray(fs), rcond=None)
+      worst = max(worst, float(np.max(np.abs(phi_fn(xq) @ w - np.asarray(fq)))))
+    return worst
+
+  assert residual(lambda x: np.asarray(compiled.kernel_features(jnp.asarray(x)))) < 1e-12
+  # Another feature seed's phi does not fit the targets: the test sees a mismatch of layers.
+  assert residual(lambda x: _phi(dataclasses.replace(RELU, feature_seed=4), np.asarray(x))) > 1e-2
+  # The compiled ridge is the posterior mean's: KRR on phi at noise^2 / v beats 4x and 1/4 of it on
+  # 512 prompts (its excess over the posterior mean is E|f_lambda - f_*|^2 >= 0 given the inputs).
+  ev = finetune.eval_set(dataclasses.replace(RELU, num_support=8), 512, seed=1)
+  phi_s, phi_q = _phi(RELU, ev.x_support), _phi(RELU, ev.x_query)
+
+  def krr_mse(ridge):
+    k = np.einsum("bim,bjm->bij", phi_s, phi_s) + ridge * np.eye(phi_s.shape[1])
+    alpha = np.linalg.solve(k, ev.y_support[..., None])[..., 0]
+    return float(np.mean(np.square(np.einsum("bqm,bim,bi->bq", phi_q, phi_s, alpha) - ev.f_query)))
+
+  best = krr_mse(RELU.ridge)
+  assert best == pytest.approx(float(np.mean(np.square(ev.krr - ev.f_query))), rel=1e-9)
+  assert best < krr_mse(4 * RELU.ridge) and best < krr_mse(RELU.ridge / 4)
 
 
 def test_reciprocal_mask_is_the_programs_division_and_nothing_else():
@@ -163,7 +253,9 @@ def test_bad_run_fails_with_the_field_named(kwargs, match):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(construction="dual_causal"), "construction"), (dict(num_steps=0), "num_steps"),
-    (dict(noise_std=0.0), "noise_std")])
+    (dict(noise_std=0.0), "noise_std"), (dict(features="relu"), "Setup.features"),
+    (dict(features="random_relu", feature_dim=0), "feature_dim"),
+    (dict(features="random_relu", feature_seed=-1), "feature_seed")])
 def test_bad_setup_fails_with_the_field_named(kwargs, match):
   with pytest.raises(ValueError, match=match):
     finetune.Setup(**kwargs)
@@ -176,11 +268,18 @@ def _config(option):
 
 @pytest.mark.parametrize("field, value, match", [
     ("modes", ("plain", "sgd"), "modes"), ("dtypes", ("float16",), "dtypes"),
-    ("constructions", ("dual_causal",), "construction"), ("cg_steps", (0,), "num_steps")])
+    ("constructions", ("dual_causal",), "construction"), ("cg_steps", (0,), "num_steps"),
+    ("features", ("identity", "relu"), "config.features"), ("feature_dim", 0, "feature_dim"),
+    ("random_relu.modes", ("adam",), "random_relu"),
+    ("random_relu.constructions", ("dual_causal",), "construction")])
 def test_bad_config_fails_before_any_training(tmp_path, field, value, match):
   from experiments import finetune as binary
   config = _config("smoke")
-  config[field] = value
+  if "." in field:
+    parent, field = field.split(".")
+    config[parent][field] = value
+  else:
+    config[field] = value
   with pytest.raises(ValueError, match=match):
     binary.run(config, str(tmp_path))
   assert not os.path.exists(tmp_path / "models")
@@ -193,15 +292,22 @@ def test_smoke_binary_writes_report_results_and_figures_then_resumes(tmp_path, m
   config = _config("smoke")
   figures = figure_style.record(monkeypatch)
   results = binary.run(config, str(tmp_path))
-  for name in ("report.md", "results.json", "dual_prefix_t1.png", "dual_prefix_t1_imitate.png",
-               "dual_prefix_t1_probes.png"):
+  for name in ("report.md", "results.json", "linear_dual_prefix_t1.png",
+               "linear_dual_prefix_t1_imitate.png", "relu_features_dual_prefix_t1.png",
+               "linear_dual_prefix_t1_probes.png", "relu_features_dual_prefix_t1_probes.png"):
     assert (tmp_path / name).exists(), name
-  assert len(figures) == 3
+  assert len(figures) == 5
   for figure in figures:
     figure_style.check_style(figure)
   runs = results["runs"]
-  plain = runs["dual_prefix_t1_task_plain_float32"]
-  gains = runs["dual_prefix_t1_task_gains_float32"]
+  plain = runs["linear_dual_prefix_t1_task_plain_float32"]
+  gains = runs["linear_dual_prefix_t1_task_gains_float32"]
+  features = runs["relu_features_dual_prefix_t1_task_gains_float32"]
+  assert set(runs) == {"linear_dual_prefix_t1_task_plain_float32", "linear_dual_prefix_t1_task_gains_float32",
+                       "linear_dual_prefix_t1_imitate_random_float32",
+                       "relu_features_dual_prefix_t1_task_gains_float32"}
+  assert features["family"] == "relu_features" and features["diverged_at"] is None
+  assert features["history"][0]["cg_r2"] > 0.999999
   assert plain["diverged_at"] is not None and gains["diverged_at"] is None
   assert gains["history"][0]["cg_r2"] > 0.999999 and gains["history"][0]["reciprocal_error"] < 1e-5
   report = (tmp_path / "report.md").read_text()
@@ -210,18 +316,67 @@ def test_smoke_binary_writes_report_results_and_figures_then_resumes(tmp_path, m
   assert gains["history"][0]["probe_r2_mean"] > 0.99
   assert gains["history"][0]["closest_candidate"] == "cg"
   assert "held-out probe R^2 of the CG state" in report
-  assert "## Layer matching: dual_prefix_t1_imitate_random_float32" in report
-  assert os.path.isdir(tmp_path / "models" / "dual_prefix_t1_task_gains_float32" / "checkpoints")
+  assert "## Layer matching: linear_dual_prefix_t1_imitate_random_float32" in report
+  assert os.path.isdir(tmp_path / "models" / "linear_dual_prefix_t1_task_gains_float32" / "checkpoints")
+  assert "relu_features dual_prefix, t=1, float32, gains" in report
   again = binary.run(config, str(tmp_path))
-  assert again["runs"]["dual_prefix_t1_task_gains_float32"]["history"] == gains["history"]
+  assert again["runs"]["linear_dual_prefix_t1_task_gains_float32"]["history"] == gains["history"]
 
 
 @pytest.mark.slow
 def test_runlocal_binary(tmp_path):
   from experiments import finetune as binary
   results = binary.run(_config("runlocal"), str(tmp_path))
-  assert len(results["runs"]) == 2 * (4 + 2 + 1)
+  # linear: 2 constructions x (4 modes + 2 in float64 + imitation); relu_features: dual_prefix x 3 modes.
+  assert len(results["runs"]) == 2 * (4 + 2 + 1) + 3
   for r in results["runs"].values():
-    if r["mode"] == "gains":
-      assert r["diverged_at"] is None
+    if r["mode"] in ("gains", "plain"):
       assert r["history"][0]["cg_r2"] > 0.99999
+    # float32 gains stop at a non-finite loss (linear: steps 17 and 2; relu_features: step 1, where a
+    # gain above 1 on the head that clears pAp leaves -delta pAp_old, which outweighs the next, smaller
+    # pAp and sends the reciprocal a non-positive input). float64 gains keep training.
+    if r["mode"] == "gains" and r["family"] == "linear" and r["dtype"] == "float64":
+      assert r["diverged_at"] is None
+
+
+_RELU_SETUP = dict(num_steps=2, input_dim=3, num_support=6, features="random_relu", feature_dim=12)
+
+
+def test_compute_gain_mask_freezes_bookkeeping_and_division():
+  """The compute_gains mask follows the program's typed ops, layer by layer and head by head."""
+  compiled = finetune.compile_setup(finetune.Setup("dual_prefix", **_RELU_SETUP), jnp.float32)
+  mask = finetune.compute_gain_mask(compiled)
+  program = compiled.program
+  frozen_ops = (ops.Op.MOVE, ops.Op.GUESS, ops.Op.NEWTON)
+  for layer in range(compiled.config.num_layers):
+    block = program.layer_block(layer)
+    for h in range(compiled.config.num_heads):
+      computes = h < len(block.heads) and block.heads[h].op not in frozen_ops
+      assert mask["head_gain"][layer, h] == computes, (layer, h)
+    parts = tuple(block.heads) + tuple(block.units)
+    assert mask["layer_gain"][layer] == all(x.op not in frozen_ops for x in parts), layer
+  assert 0 < mask["head_gain"].sum() < mask["head_gain"].size and mask["layer_gain"].sum() >= 1
+  _, wrt, keep = finetune.start_model("compute_gains", compiled)
+  assert wrt is finetune.Gain and set(keep) == set(mask)
+  for name in mask:
+    np.testing.assert_array_equal(keep[name], mask[name])
+
+
+@pytest.mark.slow
+def test_compute_gains_keep_dividing_where_gains_diverge():
+  """On the relu_features task a gain on a clearing head turns p.Ap non-positive at step 1 (gains
+  diverge there); compute_gains trains only unfrozen gains and the division stays exact."""
+  setup = finetune.Setup("dual_prefix", **_RELU_SETUP)
+  mask = finetune.compute_gain_mask(finetune.compile_setup(setup, jnp.float32))
+  run = finetune.Run(mode="compute_gains", num_steps=3, batch_size=32, eval_every=3,
+                     learning_rate=1e-2)
+  fitted = finetune.fit(setup, run, num_eval_prompts=16)
+  assert fitted.diverged_at is None
+  last = fitted.history[-1]
+  assert last["finite"] and last["reciprocal_error"] < 1e-5
+  gains = nnx.to_pure_dict(nnx.state(fitted.model, finetune.Gain))
+  for name in ("head_gain", "layer_gain"):
+    moved = np.asarray(gains[name]) != 1
+    assert moved.any() and not moved[mask[name] == 0].any(), name
+  plain_gains = finetune.fit(setup, dataclasses.replace(run, mode="gains"), num_eval_prompts=16)
+  assert plain_gains.diverged_at == 1

@@ -30,7 +30,7 @@ def _family_config(family):
 FAMILY_CONFIGS = {family: _family_config(family) for family in tasks.FAMILIES}
 LINEAR = FAMILY_CONFIGS["linear"]
 NOISELESS = ("linear", "linear_anisotropic", "sparse_linear", "mixture_linear", "relu_network",
-             "kernel_prior")
+             "kernel_prior", "relu_features")
 EPS64 = float(np.finfo(np.float64).eps)
 
 
@@ -340,6 +340,7 @@ def test_shift_added_noise(linear_prompts):
         ({"num_components": 0}, "num_components must be an integer >= 1"),
         ({"mixture_mode": "per_token"}, "Unknown TaskConfig.mixture_mode"),
         ({"hidden_units": 0}, "hidden_units must be an integer >= 1"),
+        ({"feature_seed": -1}, "feature_seed must be an integer >= 0"),
         ({"kernel_num_features": 0}, "kernel_num_features must be an integer >= 1"),
         ({"kernel_bandwidth": -1.0}, "kernel_bandwidth must be a finite number > 0"),
         ({"shift": "rotated"}, "Unknown TaskConfig.shift 'rotated'; choose one of none, orthant"),

@@ -1,34 +1,44 @@
 """From compiled to trained: does gradient descent keep CG, and can it find it? (`experiments/finetune.py`)
 
 Starts from `kcg.compile_cg` weights (dual CG with per-support state under the prefix mask; primal CG
-in the aggregator under the causal mask), trains on the noisy linear regression they solve with kcg's
-loss and optimizer, in four ways (`kcg.finetune.MODES`): every weight (`plain`), every weight but the
-division (`freeze_reciprocal`), a gain per layer and head on frozen weights (`gains`), and the same
+in the aggregator under the causal mask), trains on the task they solve with kcg's loss and optimizer,
+in four ways (`kcg.finetune.MODES`): every weight (`plain`), every weight but the division
+(`freeze_reciprocal`), a gain per layer and head on frozen weights (`gains`), and the same
 architecture from random init (`random`); then trains the architecture from random init to imitate
-CG_t (`imitate`). Writes DIR/report.md, DIR/results.json, PNGs; models in DIR/models/<name>; a rerun
-resumes.
+CG_t (`imitate`). Two task families (`config.features`, `kcg.finetune.Setup.features`): "identity",
+noisy linear regression on x; "random_relu", targets w^T phi(x) + noise with phi(x) = relu(W x) /
+sqrt(m) a fixed random-ReLU layer (W from `feature_seed`, m = `feature_dim`) that the compiled model
+computes in its first layer (kcg.tasks' "relu_features"; the references are KRR and CG_t on phi).
+Writes DIR/report.md (one section and figure per family, construction and t), DIR/results.json,
+PNGs; models in DIR/models/<family>_<construction>_t<t>_<run>; a rerun resumes.
 
 Scales (`--config=experiments/configs/finetune.py[:runlocal|:smoke]`):
 
 * default (full): t = 2, 4, 6, 8; d = 6, k = 12, q = 4, noise 0.3; 2000 steps of batch 32; every mode
-  in float32 and float64; imitation 2000 steps (72 runs). Not run yet: its runtime is unmeasured
-  (runlocal's 14 runs of 300 steps take ~4 CPU minutes, mostly compilation; expect hours on 2 cores).
+  in float32 and float64; imitation 2000 steps; both families, m = 24 (72 runs per family). Not run
+  yet. Measured for sizing (2026-12-05, shared 2-core machine, load average 2-5): one relu_features
+  dual_prefix t = 8 float32 run (74 layers, width 79) takes ~12 CPU s to compile and evaluate at step
+  0 and ~35 CPU s per 100 steps with an evaluation of 128 prompts, so ~12 CPU min per 2000-step run
+  that does not diverge (there gains and random stopped at a non-finite loss, at steps 1 and 38).
+  At t = 8 the linear family's models have 73 (dual) / 74 (primal) layers of width 31 / 55, the
+  relu_features primal_causal model width 193 (`kcg.dimensions`). Expect many hours on 2 cores.
 
       python -m experiments.finetune --config=experiments/configs/finetune.py --workdir=/tmp/ft
 
-* `runlocal`: t = 2, d = 3, k = 6, q = 4; 300 steps (eval every 50); modes in float32, plain and
-  gains also in float64; imitation 300 steps (14 runs). Measured 2026-12-05 on the shared 2-core
-  machine under load (load average 15-27): 239 s CPU (user), 14 min wall, peak RSS 1.35 GB; the wall
-  time on idle cores should be close to the CPU time. With the probes, candidate agreement and layer
-  matching at every checkpoint (`kcg.finetune.checkpoint_measures`), measured back to back with the
-  same code without them (load average 5-6): 326 s vs 287 s CPU, 479 s vs 427 s wall, peak RSS
-  2.08 vs 1.86 GB (+14% CPU, mostly one more compiled forward pass per run and the candidates' fit
-  once per setup); training numbers identical.
+* `runlocal`: t = 2, d = 3, k = 6, q = 4; 300 steps (eval every 50). Linear family: every mode in
+  float32, plain and gains also in float64, imitation 300 steps (14 runs). relu_features family
+  (m = 12): dual_prefix, plain, gains and random in float32 (3 runs). Measured 2026-12-05 on the shared
+  2-core machine under load: linear runs 239 s CPU (user), 14 min wall (load average 15-27), peak RSS
+  1.35 GB; the relu_features runs alone 82 s CPU, 189 s wall (load average 2-5), peak RSS 1.4 GB; all
+  17 runs (the slow test) 373 s CPU (user), 383 s wall at load average ~5. The wall time on idle cores
+  should be close to the CPU time.
+  With the probes, candidate agreement and layer matching at every checkpoint
+  (`kcg.finetune.checkpoint_measures`) the linear runs cost +14% CPU (326 s vs 287 s, load average 5-6).
 
       python -m experiments.finetune --config=experiments/configs/finetune.py:runlocal --workdir=/tmp/ftl
 
-* `smoke`: one construction, t = 1, modes plain and gains and the imitation, 2 steps of batch 4,
-  float32: the fast test.
+* `smoke`: dual_prefix, t = 1; linear: modes plain and gains and the imitation; relu_features (m = 4):
+  gains; 2 steps of batch 4, float32: the fast test.
 
 report.md ends its summary with the run's own wall and CPU seconds.
 """
@@ -49,21 +59,32 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.seed = 0
   config.constructions = ("dual_prefix", "primal_causal")
   config.cg_steps = (2, 4, 6, 8)
-  config.input_dim = 6
-  config.num_support = 12
+  config.input_dim = 4
+  config.num_support = 8
   config.num_query = 4
   config.noise_std = 0.3
+  # Task families (`kcg.finetune.Setup.features`): "identity" is noisy linear regression on x (the
+  # compiled model runs CG on x); "random_relu" has targets w^T phi(x), phi(x) = relu(W x) / sqrt(m)
+  # with (W, b) fixed by feature_seed, and the compiled model computes the same phi in its first layer.
+  config.features = ("identity", "random_relu")
+  config.feature_dim = 16
+  config.feature_seed = 0
+  # What the random_relu family runs ("identity" uses constructions, modes, float64_modes, imitate).
+  config.random_relu = ml_collections.ConfigDict(dict(
+      constructions=("dual_prefix",), modes=("plain", "gains", "compute_gains", "random"),
+      float64_modes=(), imitate=False))
   # Runs from the compiled weights (and the random-init control), per dtype.
-  config.modes = ("plain", "freeze_reciprocal", "gains", "random")
+  # freeze_reciprocal (non-finite at step 1 in both dtypes at runlocal) is left to runlocal.
+  config.modes = ("plain", "gains", "compute_gains", "random")
   config.dtypes = ("float32", "float64")
-  # Modes that also run in float64 at the smaller scales (all of `modes` at full scale).
-  config.float64_modes = ("plain", "freeze_reciprocal", "gains", "random")
-  config.num_steps = 2000
+  # Modes that also run in float64.
+  config.float64_modes = ("compute_gains",)
+  config.num_steps = 400
   config.batch_size = 32
   config.learning_rate = 1e-3
   # Gains are O(1) multipliers of exact blocks: a larger step (they are few).
   config.gains_learning_rate = 1e-2
-  config.eval_every = 200
+  config.eval_every = 100
   config.num_eval_prompts = 128
   # Random init of the compiled architecture (no norm, attention scale 1): small q/k/v keep the
   # cubic layers near the identity.
@@ -73,18 +94,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.random_warmup_steps = 50
   # Learning CG: random init trained to imitate CG_t (float32).
   config.imitate = True
-  config.imitate_steps = 2000
+  config.imitate_steps = 400
 
   if "runlocal" in options:
     config.scale = "runlocal"
     config.cg_steps = (2,)
     config.input_dim = 3
     config.num_support = 6
-    config.float64_modes = ("plain", "gains")
+    config.modes = ("plain", "freeze_reciprocal", "gains", "compute_gains", "random")
+    config.float64_modes = ("plain", "gains", "compute_gains")
     config.num_steps = 300
     config.imitate_steps = 300
     config.eval_every = 50
     config.num_eval_prompts = 64
+    config.feature_dim = 12
+    config.random_relu = ml_collections.ConfigDict(dict(
+        constructions=("dual_prefix",), modes=("plain", "gains", "compute_gains", "random"),
+        float64_modes=(),
+        imitate=False))
   elif "smoke" in options:
     config.scale = "smoke"
     config.constructions = ("dual_prefix",)
@@ -100,4 +127,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval_every = 1
     config.batch_size = 4
     config.num_eval_prompts = 8
+    config.feature_dim = 4
+    config.random_relu = ml_collections.ConfigDict(dict(
+        constructions=("dual_prefix",), modes=("gains",), float64_modes=(), imitate=False))
   return config

@@ -1,7 +1,7 @@
 """From compiled to trained: gradient descent started at exact CG, and CG learned from random init.
 
 The compiled and trained models are one class (`kcg.Transformer`), so a `kcg.compile_cg` model can be
-handed straight to the training code (`kcg.training.loss_fn`, `make_optimizer`, `make_batch`). Four
+handed straight to the training code (`kcg.training.loss_fn`, `make_optimizer`, `make_batch`). Five
 ways to start and what is trained (`MODES`):
 
 * ``plain``: every parameter of the compiled model, AdamW as for any trained model. The reciprocal's
@@ -15,9 +15,20 @@ ways to start and what is trained (`MODES`):
 * ``gains``: the compiled weights are frozen and the model learns a multiplier per (layer, head) and
   per layer (`GainedTransformer`, initialised at 1: the model's own `head_mask` / `layer_mask`
   arguments), so the model is exactly the compiled one at initialisation and every parameter is O(1).
+* ``compute_gains``: ``gains`` with the bookkeeping and the division held at 1 (`compute_gain_mask`):
+  only heads that compute a value (mat-vecs, reductions, step sizes, updates, directions) have a
+  trained gain, and a layer gain is trained only where its layer holds no frozen head or unit. A gain
+  of 1 + delta on a head that clears a channel leaves -delta times the old value there, which can turn
+  the next p.Ap or r.r non-positive and the reciprocal's input out of its range (measured:
+  relu_features gains diverge at step 1 this way); a gain on a head that computes a positive quantity
+  keeps it positive.
 * ``random``: the same architecture (depth, width, heads, MLP, layer schedule) from a random init.
 
 `imitation_targets` gives the "learning CG" task: the compiled float64 model's predictions as targets.
+
+Two task families (`Setup.features`): noisy linear regression on x ("identity"), and targets linear in a
+fixed random-ReLU layer phi ("random_relu", kcg.tasks' "relu_features") that the compiled model
+computes as its first layer; the references (KRR oracle, CG_t) are then computed on phi(x).
 
 Measures at checkpoints (`evaluate`): test error against the noiseless targets and against the KRR
 oracle, agreement with CG_t (pooled R^2 and relative error, `kcg.alignment.agreement`), the
@@ -49,6 +60,7 @@ from kcg._src import model as model_lib
 from kcg._src import ops
 from kcg._src import prompt as prompt_lib
 from kcg._src import solvers
+from kcg._src import tasks as tasks_lib
 from kcg._src import train_config as config_lib
 from kcg._src import train_data as data_lib
 from kcg._src import train_optim as optim_lib
@@ -56,8 +68,10 @@ from kcg._src import training
 from kcg._src.alignment_measures import agreement
 from kcg._src.alignment_measures import y_nonlinearity
 
-MODES = ("plain", "freeze_reciprocal", "gains", "random")
+MODES = ("plain", "freeze_reciprocal", "gains", "compute_gains", "random")
 CONSTRUCTIONS = {"dual_prefix": ("dual", "prefix"), "primal_causal": ("primal", "causal")}
+# Setup.features -> the task family's short name (keys of runs and the report's sections).
+FEATURES = {"identity": "linear", "random_relu": "relu_features"}
 # The scalar channels that hold s and its reciprocal at the aggregator (CG: r.r and p.Ap).
 RECIPROCAL_PAIRS = (("pAp", "inv_pAp"), ("rr", "inv_rr"))
 _RECIPROCAL_OPS = (ops.Op.GUESS, ops.Op.NEWTON)
@@ -71,14 +85,28 @@ _UNIT_AXIS = {"mlp_in": 2, "mlp_value": 2, "mlp_in_bias": 1, "mlp_out": 1}
 class Setup:
   """One compiled starting point and its task.
 
+  Two task families, each the one its compiled model is Bayes-optimal for at t -> infinity:
+
+  * features="identity" ("linear"): y = w^T x + noise_std eps, w ~ N(0, I/d) (kcg.tasks'
+    "noisy_linear"); CG on the linear kernel of x, ridge noise_std^2 d.
+  * features="random_relu" ("relu_features"): y = w^T phi(x) + noise_std eps with
+    phi(x) = relu(W x + b) / sqrt(m), (W, b) fixed by feature_seed (`kcg.tasks.relu_feature_params`)
+    and w ~ N(0, v I_m), v = `kcg.tasks.RELU_FEATURES_WEIGHT_VARIANCE` (= 2, so Var f = 1). The
+    compiled model's first layer computes the same phi (`compile_cg(features="random_relu")`), its
+    upper stack runs CG on K = Phi Phi^T at the ridge noise_std^2 / v: the posterior mean of
+    f(x*) is phi(x*)^T Phi^T (Phi Phi^T + (noise_std^2 / v) I)^-1 y.
+
   Attributes:
     construction: a key of `CONSTRUCTIONS` ("dual_prefix": per-support dual CG under the prefix mask;
       "primal_causal": primal CG in the aggregator under the causal mask).
     num_steps: t, CG steps compiled.
-    input_dim: d (features are the raw inputs).
+    input_dim: d (the prompt holds raw x in both families).
     num_support: k.
     num_query: q queries per prompt.
-    noise_std: label noise of the linear task; the compiled ridge is the Bayes ridge noise_std^2 d.
+    noise_std: label noise; sets the Bayes ridge (above), floored at 1e-3 as for kcg's baselines.
+    features: a `FEATURES` entry: "identity" or "random_relu".
+    feature_dim: m, the random-ReLU features (features="random_relu" only).
+    feature_seed: the seed of (W, b) (features="random_relu" only).
   """
 
   construction: str = "dual_prefix"
@@ -87,18 +115,26 @@ class Setup:
   num_support: int = 8
   num_query: int = 4
   noise_std: float = 0.3
+  features: str = "identity"
+  feature_dim: int = 16
+  feature_seed: int = 0
 
   def __post_init__(self):
     if self.construction not in CONSTRUCTIONS:
       raise ValueError(f"Setup.construction={self.construction!r} is not one of "
                        f"{tuple(CONSTRUCTIONS)}.")
-    for name in ("num_steps", "input_dim", "num_support", "num_query"):
+    if self.features not in FEATURES:
+      raise ValueError(f"Setup.features={self.features!r} is not one of {tuple(FEATURES)}.")
+    for name in ("num_steps", "input_dim", "num_support", "num_query", "feature_dim"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"Setup.{name} must be a positive int, got {value!r}.")
+    if (isinstance(self.feature_seed, bool) or not isinstance(self.feature_seed, (int, np.integer))
+        or self.feature_seed < 0):
+      raise ValueError(f"Setup.feature_seed must be an int >= 0, got {self.feature_seed!r}.")
     if not (isinstance(self.noise_std, (int, float)) and math.isfinite(self.noise_std)
             and self.noise_std > 0):
-      raise ValueError(f"Setup.noise_std must be > 0 (it sets the ridge noise_std^2 d), got "
+      raise ValueError(f"Setup.noise_std must be > 0 (it sets the Bayes ridge), got "
                        f"{self.noise_std!r}.")
 
   @property
@@ -112,22 +148,58 @@ class Setup:
     return CONSTRUCTIONS[self.construction][0]
 
   @property
+  def family(self) -> str:
+    """The task family's short name: "linear" or "relu_features"."""
+    return FEATURES[self.features]
+
+  @property
+  def name(self) -> str:
+    """"<family>_<construction>_t<t>", e.g. "relu_features_dual_prefix_t2"."""
+    return f"{self.family}_{self.construction}_t{self.num_steps}"
+
+  @property
   def data(self) -> config_lib.DataSpec:
-    """The training task: noisy linear regression at this setup's d, k, q and noise."""
-    return config_lib.DataSpec(family="noisy_linear", input_dim=self.input_dim,
-                             num_support=self.num_support, num_query=self.num_query,
-                             mask=self.mask, noise_std=float(self.noise_std))
+    """The training task (see the class docstring) at this setup's d, k, q and noise."""
+    common = dict(input_dim=self.input_dim, num_support=self.num_support, num_query=self.num_query,
+                  mask=self.mask, noise_std=float(self.noise_std))
+    if self.features == "identity":
+      return config_lib.DataSpec(family="noisy_linear", **common)
+    return config_lib.DataSpec(family="relu_features", hidden_units=int(self.feature_dim),
+                               feature_seed=int(self.feature_seed), **common)
 
   @property
   def ridge(self) -> float:
-    """The compiled ridge: the Bayes ridge noise_std^2 d, floored at 1e-3 as for kcg's baselines."""
-    return config_lib.baseline_ridge(self.data)
+    """The compiled ridge: the Bayes ridge noise_std^2 / (prior variance of w), floored at 1e-3."""
+    if self.features == "identity":
+      return config_lib.baseline_ridge(self.data)
+    return max(self.noise_std**2 / tasks_lib.RELU_FEATURES_WEIGHT_VARIANCE, 1e-3)
+
+  @property
+  def feature_params(self):
+    """(W [m, d], b [m]) of the random-ReLU layer, or None for features="identity"."""
+    if self.features == "identity":
+      return None
+    return tasks_lib.relu_feature_params(self.input_dim, self.feature_dim, self.feature_seed)
+
+  def phi(self, x) -> np.ndarray:
+    """The features `[..., p]` at inputs `x [..., d]` in float64: x, or relu(W x + b) / sqrt(m)."""
+    x = np.asarray(x, np.float64)
+    if self.features == "identity":
+      return x
+    weights, bias = (np.asarray(a, np.float64) for a in self.feature_params)
+    return np.maximum(x @ weights.T + bias, 0.0) / math.sqrt(self.feature_dim)
 
 
 def compile_setup(setup: Setup, dtype) -> compiler.CompiledCG:
-  """`kcg.compile_cg` for the setup (linear kernel on the raw inputs, its Bayes ridge)."""
-  return compiler.compile_cg(setup.num_support, setup.input_dim, setup.num_steps, setup.ridge,
-                             mask=setup.mask, form=setup.form, dtype=jnp.dtype(dtype))
+  """`kcg.compile_cg` for the setup: CG on the linear kernel of phi(x) (x, or the random-ReLU layer
+  `setup.feature_params` as the model's first layer) at the setup's Bayes ridge."""
+  if setup.features == "identity":
+    return compiler.compile_cg(setup.num_support, setup.input_dim, setup.num_steps, setup.ridge,
+                               mask=setup.mask, form=setup.form, dtype=jnp.dtype(dtype))
+  return compiler.compile_cg(setup.num_support, setup.feature_dim, setup.num_steps, setup.ridge,
+                             mask=setup.mask, form=setup.form, features="random_relu",
+                             feature_params=tuple(np.asarray(a) for a in setup.feature_params),
+                             input_dim=setup.input_dim, dtype=jnp.dtype(dtype))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,6 +289,30 @@ def random_model(config: model_lib.ModelConfig, seed: int, qkv_init_scale: float
   return model
 
 
+# Ops whose gain stays 1 in mode "compute_gains": exact cancellation (clears and moves) and the
+# division, whose guess is only valid on its stated input range.
+_FROZEN_GAIN_OPS = (ops.Op.MOVE, ops.Op.GUESS, ops.Op.NEWTON)
+
+
+def compute_gain_mask(compiled: compiler.CompiledCG) -> dict:
+  """`{"head_gain": [L, H], "layer_gain": [L]}` 0/1 (`GainedTransformer`'s pure-dict layout): 1 on
+  heads whose `kcg.ops.Op` computes a value, 0 on heads in `_FROZEN_GAIN_OPS` and on unused head
+  slots; a layer's gain is 1 only if none of its heads or ReLU unit groups is frozen."""
+  program, config = compiled.program, compiled.config
+  if len(program.schedule) != config.num_layers:
+    raise ValueError(f"Program {program.name!r} runs {len(program.schedule)} layers but the model has "
+                     f"{config.num_layers}: the gain mask needs one block per layer.")
+  heads = np.zeros((config.num_layers, config.num_heads))
+  layers = np.zeros((config.num_layers,))
+  for layer in range(config.num_layers):
+    block = program.layer_block(layer)
+    for h, head in enumerate(block.heads):
+      heads[layer, h] = head.op not in _FROZEN_GAIN_OPS
+    frozen = [x for x in tuple(block.heads) + tuple(block.units) if x.op in _FROZEN_GAIN_OPS]
+    layers[layer] = not frozen
+  return {"head_gain": heads, "layer_gain": layers}
+
+
 def masked_updates(keep: dict) -> optax.GradientTransformation:
   """Zeroes the update entries where `keep` (a pure dict of 0/1 arrays, `nnx.to_pure_dict` layout,
   looked up by the update's own tree path) is 0; `where`, not a product, so that a non-finite update
@@ -249,6 +345,8 @@ def start_model(mode: str, compiled: compiler.CompiledCG, *, seed: int = 0,
   base = nnx.clone(compiled.model)  # the optimizer updates its own copy
   if mode == "gains":
     return GainedTransformer(base), Gain, None
+  if mode == "compute_gains":
+    return GainedTransformer(base), Gain, compute_gain_mask(compiled)
   if mode == "plain":
     return base, nnx.Param, None
   keep = jax.tree.map(lambda m: (~m).astype(np.float64), reciprocal_mask(compiled))
@@ -276,7 +374,7 @@ class Run:
 
   Attributes:
     mode: a `MODES` entry (how the model starts and what is trained).
-    task: "task" (the noisy linear regression the compiled model solves: targets y) or "imitate"
+    task: "task" (the setup's regression task, which the compiled model solves: targets y) or "imitate"
       (targets are the compiled float64 model's predictions, CG_t: "learning CG").
     dtype: "float32" or "float64" (parameters, data and arithmetic).
     num_steps, batch_size, learning_rate, warmup_steps, clip_norm: AdamW as in `kcg.training`
@@ -337,8 +435,8 @@ class EvalSet(NamedTuple):
     x_query: [B, q, d].
     f_query: [B, q], the noiseless targets.
     y_other: [B, k], another prompt's labels (the second label vector of the y-linearity index).
-    krr: [B, q], the KRR oracle (Cholesky, the compiled ridge).
-    cg: [B, q], CG_t (reference solver).
+    krr: [B, q], the KRR oracle on phi(x) (Cholesky, the compiled ridge).
+    cg: [B, q], CG_t on phi(x) (reference solver).
   """
 
   x_support: np.ndarray
@@ -352,16 +450,18 @@ class EvalSet(NamedTuple):
 
 def eval_set(setup: Setup, num_prompts: int, seed: int, shift: str = "none") -> EvalSet:
   """`num_prompts` held-out prompts (an eval stream of `seed`, never a training batch), with
-  references in float64 (`kcg.solvers`: Cholesky KRR; dual or primal CG as compiled)."""
+  references in float64 on the setup's features `setup.phi(x)` (`kcg.solvers`: Cholesky KRR; dual or
+  primal CG as compiled)."""
   data = setup.data
   key = jax.random.fold_in(data_lib.eval_key(seed), 7)
   p = data_lib.sample_prompts(key, data, batch_size=num_prompts, shift=shift)
   f64 = lambda a: np.asarray(a, np.float64)
   xs, ys, xq = f64(p.x_support), f64(p.y_support), f64(p.x_query)
   cg_fn = solvers.cg_predict if setup.form == "dual" else solvers.primal_cg_predict
+  phi_s, phi_q = setup.phi(xs), setup.phi(xq)
   with jax.numpy_dtype_promotion("standard"):
-    krr = f64(solvers.krr_predict(xs, ys, xq, setup.ridge))
-    cg = f64(cg_fn(xs, ys, xq, setup.ridge, setup.num_steps))[:, -1]
+    krr = f64(solvers.krr_predict(phi_s, ys, phi_q, setup.ridge))
+    cg = f64(cg_fn(phi_s, ys, phi_q, setup.ridge, setup.num_steps))[:, -1]
   return EvalSet(xs, ys, xq, f64(p.f_query), np.roll(ys, 1, axis=0), krr, cg)
 
 

@@ -19,7 +19,7 @@ run), on held-out prompts, at every checkpoint (`checkpoint_measures`, called by
   compiled model's exact channels still give R^2 = 1 to ~1e-9.
 * *Candidate agreement* (`candidate_predictions`, `candidate_agreement`): the model's predictions
   against every candidate solver of `kcg.matching` / `kcg.alignment` after t steps (the compiled
-  model's step count) on the raw inputs (the compiled kernel is linear) and the compiled ridge: dual CG,
+  model's step count) on the compiled features phi(x) (x, or the random-ReLU layer) and the compiled ridge: dual CG,
   primal CG, Jacobi-PCG, GD, Chebyshev, Newton-Schulz, and GD++, heavy-ball momentum and the best fixed
   polynomial, fitted to the noiseless targets of a separate set of prompts; and the KRR solution
   ("krr"). Pooled R^2 of the candidate as a description of the model's predictions
@@ -48,7 +48,7 @@ from kcg._src import train_data as data_lib
 from kcg._src.alignment_measures import agreement
 
 PROBE_QUANTITIES = ("alpha", "r", "p")
-# Per-prompt candidates on the raw inputs (data space), and the ones fitted to the task distribution.
+# Per-prompt candidates on the compiled features (data space), and the ones fitted to the task distribution.
 PER_PROMPT = ("cg", "primal_cg", "pcg", "gd", "chebyshev", "newton_schulz")
 FITTED = candidates_lib.FITTED
 CANDIDATES = PER_PROMPT + FITTED + ("krr",)
@@ -176,7 +176,7 @@ class _Hashed:
 
 def candidate_predictions(setup: Any, seed: int, ev: Any) -> dict[str, np.ndarray]:
   """`{name: [B, q]}` of every `CANDIDATES` entry after `setup.num_steps` steps on `ev`'s prompts
-  (float64, raw inputs, `setup.ridge`); the fitted ones fitted on other prompts of `seed`'s eval stream.
+  (float64, on the setup's features `setup.phi(x)`, `setup.ridge`); the fitted ones fitted on other prompts of `seed`'s eval stream.
 
   Cached per (setup, seed, prompts): it does not depend on the model.
   """
@@ -188,15 +188,16 @@ def _candidate_predictions(hashed: _Hashed) -> dict[str, np.ndarray]:
   setup, ev = hashed.setup, hashed.ev
   t, ridge = int(setup.num_steps), float(setup.ridge)
   f64 = lambda a: jnp.asarray(a, jnp.float64)
-  prompts = _Prompts(f64(ev.x_support), f64(ev.y_support), f64(ev.x_query))
+  # Every candidate runs on the features the compiled model solves on: x, or its random-ReLU phi(x).
+  prompts = _Prompts(f64(setup.phi(ev.x_support)), f64(ev.y_support), f64(setup.phi(ev.x_query)))
   with jax.numpy_dtype_promotion("standard"):
     per_prompt = matching.algorithm_trajectories(prompts, ridge, t, algorithms=PER_PROMPT,
                                                  spaces=("data",))
     out = {name: np.asarray(per_prompt[f"{name}/data"], np.float64)[:, t] for name in PER_PROMPT}
     key = jax.random.fold_in(data_lib.eval_key(hashed.seed), _FIT_STREAM)
     fit = data_lib.sample_prompts(key, setup.data, batch_size=_NUM_FIT_PROMPTS)
-    fit_problem = candidates_lib.FeatureProblem(f64(fit.x_support), f64(fit.y_support),
-                                                f64(fit.x_query), f64(fit.f_query))
+    fit_problem = candidates_lib.FeatureProblem(f64(setup.phi(fit.x_support)), f64(fit.y_support),
+                                                f64(setup.phi(fit.x_query)), f64(fit.f_query))
     fitted = candidates_lib.fit_candidates(fit_problem, ridge, t)
     traj = candidates_lib.trajectories(candidates_lib.FeatureProblem(*prompts[:3]), ridge, t,
                                        names=FITTED, fitted=fitted)
@@ -217,12 +218,15 @@ def candidate_agreement(pred_BxQ: Any, candidates: dict[str, Any]) -> dict:
 
 
 def layer_matching(layer_predictions_LxBxQ: Any, ev: Any, ridge: float, max_steps: int,
-                   key: Any) -> dict:
-  """Per layer, the best-matching per-prompt candidate (`PER_PROMPT`, raw inputs) and step among
+                   key: Any, phi: Any = None) -> dict:
+  """Per layer, the best-matching per-prompt candidate (`PER_PROMPT`, on `phi(x)`: raw inputs by
+  default) and step among
   0..max_steps (`kcg.matching.match_layers`): `{"name", "step", "relative", "squared_difference"}`,
   each `[L+1]` (relative distance |f_l - f_t| / |f_t|: inf at a step-0 match, where f_0 = 0)."""
   f64 = lambda a: jnp.asarray(a, jnp.float64)
-  prompts = _Prompts(f64(ev.x_support), f64(ev.y_support), f64(ev.x_query), f64(ev.f_query))
+  phi = (lambda x: x) if phi is None else phi
+  prompts = _Prompts(f64(phi(ev.x_support)), f64(ev.y_support), f64(phi(ev.x_query)),
+                     f64(ev.f_query))
   with jax.numpy_dtype_promotion("standard"):
     traj = matching.algorithm_trajectories(prompts, ridge, max_steps, algorithms=PER_PROMPT,
                                            spaces=("data",))
@@ -255,8 +259,8 @@ def checkpoint_measures(model, compiled: Any, setup: Any, run: Any, ev: Any,
   num_support, num_query = ev.x_support.shape[1], ev.x_query.shape[1]
   residuals, readout = model_residuals(model, setup.input_dim, ev.x_support, ev.y_support,
                                        ev.x_query, dtype)
-  targets = probes.state_targets(ev.x_support, ev.y_support, setup.ridge, setup.num_steps,
-                                 form=setup.form)
+  targets = probes.state_targets(setup.phi(ev.x_support), ev.y_support, setup.ridge,
+                                 setup.num_steps, form=setup.form)
   key = jax.random.key(int(run.seed))
   found = state_probes(residuals, program, targets, key, num_support=num_support,
                        num_query=num_query)
@@ -269,7 +273,7 @@ def checkpoint_measures(model, compiled: Any, setup: Any, run: Any, ev: Any,
   out.update(candidate_r2=agree["r2"], candidate_relative=agree["relative"],
              closest_candidate=agree["closest"])
   out["layer_match"] = layer_matching(lens, ev, setup.ridge, 2 * int(setup.num_steps),
-                                      jax.random.fold_in(key, 1))
+                                      jax.random.fold_in(key, 1), phi=setup.phi)
   return out
 
 

@@ -27,6 +27,7 @@ the GLMs it is the linear predictor `w^T x` that has unit variance:
 | `mixture_linear` | `w_c^T x`, `c` uniform over `num_components` (see `mixture_mode`) | as `linear` |
 | `relu_network` | `sqrt(2/h) sum_j a_j relu(u_j^T x)`, `u_j ~ N(0, I/d)`, `a_j ~ N(0, 1)` [1] | as `linear` |
 | `kernel_prior` | `w^T phi_rf(x)`, `w ~ N(0, I)`: a GP sample, random Fourier features | as `linear` |
+| `relu_features` | `w^T phi(x)`, `w ~ N(0, 2 I_h)`, `phi` one fixed random-ReLU layer [2] | as `linear` |
 
 `mixture_mode="per_point"`: each prompt draws `num_components` weight vectors and every point (support
 and query) picks its component independently. `"per_prompt"`: `num_components` weight vectors are drawn
@@ -49,6 +50,13 @@ key a shifted config makes every draw of its unshifted version (same inputs befo
 so comparisons isolate the shift.
 
 [1] Garg, Tsipras, Liang, Valiant (2022), What can transformers learn in-context?
+[2] `phi(x) = relu(W x + b) / sqrt(h)` with `(W, b) = relu_feature_params(d, h, feature_seed)`
+(`kcg.features.random_relu(h)`: `W ~ N(0, I/d)`, `b = 0`), one layer shared by every prompt of every
+call: the feature layer `kcg.compile_cg(features="random_relu")` compiles. This is `relu_network` with
+its hidden layer fixed, so KRR on `phi` at ridge `noise_std^2 / RELU_FEATURES_WEIGHT_VARIANCE` is the
+Bayes posterior mean. `E|phi(x)|^2 = 1/2` (`E relu(z)^2 = 1/2` for `z = W_i x ~ N(0, 1)`), so
+`Var f = 2 E|phi|^2 = 1`. `W` is drawn for the prompts' `d`: a curriculum stage with fewer dimensions
+draws its own layer.
 
 `Prompts` also carries the noiseless targets `f_support`, `f_query` (the conditional mean `E[y | x, task]`;
 for `mixture_linear`, given the point's component) for measuring excess risk.
@@ -80,6 +88,7 @@ FAMILIES = (
     "mixture_linear",
     "relu_network",
     "kernel_prior",
+    "relu_features",
 )
 SHIFTS = (
     "none",
@@ -100,6 +109,8 @@ _GLM_FAMILIES = ("logistic", "poisson")
 _NEEDS_NOISE = ("noisy_linear", "heteroskedastic")
 _DEFAULT_NOISE_STD = {"noisy_linear": 0.5, "heteroskedastic": 0.5}
 _DEFAULT_CONDITION_NUMBER = {"linear_anisotropic": 100.0}
+# Prior variance of the output weights of `relu_features` (w ~ N(0, 2 I)), so that Var f = 1.
+RELU_FEATURES_WEIGHT_VARIANCE = 2.0
 
 
 class Prompts(NamedTuple):
@@ -172,7 +183,8 @@ class TaskConfig:
     glm_scale: `> 0`, the GLMs' inverse temperature on `w^T x`.
     num_components: mixture components `>= 1`.
     mixture_mode: one of `MIXTURE_MODES`.
-    hidden_units: width `h` of the `relu_network` target.
+    hidden_units: width `h` of the `relu_network` target and of the `relu_features` feature layer.
+    feature_seed: the seed of `relu_features`' fixed feature layer (`relu_feature_params`).
     kernel_num_features: random Fourier features of the `kernel_prior` target.
     kernel_bandwidth: its Gaussian kernel's length scale (default `sqrt(d)`, so a typical pair of inputs
       has kernel value about `exp(-1)`).
@@ -198,6 +210,7 @@ class TaskConfig:
   num_components: int = 2
   mixture_mode: str = "per_point"
   hidden_units: int = 100
+  feature_seed: int = 0
   kernel_num_features: int = 256
   kernel_bandwidth: float | None = None
   shift: str = "none"
@@ -235,6 +248,7 @@ class TaskConfig:
     put("num_components", _check_int(self.num_components, "num_components", 1))
     _check_choice(self.mixture_mode, "mixture_mode", MIXTURE_MODES)
     put("hidden_units", _check_int(self.hidden_units, "hidden_units", 1))
+    put("feature_seed", _check_int(self.feature_seed, "feature_seed", 0))
     put("kernel_num_features", _check_int(self.kernel_num_features, "kernel_num_features", 1))
     bandwidth = math.sqrt(d) if self.kernel_bandwidth is None else self.kernel_bandwidth
     put("kernel_bandwidth", _check_float(bandwidth, "kernel_bandwidth", 0.0, strict=True))
@@ -347,6 +361,8 @@ def _normal_shapes(config: TaskConfig) -> dict[str, tuple[int, ...]]:
   elif family == "relu_network":
     shapes["hidden_weights"] = (config.hidden_units, d)
     shapes["out_weights"] = (config.hidden_units, r)
+  elif family == "relu_features":
+    shapes["out_weights"] = (config.hidden_units, r)
   elif family == "kernel_prior":
     shapes["rf_weights"] = (config.kernel_num_features, d)
     shapes["gp_weights"] = (config.kernel_num_features, r)
@@ -398,6 +414,17 @@ class _Shared(NamedTuple):
 
   rotation_DxD: Array | None
   mixture_weights_MxDxR: Array | None
+  relu_features: features_lib.RandomFeatureParams | None
+
+
+def relu_feature_params(input_dim: int, num_features: int,
+                        seed: int) -> features_lib.RandomFeatureParams:
+  """`(W [h, d], b [h])` of the `relu_features` family: `kcg.features.random_relu(h).init(key(seed), d)`.
+
+  Pass the same to `kcg.compile_cg(features="random_relu", feature_params=...)` to compile the model
+  whose first layer is this family's `phi`.
+  """
+  return features_lib.random_relu(num_features).init(jax.random.key(seed), input_dim)
 
 
 def _sample_shared(key: Array, config: TaskConfig, dtype: Any) -> _Shared:
@@ -413,7 +440,10 @@ def _sample_shared(key: Array, config: TaskConfig, dtype: Any) -> _Shared:
     mixture = jax.random.normal(key, (config.num_components, d, r), dtype) * jnp.asarray(
         1.0 / math.sqrt(d), dtype
     )
-  return _Shared(rotation, mixture)
+  relu = None
+  if config.family == "relu_features":
+    relu = relu_feature_params(d, config.hidden_units, config.feature_seed)
+  return _Shared(rotation, mixture, relu)
 
 
 def _sample_inputs(
@@ -522,6 +552,12 @@ def _targets(
         bias_M=uniforms["rf_phases"] * jnp.asarray(2.0 * math.pi, dtype),
     )  # The same distribution as `feature_map.init`, drawn from this prompt's pools.
     f = _matmul(feature_map.apply(params, x_NxD), normals["gp_weights"])
+    return f, f + noise_std * eps_NxR
+
+  if family == "relu_features":
+    phi_NxH = features_lib.random_relu(config.hidden_units).apply(shared.relu_features, x_NxD)
+    w_HxR = normals["out_weights"] * jnp.asarray(math.sqrt(RELU_FEATURES_WEIGHT_VARIANCE), dtype)
+    f = _matmul(phi_NxH, w_HxR)
     return f, f + noise_std * eps_NxR
 
   raise AssertionError(f"unhandled family {family!r}")  # TaskConfig validated the name.

@@ -156,8 +156,8 @@ class DataSpec:
     num_query: q queries per prompt (`"query"` encoding; `"every_prefix"` uses 1).
     encoding: `"query"` or `"every_prefix"` (see `kcg._src.train_data`).
     mask: `"prefix"` or `"causal"` for `"query"`; `"every_prefix"` needs `"causal"`.
-    noise_std, condition_number, input_rotation, covariance_seed, sparsity, hidden_units: passed to
-      `kcg.tasks.TaskConfig` (None = the family's default).
+    noise_std, condition_number, input_rotation, covariance_seed, sparsity, hidden_units,
+      feature_seed: passed to `kcg.tasks.TaskConfig` (None = the family's default).
     tree_depth: depth of the decision trees.
     glm_targets, glm_scale: `kcg.tasks.TaskConfig.glm_targets` ("sample" or "mean") and `glm_scale` of
       the GLM families.
@@ -175,6 +175,7 @@ class DataSpec:
   covariance_seed: int = 0
   sparsity: int | None = None
   hidden_units: int = 100
+  feature_seed: int = 0
   tree_depth: int = 4
   glm_targets: str = "sample"
   glm_scale: float = 1.0
@@ -405,7 +406,8 @@ def task_config(data: DataSpec, input_dim: int, num_support: int, batch_size: in
   kwargs = dict(family=family, input_dim=input_dim, num_support=num_support, num_query=num_query,
                 batch_size=batch_size, noise_std=data.noise_std,
                 condition_number=data.condition_number, input_rotation=data.input_rotation,
-                covariance_seed=data.covariance_seed, hidden_units=data.hidden_units, shift=shift,
+                covariance_seed=data.covariance_seed, hidden_units=data.hidden_units,
+                feature_seed=data.feature_seed, shift=shift,
                 glm_targets=data.glm_targets, glm_scale=data.glm_scale)
   if data.sparsity is not None:
     kwargs["sparsity"] = min(data.sparsity, input_dim)

@@ -47,7 +47,7 @@ from kcg._src import training
 
 # DataSpec fields that only change which prompts are drawn, not the shapes or the step function.
 TASK_FIELDS = ("family", "noise_std", "condition_number", "input_rotation", "covariance_seed",
-               "sparsity", "hidden_units", "tree_depth")
+               "sparsity", "hidden_units", "feature_seed", "tree_depth")
 
 
 def structure_key(config: config_lib.TrainConfig) -> config_lib.TrainConfig:
