@@ -231,7 +231,7 @@ def _sentences(rows: list[dict], construction: str, t: int) -> list[str]:
                      f"({blow['name']}), channel {blow['channel']} of {_article(blow['token'])} token "
                      f"({_f(blow['relative_change'])})")
         out.append(f"{construction}, t={t}, {dtype}: training {_MODE_TEXT[mode]} from the compiled "
-                   f"weights gave a non-finite loss at step {r['diverged_at']} (stopped){detail}.")
+                   f"weights gave a non-finite loss or gradient at step {r['diverged_at']} (stopped){detail}.")
       else:
         out.append(f"{construction}, t={t}, {dtype}: training {_MODE_TEXT[mode]} ran {r['last_step']} "
                    f"steps; test MSE {_f(r['mse_start'])} -> {_f(r['mse_end'])} (CG_t {_f(r['cg_mse'])}, "
@@ -245,7 +245,7 @@ def _sentences(rows: list[dict], construction: str, t: int) -> list[str]:
           detail = "" if blow.get("layer") is None else (
               f"; the first change above 1e6 (relative) is at layer {blow['layer']} ({blow['name']}), "
               f"channel {blow['channel']} of {_article(blow['token'])} token")
-          out.append(f"{construction}, t={t}, {dtype}, {gain_mode}: non-finite loss at step {r['diverged_at']}"
+          out.append(f"{construction}, t={t}, {dtype}, {gain_mode}: non-finite loss or gradient at step {r['diverged_at']}"
                      f"{detail}.")
         else:
           kept = "within R^2 0.99 of" if (r["cg_r2_end"] or -1) > 0.99 else "below R^2 0.99 against"

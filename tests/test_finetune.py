@@ -6,6 +6,7 @@ binary end to end."""
 import dataclasses
 import functools
 import json
+import math
 import os
 
 import jax
@@ -17,6 +18,7 @@ from flax import nnx
 import figure_style
 
 from kcg import finetune
+from kcg._src import finetune as finetune_lib
 from kcg import ops
 from kcg import tasks
 from kcg._src import train_data
@@ -229,6 +231,31 @@ def test_plain_adam_from_compiled_weights_stops_at_the_first_non_finite_loss(tmp
   assert saved["diverged_at"] == result.diverged_at
 
 
+def test_an_overflowing_gradient_norm_stops_the_run_even_with_a_finite_loss(monkeypatch):
+  """clip_by_global_norm turns an infinite gradient norm into a zero update: without the check the run
+  would go on with a finite loss and weights that never move (measured: plain float32 at t = 8)."""
+  made = finetune.train_step
+
+  def overflowing_at_step_1(graphdef, data, wrt):
+    step_fn, calls = made(graphdef, data, wrt), []
+
+    def step(state, batch):
+      calls.append(1)
+      new_state, metrics = step_fn(state, batch)
+      if len(calls) == 2:
+        metrics = {**metrics, "grad_norm": jnp.asarray(np.inf, metrics["grad_norm"].dtype)}
+      return new_state, metrics
+
+    return step
+
+  monkeypatch.setattr(finetune_lib, "train_step", overflowing_at_step_1)
+  run = finetune.Run(mode="gains", num_steps=4, batch_size=8, eval_every=2, learning_rate=1e-2)
+  result = finetune.fit(SETUP, run, num_eval_prompts=8)
+  assert result.diverged_at == 1
+  assert result.history[-1]["finite"] is False and math.isfinite(result.history[-1]["train_loss"])
+  assert result.history[-1]["grad_norm"] == np.inf
+
+
 def test_a_killed_run_resumes_to_the_uninterrupted_numbers(tmp_path):
   run = finetune.Run(mode="gains", num_steps=4, batch_size=8, eval_every=2, learning_rate=1e-2)
   whole = finetune.fit(SETUP, run, str(tmp_path / "whole"), num_eval_prompts=8)
@@ -311,7 +338,7 @@ def test_smoke_binary_writes_report_results_and_figures_then_resumes(tmp_path, m
   assert plain["diverged_at"] is not None and gains["diverged_at"] is None
   assert gains["history"][0]["cg_r2"] > 0.999999 and gains["history"][0]["reciprocal_error"] < 1e-5
   report = (tmp_path / "report.md").read_text()
-  assert f"non-finite loss at step {plain['diverged_at']}" in report
+  assert f"non-finite loss or gradient at step {plain['diverged_at']}" in report
   # The compiled start holds the CG state at its step-end layers and is closest to CG_t.
   assert gains["history"][0]["probe_r2_mean"] > 0.99
   assert gains["history"][0]["closest_candidate"] == "cg"

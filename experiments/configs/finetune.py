@@ -2,8 +2,9 @@
 
 Starts from `kcg.compile_cg` weights (dual CG with per-support state under the prefix mask; primal CG
 in the aggregator under the causal mask), trains on the task they solve with kcg's loss and optimizer,
-in four ways (`kcg.finetune.MODES`): every weight (`plain`), every weight but the division
-(`freeze_reciprocal`), a gain per layer and head on frozen weights (`gains`), and the same
+in five ways (`kcg.finetune.MODES`): every weight (`plain`), every weight but the division
+(`freeze_reciprocal`), a gain per layer and head on frozen weights (`gains`), gains only on the heads
+that compute a value, bookkeeping and division held at 1 (`compute_gains`), and the same
 architecture from random init (`random`); then trains the architecture from random init to imitate
 CG_t (`imitate`). Two task families (`config.features`, `kcg.finetune.Setup.features`): "identity",
 noisy linear regression on x; "random_relu", targets w^T phi(x) + noise with phi(x) = relu(W x) /
@@ -14,14 +15,18 @@ PNGs; models in DIR/models/<family>_<construction>_t<t>_<run>; a rerun resumes.
 
 Scales (`--config=experiments/configs/finetune.py[:runlocal|:smoke]`):
 
-* default (full): t = 2, 4, 6, 8; d = 6, k = 12, q = 4, noise 0.3; 2000 steps of batch 32; every mode
-  in float32 and float64; imitation 2000 steps; both families, m = 24 (72 runs per family). Not run
-  yet. Measured for sizing (2026-12-05, shared 2-core machine, load average 2-5): one relu_features
-  dual_prefix t = 8 float32 run (74 layers, width 79) takes ~12 CPU s to compile and evaluate at step
-  0 and ~35 CPU s per 100 steps with an evaluation of 128 prompts, so ~12 CPU min per 2000-step run
-  that does not diverge (there gains and random stopped at a non-finite loss, at steps 1 and 38).
-  At t = 8 the linear family's models have 73 (dual) / 74 (primal) layers of width 31 / 55, the
-  relu_features primal_causal model width 193 (`kcg.dimensions`). Expect many hours on 2 cores.
+* default (full): t = 2, 4, 6, 8; d = 4, k = 8, q = 4, noise 0.3; 400 steps of batch 32, evaluated
+  every 100 on 128 held-out prompts. Linear family, both constructions: plain, gains, compute_gains
+  and random in float32, compute_gains in float64, and the imitation (400 steps); relu_features
+  (m = 16), dual_prefix: plain, gains, compute_gains and random in float32 (64 runs; the
+  relu_features primal_causal model is wider, width 193 vs 79 at m = 24, and its runs did not fit
+  the session that ran this).
+  Measured 2026-12-05 on the shared 2-core machine (load average 4-8, the test suite running
+  beside it): 2447 s CPU (user) in all, peak RSS 2.2 GB; run as two processes over disjoint runs
+  into one workdir (43 min wall), then the default command once more (6.5 min: it resumed the
+  finished runs and wrote the report). The sizes first planned (d = 6, k = 12, 2000 steps,
+  every mode in both dtypes) cost ~12 CPU min per run at t = 8 (measured: 74 layers of width 79 for
+  relu_features dual_prefix, ~35 CPU s per 100 steps with an evaluation), i.e. many hours on 2 cores.
 
       python -m experiments.finetune --config=experiments/configs/finetune.py --workdir=/tmp/ft
 

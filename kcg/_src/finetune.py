@@ -59,6 +59,7 @@ from kcg._src import finetune_measures
 from kcg._src import model as model_lib
 from kcg._src import ops
 from kcg._src import prompt as prompt_lib
+from kcg._src import reciprocal as recip
 from kcg._src import solvers
 from kcg._src import tasks as tasks_lib
 from kcg._src import train_config as config_lib
@@ -489,7 +490,9 @@ def reciprocal_errors(model, compiled: compiler.CompiledCG, ev: EvalSet, dtype) 
   """`model` (a Transformer of the compiled architecture, or a `GainedTransformer`): max |s x - 1| over the aggregator's (s, x ~ 1/s) channel pairs after every step's last Newton
   layer, on the eval prompts; 0 when the model still divides exactly (in exact arithmetic).
 
-  Pairs with s = 0 (nothing to divide) are skipped."""
+  Pairs with s outside the reciprocal's stated interval [low, high] (`kcg._src.reciprocal.spec_for`)
+  are skipped: s = 0 (nothing to divide), and r.r below `low` once CG has converged (float64 at t = k),
+  where gamma = r.r / p.Ap is ~0 whatever the reciprocal returns."""
   program = compiled.program
   # The residual after a layer that ends a run of Newton layers holds the refined reciprocals.
   is_newton = [program.blocks[b].op is ops.Op.NEWTON for b in program.schedule] + [False]
@@ -503,12 +506,14 @@ def reciprocal_errors(model, compiled: compiler.CompiledCG, ev: EvalSet, dtype) 
   graphdef, state = nnx.split(model)
   residuals = _forward(graphdef, state, tokens, layout.num_prefix, True).residuals
   at_agg = np.asarray(residuals[np.asarray(layers), :, layout.aggregator_index], np.float64)
+  spec = recip.spec_for(dtype, compiled.options.newton_steps)
   errors = []
   for s_name, x_name in pairs:
     s = at_agg[..., program.layout.slice(s_name)]
     x = at_agg[..., program.layout.slice(x_name)]
+    in_range = (np.abs(s) >= spec.low) & (np.abs(s) <= spec.high)
     with np.errstate(invalid="ignore", over="ignore"):
-      err = np.abs(s * x - 1.0)[s != 0]
+      err = np.abs(s * x - 1.0)[in_range]
     errors.append(np.where(np.isfinite(err), err, np.inf))
   return np.concatenate(errors)
 
@@ -647,7 +652,7 @@ def train_step(graphdef, data: config_lib.DataSpec, wrt) -> Callable:
       optimizer.update(model, grads)
     return nnx.state((model, optimizer)), {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
-  # No donation: on a non-finite loss `fit` keeps the state the step started from.
+  # No donation: on a non-finite loss or gradient `fit` keeps the state the step started from.
   return jax.jit(step)
 
 
@@ -674,7 +679,7 @@ def fit(setup: Setup, run: Run, directory: str | None = None, *, num_eval_prompt
         log: Callable[[str], None] = lambda message: None) -> FitResult:
   """Trains `run` from its start; with a directory, checkpoints there at every evaluation and resumes.
 
-  A non-finite training loss stops the run at once (recorded as `diverged_at`; the checkpoint on disk
+  A non-finite training loss or gradient norm stops the run at once (recorded as `diverged_at`; the checkpoint on disk
   stays the last evaluated finite one). `stop_at_step` stops there, checkpointed, as if killed.
   """
   dtype = jnp.dtype(run.dtype)
@@ -742,11 +747,14 @@ def fit(setup: Setup, run: Run, directory: str | None = None, *, num_eval_prompt
     end = run.num_steps if stop_at_step is None else min(run.num_steps, int(stop_at_step))
     for step in range(start, end if diverged_at is None else start):
       new_state, metrics = step_fn(state, batch_at(step))
-      loss = float(metrics["loss"])
-      if not math.isfinite(loss):
+      loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+      # An overflowing gradient norm with a finite loss is not harmless: clip_by_global_norm then
+      # scales every gradient by 1/inf, and the step silently changes nothing.
+      if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         diverged_at = step
-        log(f"{run.name}: non-finite training loss at step {step}; stopped")
-        record = {"step": step, "train_loss": loss, "finite": False}
+        log(f"{run.name}: non-finite loss or gradient norm at step {step} (loss {loss:.3g}, gradient "
+            f"norm {grad_norm:.3g}); stopped")
+        record = {"step": step, "train_loss": loss, "grad_norm": grad_norm, "finite": False}
         if run.mode != "random":
           model_now, _ = nnx.merge(graphdef, state)
           record["departure"] = departure(model_now, compiled, ev, dtype)

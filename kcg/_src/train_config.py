@@ -156,8 +156,8 @@ class DataSpec:
     num_query: q queries per prompt (`"query"` encoding; `"every_prefix"` uses 1).
     encoding: `"query"` or `"every_prefix"` (see `kcg._src.train_data`).
     mask: `"prefix"` or `"causal"` for `"query"`; `"every_prefix"` needs `"causal"`.
-    noise_std, condition_number, input_rotation, covariance_seed, sparsity, hidden_units,
-      feature_seed: passed to `kcg.tasks.TaskConfig` (None = the family's default).
+    noise_std, condition_number, input_rotation, covariance_seed, sparsity, hidden_units, feature_seed:
+      passed to `kcg.tasks.TaskConfig` (None = the family's default).
     tree_depth: depth of the decision trees.
     glm_targets, glm_scale: `kcg.tasks.TaskConfig.glm_targets` ("sample" or "mean") and `glm_scale` of
       the GLM families.
