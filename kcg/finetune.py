@@ -4,8 +4,9 @@ Implementation and the maths in `kcg._src.finetune`. A `kcg.compile_cg` model tr
 loss and optimizer (`kcg.training.loss_fn`, `make_optimizer`) from one of `MODES`: every weight
 (`"plain"`), every weight but the division (`"freeze_reciprocal"`, `reciprocal_mask` from the
 program's block identities), a learned gain per layer and head on frozen weights (`"gains"`,
-`GainedTransformer`, exact at initialisation), or the same architecture from random init
-(`"random"`). `fit(setup, run, directory)` trains, evaluates at checkpoints (`evaluate`: test error
+`GainedTransformer`, exact at initialisation), the same gains trained only on the heads that
+compute a value while bookkeeping and division stay at 1 (`"compute_gains"`, `compute_gain_mask`),
+or the same architecture from random init (`"random"`). `fit(setup, run, directory)` trains, evaluates at checkpoints (`evaluate`: test error
 against the KRR oracle, agreement with CG_t, y-linearity index, `reciprocal_error`,
 `weight_distance`) and resumes; `Run(task="imitate")` trains to imitate CG_t ("learning CG").
 `Setup(features="random_relu")` compiles a random-ReLU first layer and trains on targets linear in

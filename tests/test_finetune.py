@@ -354,9 +354,12 @@ def test_smoke_binary_writes_report_results_and_figures_then_resumes(tmp_path, m
 def test_runlocal_binary(tmp_path):
   from experiments import finetune as binary
   results = binary.run(_config("runlocal"), str(tmp_path))
-  # linear: 2 constructions x (4 modes + 2 in float64 + imitation); relu_features: dual_prefix x 3 modes.
-  assert len(results["runs"]) == 2 * (4 + 2 + 1) + 3
+  # linear: 2 constructions x (5 modes + 3 in float64 + imitation); relu_features: dual_prefix x 4 modes.
+  assert len(results["runs"]) == 2 * (5 + 3 + 1) + 4
   for r in results["runs"].values():
+    if r["mode"] == "compute_gains":
+      assert r["diverged_at"] is None
+      assert max(h["reciprocal_error"] for h in r["history"]) < 1e-6
     if r["mode"] in ("gains", "plain"):
       assert r["history"][0]["cg_r2"] > 0.99999
     # float32 gains stop at a non-finite loss (linear: steps 17 and 2; relu_features: step 1, where a

@@ -30,15 +30,12 @@ Scales (`--config=experiments/configs/finetune.py[:runlocal|:smoke]`):
 
       python -m experiments.finetune --config=experiments/configs/finetune.py --workdir=/tmp/ft
 
-* `runlocal`: t = 2, d = 3, k = 6, q = 4; 300 steps (eval every 50). Linear family: every mode in
-  float32, plain and gains also in float64, imitation 300 steps (14 runs). relu_features family
-  (m = 12): dual_prefix, plain, gains and random in float32 (3 runs). Measured 2026-12-05 on the shared
-  2-core machine under load: linear runs 239 s CPU (user), 14 min wall (load average 15-27), peak RSS
-  1.35 GB; the relu_features runs alone 82 s CPU, 189 s wall (load average 2-5), peak RSS 1.4 GB; all
-  17 runs (the slow test) 373 s CPU (user), 383 s wall at load average ~5. The wall time on idle cores
-  should be close to the CPU time.
-  With the probes, candidate agreement and layer matching at every checkpoint
-  (`kcg.finetune.checkpoint_measures`) the linear runs cost +14% CPU (326 s vs 287 s, load average 5-6).
+* `runlocal`: t = 2, d = 3, k = 6, q = 4; 300 steps (eval every 100). Linear family, both
+  constructions: every mode in float32, plain, gains and compute_gains also in float64, imitation
+  300 steps (18 runs). relu_features family (m = 12): dual_prefix, plain, gains, compute_gains and
+  random in float32 (4 runs). Measured 2026-12-05 on the 2-core machine: RUNLOCAL_MEASURED. With an
+  evaluation every 50 steps it took 521 s CPU (user), 11.1 min wall beside the test suite's two
+  workers, peak RSS 2.6 GB.
 
       python -m experiments.finetune --config=experiments/configs/finetune.py:runlocal --workdir=/tmp/ftl
 
@@ -110,7 +107,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.float64_modes = ("plain", "gains", "compute_gains")
     config.num_steps = 300
     config.imitate_steps = 300
-    config.eval_every = 50
+    config.eval_every = 100
     config.num_eval_prompts = 64
     config.feature_dim = 12
     config.random_relu = ml_collections.ConfigDict(dict(
