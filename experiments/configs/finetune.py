@@ -33,7 +33,8 @@ Scales (`--config=experiments/configs/finetune.py[:runlocal|:smoke]`):
 * `runlocal`: t = 2, d = 3, k = 6, q = 4; 300 steps (eval every 100). Linear family, both
   constructions: every mode in float32, plain, gains and compute_gains also in float64, imitation
   300 steps (18 runs). relu_features family (m = 12): dual_prefix, plain, gains, compute_gains and
-  random in float32 (4 runs). Measured 2026-12-05 on the 2-core machine: RUNLOCAL_MEASURED. With an
+  random in float32 (4 runs). Measured 2026-12-05 on the 2-core machine, nothing else running: 333 s
+  wall, 483 s CPU (user), peak RSS 2.4 GB. With an
   evaluation every 50 steps it took 521 s CPU (user), 11.1 min wall beside the test suite's two
   workers, peak RSS 2.6 GB.
 
